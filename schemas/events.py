@@ -1,0 +1,194 @@
+"""The canonical event model every wire format is decoded into.
+
+One flat model rather than a union of per-kind classes: events travel in
+batches of thousands, land in one ClickHouse table, and a flat pydantic model
+validates and serialises fastest. Fields that do not apply to a kind keep their
+empty default. ``KIND_FIELDS`` documents which fields belong to which kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class EventKind(StrEnum):
+    LLM_CALL = "llm_call"
+    TOOL_CALL = "tool_call"
+    AGENT = "agent"
+    AUDIT = "audit"
+    APPROVAL = "approval"
+    CONTROL_ACK = "control_ack"
+    # a span that is none of the above (an HTTP client span, a DB span ...):
+    # kept because it carries trace structure and agent identity for its children.
+    SPAN = "span"
+
+
+class IdentitySource(StrEnum):
+    """How ``agent_id`` was decided, so analysts can tell a guess from a fact."""
+
+    ATTRIBUTE = "attribute"  # the event itself names the agent
+    ANCESTOR = "ancestor"  # inherited from the nearest agent span of the same trace
+    RESOURCE = "resource"  # fell back to service.instance.id / service.name
+    IDENTITY_MAP = "identity_map"  # audit principal mapped through the policy
+    JOIN = "join"  # audit event joined with the span that caused it
+    NATIVE = "native"  # given by the agentwatch client
+    UNKNOWN = "unknown"
+
+
+KIND_FIELDS: dict[EventKind, tuple[str, ...]] = {
+    EventKind.LLM_CALL: ("model", "input_tokens", "output_tokens", "cost_usd", "outcome", "error_type"),
+    EventKind.TOOL_CALL: ("tool_name", "args_fingerprint", "outcome", "error_type", "tool_call_id"),
+    EventKind.AGENT: ("lifecycle", "target_agent_id"),
+    EventKind.AUDIT: ("principal", "action", "resource", "outcome", "correlation"),
+    EventKind.APPROVAL: (
+        "approver",
+        "decision",
+        "covers_trace_id",
+        "covers_tool_call_id",
+        "covers_resource",
+        "expires_at",
+    ),
+    EventKind.CONTROL_ACK: ("command_id", "outcome"),
+}
+
+AGENT_LIFECYCLE = frozenset({"invoke", "spawn", "start", "stop", "restart", "scale", "recreate"})
+TOOL_OUTCOMES = frozenset({"ok", "error"})
+AUDIT_OUTCOMES = frozenset({"allow", "deny", "error"})
+APPROVAL_DECISIONS = frozenset({"granted", "denied", "pending"})
+
+
+def utc(ts: datetime) -> datetime:
+    """Normalise a datetime to aware UTC (naive values are taken to be UTC)."""
+    if ts.tzinfo is None:
+        return ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc)
+
+
+def from_unix_nanos(nanos: int) -> datetime:
+    return datetime.fromtimestamp(nanos / 1e9, tz=timezone.utc)
+
+
+def stable_id(*parts: object) -> str:
+    """A short, stable id derived from a source's own ids (replays deduplicate)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(str(p).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def fingerprint_arguments(arguments: Any) -> str:
+    """Fingerprint tool-call arguments independent of key order and whitespace.
+
+    A JSON string is parsed first, so ``'{"a": 1, "b":2}'`` and
+    ``{"b": 2, "a": 1}`` fingerprint the same; text that is not JSON is
+    compared with its whitespace collapsed.
+    """
+    if arguments is None or arguments == "":
+        return ""
+    value = arguments
+    if isinstance(arguments, (bytes, str)):
+        try:
+            value = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            text = arguments.decode(errors="replace") if isinstance(arguments, bytes) else arguments
+            value = " ".join(text.split())
+    canonical = orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+
+
+class Event(BaseModel):
+    """One canonical event: a span turned into an LLM/tool/agent event, an audit
+    record, an approval, or a control acknowledgement."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    event_id: str = Field(min_length=1)
+    kind: EventKind
+    ts: datetime
+    agent_id: str = ""
+    tenant: str = "default"
+    trace_id: str = ""
+    span_id: str = ""
+    parent_span_id: str = ""
+    source: str = Field(min_length=1, description="wire format: otlp_json, otlp_proto, native, k8s_audit ...")
+    origin: str = Field("", description="who emitted it: service name, audit log host, topic")
+    name: str = ""
+    duration_ms: float | None = None
+
+    identity: IdentitySource = IdentitySource.UNKNOWN
+    # this span opens an agent scope (invoke_agent, OpenInference AGENT, traceloop agent)
+    is_agent_span: bool = False
+    # resource-derived identity to fall back on when no agent ancestor shows up in time
+    fallback_agent_id: str = ""
+
+    # llm_call
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = None
+    # tool_call
+    tool_name: str = ""
+    args_fingerprint: str = ""
+    tool_call_id: str = ""
+    # outcome: tool_call ok/error, llm_call ok/error, audit allow/deny/error, control_ack ok/refused
+    outcome: str = ""
+    error_type: str = ""
+    # agent lifecycle
+    lifecycle: str = ""
+    target_agent_id: str = ""
+    # audit
+    principal: str = ""
+    action: str = ""
+    resource: str = ""
+    correlation: dict[str, str] = Field(default_factory=dict)
+    # approval
+    approver: str = ""
+    decision: str = ""
+    covers_trace_id: str = ""
+    covers_tool_call_id: str = ""
+    covers_resource: str = ""
+    expires_at: datetime | None = None
+    # control_ack
+    command_id: str = ""
+
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+    # where the record was read from, when known: evidence points back to it
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+    @field_validator("ts", "expires_at")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else utc(v)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def ts_seconds(self) -> float:
+        return self.ts.timestamp()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_defaults=True))
+
+
+def events_to_json(events: list[Event]) -> bytes:
+    """A batch as one JSON array: the unit carried by one Kafka message between stages."""
+    return orjson.dumps([e.model_dump(mode="json", exclude_defaults=True) for e in events])
+
+
+def events_from_json(payload: bytes) -> list[Event]:
+    data = orjson.loads(payload)
+    if isinstance(data, dict):
+        data = [data]
+    return [Event.model_validate(d) for d in data]
