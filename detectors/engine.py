@@ -1,0 +1,179 @@
+"""The detection engine: runs every detector over a stream of events in event time.
+
+It owns what all detectors share: the watermark, deduplication of redelivered
+events (at-least-once input), and the lifecycle of alerts. Repeats of one
+condition (same detector, agent and subject) within its quiet period update a
+single alert, whose id is a fingerprint of detector, agent, subject and the
+event time the episode began, so replaying the same input yields the same ids.
+
+The same engine runs in the live worker, in ``agentwatch replay`` and in the
+behaviour tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from detectors.base import Detector, Finding
+from detectors.policy import Policy
+from detectors.retry_loop import RetryLoop
+from detectors.windows import FOREVER, TimerQueue, Watermark
+from schemas.alerts import Alert, Evidence, Mode, alert_id_for
+from schemas.events import Event
+
+MAX_EVIDENCE = 50
+_ACTION = {Mode.SHADOW: "record", Mode.ALERT: "notify", Mode.ENFORCE: "halt"}
+
+
+def build_detectors(policy: Policy) -> list[Detector]:
+    d = policy.detectors
+    return [RetryLoop(d.retry_loop)]
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(slots=True)
+class _Episode:
+    alert: Alert
+    last_ts: float
+    quiet_after_s: float
+    emitted_count: int = 0
+    seen_evidence: set[str] = field(default_factory=set)
+
+
+class DetectionEngine:
+    def __init__(self, policy: Policy, detectors: list[Detector] | None = None) -> None:
+        self.policy = policy
+        self.detectors = detectors if detectors is not None else build_detectors(policy)
+        self.watermark = Watermark(policy.allowed_lateness_s)
+        self._modes = {name: cfg.mode for name, cfg in policy.detectors}
+        self._versions = {det.name: det.version for det in self.detectors}
+        self._episodes: dict[tuple[str, str, str, str], _Episode] = {}
+        self._closing = TimerQueue()
+        # event ids seen recently, by event time, so a redelivered batch is not counted twice
+        self._seen: dict[str, float] = {}
+        self.events_processed = 0
+        self.duplicates_skipped = 0
+
+    # -- feeding -------------------------------------------------------------------------
+
+    def process(self, events: Iterable[Event]) -> list[Alert]:
+        """Feed a batch; return alerts that are new or changed enough to re-send."""
+        out: list[Alert] = []
+        for ev in events:
+            if ev.event_id in self._seen:
+                self.duplicates_skipped += 1
+                continue
+            ts = ev.ts_seconds
+            self._seen[ev.event_id] = ts
+            self.watermark.observe(ts)
+            self.events_processed += 1
+            for det in self.detectors:
+                for f in det.observe(ev):
+                    self._merge(f, out)
+        out.extend(self._tick())
+        return out
+
+    def advance(self, now: float) -> list[Alert]:
+        """Move event time forward from outside (wall clock in the worker)."""
+        self.watermark.advance_to(now)
+        return self._tick()
+
+    def finish(self) -> list[Alert]:
+        """End of input: close every window and fire every timer."""
+        return self.advance(FOREVER)
+
+    @property
+    def open_alerts(self) -> list[Alert]:
+        return [ep.alert for ep in self._episodes.values()]
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _tick(self) -> list[Alert]:
+        wm = self.watermark.value
+        out: list[Alert] = []
+        for det in self.detectors:
+            for f in det.on_watermark(wm):
+                self._merge(f, out)
+        for timer in self._closing.due(wm):
+            ep = self._episodes.pop(timer.key)  # type: ignore[arg-type]
+            if ep.alert.count != ep.emitted_count:
+                out.append(ep.alert.model_copy(deep=True))
+        if len(self._seen) > 100_000 or wm == FOREVER:
+            horizon = wm - 2 * self.policy.allowed_lateness_s - 3600
+            self._seen = {k: t for k, t in self._seen.items() if t >= horizon}
+        return out
+
+    def _merge(self, f: Finding, out: list[Alert]) -> None:
+        key = (f.detector, f.tenant, f.agent_id, f.subject)
+        ep = self._episodes.get(key)
+        if ep is not None and f.ts <= ep.last_ts + ep.quiet_after_s:
+            a = ep.alert
+            a.count += 1
+            ep.last_ts = max(ep.last_ts, f.ts)
+            a.last_seen = _dt(ep.last_ts)
+            if f.severity.rank > a.severity.rank:
+                a.severity = f.severity
+            a.summary = f.summary
+            self._add_evidence(ep, f.evidence)
+            # re-send on doubling: on-call sees the storm grow without a message per repeat
+            if a.count >= 2 * ep.emitted_count:
+                ep.emitted_count = a.count
+                out.append(a.model_copy(deep=True))
+        else:
+            if ep is not None:  # the earlier episode is over: emit its final state first
+                self._closing.cancel(key)
+                if ep.alert.count != ep.emitted_count:
+                    out.append(ep.alert.model_copy(deep=True))
+            ep = self._open(f)
+            self._episodes[key] = ep
+            out.append(ep.alert.model_copy(deep=True))
+        self._closing.arm(key, ep.last_ts + ep.quiet_after_s)
+
+    def _open(self, f: Finding) -> _Episode:
+        mode = self._modes.get(f.detector, Mode.ALERT)
+        alert = Alert(
+            alert_id=alert_id_for(f.detector, f.agent_id, (f.subject, round(f.episode_start, 6)), tenant=f.tenant),
+            detector=f.detector,
+            detector_version=self._versions.get(f.detector, "0"),
+            policy_version=self.policy.version,
+            policy_hash=self.policy.content_hash,
+            mode=mode,
+            severity=f.severity,
+            agent_id=f.agent_id,
+            tenant=f.tenant,
+            first_seen=_dt(f.episode_start),
+            last_seen=_dt(f.ts),
+            count=1,
+            summary=f.summary,
+            action=_ACTION[mode],
+            labels=dict(f.labels),
+        )
+        ep = _Episode(alert=alert, last_ts=f.ts, quiet_after_s=f.quiet_after_s, emitted_count=1)
+        self._add_evidence(ep, f.evidence)
+        return ep
+
+    @staticmethod
+    def _add_evidence(ep: _Episode, events: list[Event]) -> None:
+        a = ep.alert
+        for ev in events:
+            if ev.event_id in ep.seen_evidence:
+                continue
+            ep.seen_evidence.add(ev.event_id)
+            if ev.trace_id and ev.trace_id not in a.trace_ids and len(a.trace_ids) < MAX_EVIDENCE:
+                a.trace_ids.append(ev.trace_id)
+            if len(a.evidence) < MAX_EVIDENCE:
+                a.evidence.append(
+                    Evidence(
+                        event_id=ev.event_id,
+                        ts=ev.ts,
+                        trace_id=ev.trace_id,
+                        topic=ev.topic,
+                        partition=ev.partition,
+                        offset=ev.offset,
+                    )
+                )

@@ -1,0 +1,133 @@
+"""Agent identity across a trace, in event time.
+
+In real traces the agent attributes sit on the ``invoke_agent`` (or
+OpenInference AGENT) span, not on its LLM and tool children, and that parent
+ends last, so it is often exported in a later batch than its children. A span
+therefore takes the identity of its nearest agent ancestor in the same trace;
+while an ancestor is still missing the span waits, up to the allowed lateness,
+before falling back to its resource identity (``service.instance.id`` /
+``service.name``).
+
+The resolver is fed events of any traces (the live worker keys this stage by
+trace id) and returns events whose ``agent_id`` is decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from detectors.windows import FOREVER, Watermark
+from schemas.events import Event, IdentitySource
+
+
+@dataclass(slots=True)
+class _Trace:
+    parent: dict[str, str] = field(default_factory=dict)  # span -> parent span ("" = root)
+    agent: dict[str, str] = field(default_factory=dict)  # agent span -> agent id
+    tenant: dict[str, str] = field(default_factory=dict)  # agent span -> tenant
+    pending: list[Event] = field(default_factory=list)
+    last_ts: float = 0.0
+
+
+class IdentityResolver:
+    def __init__(self, allowed_lateness_s: float) -> None:
+        self.watermark = Watermark(allowed_lateness_s)
+        self._traces: dict[str, _Trace] = {}
+        self.resolved_by_ancestor = 0
+        self.fell_back = 0
+
+    @property
+    def pending_count(self) -> int:
+        return sum(len(t.pending) for t in self._traces.values())
+
+    def process(self, events: Iterable[Event]) -> list[Event]:
+        out: list[Event] = []
+        touched: set[str] = set()
+        for ev in events:
+            ts = ev.ts_seconds
+            self.watermark.observe(ts)
+            if not ev.trace_id or not ev.span_id:
+                out.append(self._fallback(ev) if not ev.agent_id else ev)
+                continue
+            tr = self._traces.get(ev.trace_id)
+            if tr is None:
+                tr = self._traces[ev.trace_id] = _Trace()
+            tr.last_ts = max(tr.last_ts, ts)
+            tr.parent[ev.span_id] = ev.parent_span_id
+            if ev.is_agent_span and ev.agent_id:
+                tr.agent[ev.span_id] = ev.agent_id
+                tr.tenant[ev.span_id] = ev.tenant
+            if ev.agent_id:
+                # carries its own identity; its descendants may still be waiting on it
+                out.append(ev)
+            else:
+                tr.pending.append(ev)
+            touched.add(ev.trace_id)
+        for trace_id in touched:
+            out.extend(self._resolve(self._traces[trace_id], final=False))
+        out.extend(self._expire())
+        return out
+
+    def advance(self, now: float) -> list[Event]:
+        self.watermark.advance_to(now)
+        return self._expire()
+
+    def finish(self) -> list[Event]:
+        return self.advance(FOREVER)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _ancestor(self, tr: _Trace, ev: Event) -> tuple[str, str] | None | bool:
+        """(agent, span) of the nearest agent ancestor; None when the chain is
+        complete without one; False while part of the chain is still missing."""
+        span = ev.parent_span_id
+        hops = 0
+        while span and hops < 256:
+            agent = tr.agent.get(span)
+            if agent:
+                return agent, span
+            if span not in tr.parent:
+                return False
+            span = tr.parent[span]
+            hops += 1
+        return None
+
+    def _resolve(self, tr: _Trace, *, final: bool) -> list[Event]:
+        out: list[Event] = []
+        still: list[Event] = []
+        for ev in tr.pending:
+            found = self._ancestor(tr, ev)
+            if found:
+                agent, span = found  # type: ignore[misc]
+                ev.agent_id = agent
+                ev.identity = IdentitySource.ANCESTOR
+                if ev.tenant == "default":
+                    ev.tenant = tr.tenant.get(span, ev.tenant)
+                self.resolved_by_ancestor += 1
+                out.append(ev)
+            elif found is None or final:
+                out.append(self._fallback(ev))
+            else:
+                still.append(ev)
+        tr.pending = still
+        return out
+
+    def _fallback(self, ev: Event) -> Event:
+        if not ev.agent_id:
+            self.fell_back += 1
+            ev.agent_id = ev.fallback_agent_id or "unknown"
+            ev.identity = IdentitySource.RESOURCE if ev.fallback_agent_id else IdentitySource.UNKNOWN
+        return ev
+
+    def _expire(self) -> list[Event]:
+        wm = self.watermark.value
+        out: list[Event] = []
+        for trace_id in [t for t, tr in self._traces.items() if tr.last_ts <= wm]:
+            tr = self._traces[trace_id]
+            # waited the allowed lateness past the trace's newest span: decide now
+            out.extend(self._resolve(tr, final=True))
+            # keep the span tree a while longer so a straggler still finds its ancestor
+            if tr.last_ts <= wm - self.watermark.allowed_lateness_s:
+                del self._traces[trace_id]
+        return out
