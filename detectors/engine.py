@@ -61,8 +61,12 @@ class DetectionEngine:
 
     # -- feeding -------------------------------------------------------------------------
 
-    def process(self, events: Iterable[Event]) -> list[Alert]:
-        """Feed a batch; return alerts that are new or changed enough to re-send."""
+    def process(self, events: Iterable[Event], *, wall: float | None = None) -> list[Alert]:
+        """Feed a batch; return alerts that are new or changed enough to re-send.
+
+        ``wall`` is the processing time of the batch (live worker only); it lets
+        ``tick`` advance event time while no events arrive.
+        """
         out: list[Alert] = []
         for ev in events:
             if ev.event_id in self._seen:
@@ -70,7 +74,7 @@ class DetectionEngine:
                 continue
             ts = ev.ts_seconds
             self._seen[ev.event_id] = ts
-            self.watermark.observe(ts)
+            self.watermark.observe(ts, wall)
             self.events_processed += 1
             for det in self.detectors:
                 for f in det.observe(ev):
@@ -81,6 +85,11 @@ class DetectionEngine:
     def advance(self, now: float) -> list[Alert]:
         """Move event time forward from outside (wall clock in the worker)."""
         self.watermark.advance_to(now)
+        return self._tick()
+
+    def tick(self, wall_now: float) -> list[Alert]:
+        """Periodic call from the live worker: idle event time follows the wall clock."""
+        self.watermark.idle_advance(wall_now)
         return self._tick()
 
     def finish(self) -> list[Alert]:

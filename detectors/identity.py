@@ -41,12 +41,12 @@ class IdentityResolver:
     def pending_count(self) -> int:
         return sum(len(t.pending) for t in self._traces.values())
 
-    def process(self, events: Iterable[Event]) -> list[Event]:
+    def process(self, events: Iterable[Event], *, wall: float | None = None) -> list[Event]:
         out: list[Event] = []
         touched: set[str] = set()
         for ev in events:
             ts = ev.ts_seconds
-            self.watermark.observe(ts)
+            self.watermark.observe(ts, wall)
             if not ev.trace_id or not ev.span_id:
                 out.append(self._fallback(ev) if not ev.agent_id else ev)
                 continue
@@ -71,6 +71,10 @@ class IdentityResolver:
 
     def advance(self, now: float) -> list[Event]:
         self.watermark.advance_to(now)
+        return self._expire()
+
+    def tick(self, wall_now: float) -> list[Event]:
+        self.watermark.idle_advance(wall_now)
         return self._expire()
 
     def finish(self) -> list[Event]:

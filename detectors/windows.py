@@ -34,19 +34,33 @@ class Watermark:
     # an external clock (wall time in the live worker, +inf at end of replay)
     floor: float = -math.inf
     late_events: int = 0
+    # processing time at which max_event_ts was reached (live worker only)
+    wall_at_max: float | None = None
 
     @property
     def value(self) -> float:
         return max(self.max_event_ts - self.allowed_lateness_s, self.floor)
 
-    def observe(self, ts: float) -> bool:
+    def observe(self, ts: float, wall: float | None = None) -> bool:
         """Record an event time; return False when the event is later than allowed."""
         on_time = ts >= self.value
         if not on_time:
             self.late_events += 1
-        if ts > self.max_event_ts:
+        if ts >= self.max_event_ts:
             self.max_event_ts = ts
+            self.wall_at_max = wall
         return on_time
+
+    def idle_advance(self, wall_now: float) -> None:
+        """Let event time run on at the speed of the wall clock since the newest event.
+
+        This is what closes windows and fires absence timers when traffic stops,
+        and it works the same for live events and for recorded ones replayed
+        through the worker with old timestamps.
+        """
+        if self.wall_at_max is not None:
+            elapsed = max(0.0, wall_now - self.wall_at_max)
+            self.advance_to(self.max_event_ts + elapsed - self.allowed_lateness_s)
 
     def advance_to(self, ts: float) -> None:
         """Move the watermark forward from outside (wall clock, end of input)."""

@@ -152,3 +152,14 @@ def test_bad_policy_names_key_and_problem(tmp_path):
         load_policy(p)
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy(tmp_path / "missing.yaml")
+
+
+def test_idle_event_time_follows_wall_clock_so_episodes_close_without_traffic():
+    eng = DetectionEngine(parse_policy({}))
+    events = [tool(i) for i in range(5)]
+    wall = 1_000_000.0
+    opened = eng.process(events, wall=wall)
+    assert len(opened) == 1 and eng.open_alerts
+    assert eng.tick(wall + 10) == [] and eng.open_alerts  # quiet period not over yet
+    eng.tick(wall + 30 + 60 + 1)  # allowed lateness + quiet period of wall time later
+    assert eng.open_alerts == []
