@@ -1,0 +1,149 @@
+-- agentwatch ClickHouse schema. Idempotent: every statement is IF NOT EXISTS,
+-- so applying it on every start (or twice) is harmless. Statements are
+-- separated by ';' and applied one at a time (the HTTP interface and chDB both
+-- take one statement per request), so no ';' may appear inside a statement or
+-- a comment.
+--
+-- Idempotent writes (DESIGN.md "Processing guarantees") come from two layers:
+--  * a retried batch carries the same insert_deduplication_token, and
+--    non_replicated_deduplication_window keeps recent block hashes so the
+--    retry is dropped at insert time (a plain MergeTree keeps none by default)
+--  * a replayed record has the same id, and ReplacingMergeTree collapses rows
+--    with equal ORDER BY keys at merge time. Reads that must be exact use FINAL
+--    (or the *_latest views).
+
+CREATE DATABASE IF NOT EXISTS agentwatch;
+
+-- One row per canonical schemas.events.Event.
+-- ORDER BY is the dedup key of a ReplacingMergeTree, so it may only hold what a
+-- replay reproduces exactly: event_id (derived from the source's own ids) and
+-- ts (event time from the source). agent_id and tenant are NOT in it: identity
+-- can be re-resolved later (an ancestor span arriving late, a changed identity
+-- map) and a replayed event with a different agent_id must still replace the
+-- old row rather than sit beside it. Leading with toStartOfHour(ts) keeps time
+-- range scans on the primary index; per-agent and per-tenant filters use the
+-- bloom filter skip indexes below.
+CREATE TABLE IF NOT EXISTS agentwatch.events
+(
+    event_id            String,
+    kind                LowCardinality(String),
+    ts                  DateTime64(6, 'UTC'),
+    agent_id            String,
+    tenant              LowCardinality(String),
+    trace_id            String,
+    span_id             String,
+    parent_span_id      String,
+    source              LowCardinality(String),
+    origin              LowCardinality(String),
+    name                String,
+    duration_ms         Nullable(Float64),
+    identity            LowCardinality(String),
+    is_agent_span       Bool,
+    fallback_agent_id   String,
+    model               LowCardinality(String),
+    input_tokens        UInt64,
+    output_tokens       UInt64,
+    cost_usd            Nullable(Float64),
+    tool_name           LowCardinality(String),
+    args_fingerprint    String,
+    tool_call_id        String,
+    outcome             LowCardinality(String),
+    error_type          LowCardinality(String),
+    lifecycle           LowCardinality(String),
+    target_agent_id     String,
+    principal           String,
+    action              LowCardinality(String),
+    resource            String,
+    correlation         Map(String, String),
+    approver            String,
+    decision            LowCardinality(String),
+    covers_trace_id     String,
+    covers_tool_call_id String,
+    covers_resource     String,
+    expires_at          Nullable(DateTime64(6, 'UTC')),
+    command_id          String,
+    attributes          Map(String, String),
+    topic               LowCardinality(String),
+    partition           Int32,
+    offset              Int64,
+    inserted_at         DateTime64(6, 'UTC') DEFAULT now64(6),
+    INDEX idx_agent agent_id TYPE bloom_filter GRANULARITY 4,
+    INDEX idx_trace trace_id TYPE bloom_filter GRANULARITY 4,
+    INDEX idx_tenant tenant TYPE set(256) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree(inserted_at)
+PARTITION BY toYYYYMM(ts)
+ORDER BY (toStartOfHour(ts), event_id)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- One row per write of a schemas.alerts.Alert. An alert is updated in place by
+-- re-emitting it with the same alert_id (count grows, last_seen moves on), so
+-- ORDER BY alert_id and keep the row with the highest version: last_seen in
+-- microseconds, then count as the tie break (last_seen * 1024 + count stays
+-- inside UInt64 for centuries). A replay of an older state can therefore never
+-- replace a newer one, whatever order the writes land in.
+CREATE TABLE IF NOT EXISTS agentwatch.alerts
+(
+    alert_id         String,
+    detector         LowCardinality(String),
+    detector_version LowCardinality(String),
+    policy_version   LowCardinality(String),
+    policy_hash      LowCardinality(String),
+    mode             LowCardinality(String),
+    severity         LowCardinality(String),
+    agent_id         String,
+    tenant           LowCardinality(String),
+    trace_ids        Array(String),
+    first_seen       DateTime64(6, 'UTC'),
+    last_seen        DateTime64(6, 'UTC'),
+    count            UInt64,
+    summary          String,
+    -- schemas.alerts.Evidence as named tuples: analysts can ARRAY JOIN it and
+    -- read evidence.event_id etc. without parsing JSON
+    evidence         Array(Tuple(
+                         event_id  String,
+                         ts        Nullable(DateTime64(6, 'UTC')),
+                         trace_id  String,
+                         topic     String,
+                         partition Int32,
+                         offset    Int64)),
+    action           LowCardinality(String),
+    labels           Map(String, String),
+    version          UInt64 MATERIALIZED toUInt64(toUnixTimestamp64Micro(last_seen)) * 1024 + least(count, 1023),
+    inserted_at      DateTime64(6, 'UTC') DEFAULT now64(6)
+)
+ENGINE = ReplacingMergeTree(version)
+ORDER BY alert_id
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- Malformed input, never dropped: the original bytes (raw is a String, which
+-- in ClickHouse is an arbitrary byte string, so non-UTF-8 input round-trips)
+-- and the reason. A replayed bad record has the same position and bytes, so
+-- the key (position, hash of bytes and reason) collapses it. The hash keeps
+-- records whose position is unknown (-1) apart, and separates several reasons
+-- found in one record. No PARTITION BY received_at: a replay receives the record
+-- again later, possibly in another month, and rows only collapse within a
+-- partition (the DLQ is small, one partition is fine).
+CREATE TABLE IF NOT EXISTS agentwatch.dlq
+(
+    topic       LowCardinality(String),
+    partition   Int32,
+    offset      Int64,
+    source      LowCardinality(String),
+    reason      String,
+    raw         String,
+    received_at DateTime64(6, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (topic, partition, offset, cityHash64(raw, reason))
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- The latest state of every alert, for analysts and dashboards. FINAL applies
+-- the ReplacingMergeTree collapse at read time, so the answer is exact even
+-- before background merges have run.
+CREATE VIEW IF NOT EXISTS agentwatch.alerts_latest AS
+SELECT
+    alert_id, detector, detector_version, policy_version, policy_hash, mode,
+    severity, agent_id, tenant, trace_ids, first_seen, last_seen, count,
+    summary, evidence, action, labels
+FROM agentwatch.alerts FINAL
