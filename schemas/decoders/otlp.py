@@ -1,0 +1,703 @@
+"""OTLP traces -> canonical events.
+
+Accepts what the OpenTelemetry Collector's Kafka exporter writes (``otlp_proto``:
+ExportTraceServiceRequest bytes; ``otlp_json``: the OTLP/JSON mapping, also
+written by its file exporter). Both encodings are first flattened into the same
+``_Span`` shape, so the attribute-convention mapping (OTel GenAI, OpenInference,
+OpenLLMetry) exists once and both encodings of a trace yield identical events.
+
+Speed matters (a record may hold a whole batch): JSON is parsed once with
+orjson and walked as plain dicts; pydantic runs once per span, never per
+attribute.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from google.protobuf.message import DecodeError as ProtoDecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from schemas.decoders import DecodeResult, Failure
+from schemas.events import Event, EventKind, IdentitySource, fingerprint_arguments, stable_id
+
+SOURCE_JSON = "otlp_json"
+SOURCE_PROTO = "otlp_proto"
+
+_STATUS_ERROR = 2
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SPAN_KIND_NAMES = ("unspecified", "internal", "server", "client", "producer", "consumer")
+_STATUS_NAMES = {"UNSET": 0, "OK": 1, "ERROR": 2}
+_ATTR_MAX = 256  # attribute values kept on an event are truncated: they are join keys, not payloads
+
+# --- attribute conventions ---------------------------------------------------
+
+_GENAI_LLM_OPS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+_GENAI_AGENT_OPS = {"invoke_agent": "invoke", "create_agent": "spawn"}
+_OPENINFERENCE_KINDS = {"LLM": EventKind.LLM_CALL, "EMBEDDING": EventKind.LLM_CALL, "TOOL": EventKind.TOOL_CALL}
+_AGENT_ID_KEYS = ("gen_ai.agent.id", "gen_ai.agent.name", "agent.name")
+_TENANT_KEYS = ("tenant", "agentwatch.tenant", "tenant.id")
+_TOOL_NAME_KEYS = ("gen_ai.tool.name", "tool.name")
+_TOOL_ARGS_KEYS = ("gen_ai.tool.call.arguments", "tool.parameters", "input.value", "traceloop.entity.input")
+_TOOL_CALL_ID_KEYS = ("gen_ai.tool.call.id", "tool_call.id")
+_INPUT_TOKEN_KEYS = (
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.prompt_tokens",
+    "llm.token_count.prompt",
+    "llm.usage.prompt_tokens",
+)
+_OUTPUT_TOKEN_KEYS = (
+    "gen_ai.usage.output_tokens",
+    "gen_ai.usage.completion_tokens",
+    "llm.token_count.completion",
+    "llm.usage.completion_tokens",
+)
+_MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name")
+_COST_KEYS = ("gen_ai.usage.cost", "llm.cost.total")
+_CONVERSATION_KEYS = ("gen_ai.conversation.id", "session.id")
+_CONVERSATION_ATTR = "gen_ai.conversation.id"  # both conventions land under one key, so joins need one column
+
+# Correlation keys and context worth carrying on the event: a later join with
+# audit records (CloudTrail requestID, k8s objects, SQL) looks for these.
+_KEEP_KEYS = frozenset(
+    {
+        "service.name",
+        "service.namespace",
+        "service.instance.id",
+        "deployment.environment",
+        "deployment.environment.name",
+        "http.method",
+        "http.request.method",
+        "http.url",
+        "url.full",
+        "http.route",
+        "server.address",
+        "db.system",
+        "db.statement",
+        "db.query.text",
+        "rpc.system",
+        "rpc.service",
+        "rpc.method",
+        "gen_ai.system",
+        "gen_ai.provider.name",
+    }
+)
+_KEEP_PREFIXES = ("k8s.", "aws.", "cloud.")
+
+# attribute key -> (role, rank): for each role the lowest-ranked key present wins
+_ROLES: dict[str, tuple[str, int]] = {
+    key: (role, rank)
+    for role, keys in (
+        ("agent", _AGENT_ID_KEYS),
+        ("tenant", _TENANT_KEYS),
+        ("tool_name", _TOOL_NAME_KEYS),
+        ("args", _TOOL_ARGS_KEYS),
+        ("call_id", _TOOL_CALL_ID_KEYS),
+        ("input_tokens", _INPUT_TOKEN_KEYS),
+        ("output_tokens", _OUTPUT_TOKEN_KEYS),
+        ("model", _MODEL_KEYS),
+        ("cost", _COST_KEYS),
+        ("conversation", _CONVERSATION_KEYS),
+    )
+    for rank, key in enumerate(keys)
+}
+
+
+@dataclass(slots=True)
+class _Resource:
+    """What one resource contributes to each of its spans, computed once per resource."""
+
+    tenant: str
+    kept: dict[str, str]
+    # validated once; each span's event is a copy updated with values this module
+    # typed itself. Validating every span instead would cost a quarter of the decode.
+    template: Event
+
+
+@dataclass(slots=True)
+class _Span:
+    """One span flattened out of either encoding; ids are lowercase hex."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    status_code: int
+    status_message: str
+    attrs: dict[str, Any]
+    # span events and the encoding's reader of their exception.type: only failed
+    # spans without error.type need it, so it is not read up front
+    events: Any
+    read_exception_type: Callable[[Any], str]
+
+
+def _as_int(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _as_text(v: Any) -> str:
+    if isinstance(v, str):
+        text = v
+    elif isinstance(v, (list, dict)):
+        text = orjson.dumps(v, default=str).decode()
+    else:
+        text = str(v)
+    return text if len(text) <= _ATTR_MAX else text[:_ATTR_MAX]
+
+
+def _resource(attrs: dict[str, Any], origin: str, source: str) -> _Resource:
+    service = attrs.get("service.name") or ""
+    kept: dict[str, str] = {}
+    roles = _roles(attrs, kept)
+    template = Event(
+        event_id="-",
+        kind=EventKind.SPAN,
+        ts=_EPOCH,
+        source=source,
+        origin=origin or str(service),
+        fallback_agent_id=str(attrs.get("service.instance.id") or service),
+    )
+    return _Resource(tenant=str(roles.get("tenant") or ""), kept=kept, template=template)
+
+
+def _classify(attrs: dict[str, Any]) -> tuple[EventKind, str]:
+    """(kind, agent lifecycle) by the first convention the span follows."""
+    op = attrs.get("gen_ai.operation.name")
+    if op is not None:
+        if op in _GENAI_LLM_OPS:
+            return EventKind.LLM_CALL, ""
+        if op == "execute_tool":
+            return EventKind.TOOL_CALL, ""
+        if op in _GENAI_AGENT_OPS:
+            return EventKind.AGENT, _GENAI_AGENT_OPS[op]
+        return EventKind.SPAN, ""
+    oi = attrs.get("openinference.span.kind")
+    if oi is not None:
+        oi = str(oi).upper()
+        if oi == "AGENT":
+            return EventKind.AGENT, "invoke"
+        return _OPENINFERENCE_KINDS.get(oi, EventKind.SPAN), ""
+    tl = attrs.get("traceloop.span.kind")
+    if tl == "tool":
+        return EventKind.TOOL_CALL, ""
+    if tl == "agent":
+        return EventKind.AGENT, "invoke"
+    if tl is None and ("llm.request.type" in attrs or "gen_ai.system" in attrs):
+        return EventKind.LLM_CALL, ""
+    return EventKind.SPAN, ""
+
+
+def _roles(attrs: dict[str, Any], kept: dict[str, str]) -> dict[str, Any]:
+    """One pass over a span's attributes: the best-ranked value of each role, and
+    the attributes worth keeping (added to ``kept``). Cheaper than probing every
+    key of every convention on every span."""
+    found: dict[str, tuple[int, Any]] = {}
+    for k, v in attrs.items():
+        role = _ROLES.get(k)
+        if role is not None:
+            if v is not None and v != "":
+                name, rank = role
+                prev = found.get(name)
+                if prev is None or rank < prev[0]:
+                    found[name] = (rank, v)
+        elif k in _KEEP_KEYS or k.startswith(_KEEP_PREFIXES):
+            kept[k] = _as_text(v)
+    return {name: v for name, (_, v) in found.items()}
+
+
+def _tool_name(span: _Span, roles: dict[str, Any]) -> str:
+    name = roles.get("tool_name")
+    if name is None and span.attrs.get("traceloop.span.kind") == "tool":
+        name = span.attrs.get("traceloop.entity.name")
+    if name is None:
+        name = span.name.removeprefix("execute_tool ")
+    return str(name)
+
+
+def _agent_attribute(span: _Span, roles: dict[str, Any], kind: EventKind) -> str:
+    agent = roles.get("agent")
+    if agent is None and kind is EventKind.AGENT and span.attrs.get("traceloop.span.kind") == "agent":
+        agent = span.attrs.get("traceloop.entity.name")  # OpenLLMetry names its agent spans this way
+    return "" if agent is None else str(agent)
+
+
+def _span_event(span: _Span, res: _Resource) -> Event:
+    attrs = span.attrs
+    kind, lifecycle = _classify(attrs)
+    kept = dict(res.kept)
+    roles = _roles(attrs, kept)
+    end_ns = span.end_ns or span.start_ns
+    kw: dict[str, Any] = {
+        "event_id": stable_id("span", span.trace_id, span.span_id),
+        "kind": kind,
+        "ts": datetime.fromtimestamp(end_ns / 1e9, tz=UTC),
+        "tenant": str(roles.get("tenant") or res.tenant or "default"),
+        "trace_id": span.trace_id,
+        "span_id": span.span_id,
+        "parent_span_id": span.parent_span_id,
+        "name": span.name,
+        "is_agent_span": kind is EventKind.AGENT,
+        "attributes": kept,
+        "correlation": {},  # a copy is shallow: never share the template's dict
+    }
+    if span.start_ns and span.end_ns >= span.start_ns:
+        kw["duration_ms"] = (span.end_ns - span.start_ns) / 1e6
+
+    agent = _agent_attribute(span, roles, kind)
+    if agent:
+        kw["agent_id"] = agent
+        kw["identity"] = IdentitySource.ATTRIBUTE
+
+    error_type = attrs.get("error.type")
+    if span.status_code == _STATUS_ERROR or error_type is not None:
+        kw["outcome"] = "error"
+        kw["error_type"] = str(error_type or span.read_exception_type(span.events) or span.status_message or "error")
+    else:
+        kw["outcome"] = "ok"
+
+    if kind is EventKind.TOOL_CALL:
+        kw["tool_name"] = _tool_name(span, roles)
+        if "args" in roles:
+            kw["args_fingerprint"] = fingerprint_arguments(roles["args"])
+        if "call_id" in roles:
+            kw["tool_call_id"] = str(roles["call_id"])
+    elif kind is EventKind.AGENT:
+        kw["lifecycle"] = lifecycle
+        if lifecycle == "spawn" and agent:
+            kw["target_agent_id"] = agent  # create_agent names the agent it creates
+
+    # usage and model are read on every kind: frameworks also put them on agent
+    # and chain spans, and a token budget must not miss them.
+    if "input_tokens" in roles:
+        kw["input_tokens"] = _as_int(roles["input_tokens"])
+    if "output_tokens" in roles:
+        kw["output_tokens"] = _as_int(roles["output_tokens"])
+    if "model" in roles:
+        kw["model"] = str(roles["model"])
+    if "cost" in roles:
+        try:
+            kw["cost_usd"] = float(roles["cost"])
+        except (TypeError, ValueError):
+            pass
+    if "conversation" in roles:
+        kept[_CONVERSATION_ATTR] = _as_text(roles["conversation"])
+    if 2 <= span.kind <= 5:  # server/client/producer/consumer: tells a downstream call from internal work
+        kept["span.kind"] = _SPAN_KIND_NAMES[span.kind]
+    return res.template.model_copy(update=kw)
+
+
+def _resolve_in_record(events: list[Event]) -> None:
+    """Give spans the identity of their nearest named agent ancestor when it is in the same record.
+
+    Only a convenience: parents usually arrive in later records, and the
+    stateful resolver in detectors/identity.py handles that. It follows the
+    same rules (anonymous agent spans are passed through, a "default" tenant is
+    taken from the agent span) so an event's identity does not depend on how
+    the exporter happened to batch its trace.
+    """
+    by_span = {(e.trace_id, e.span_id): e for e in events}
+    for e in events:
+        if e.agent_id:
+            continue
+        parent = by_span.get((e.trace_id, e.parent_span_id))
+        hops = 0
+        while parent is not None and hops < len(events):  # hops bound guards against id cycles
+            if parent.is_agent_span and parent.identity is IdentitySource.ATTRIBUTE:
+                e.agent_id = parent.agent_id
+                e.identity = IdentitySource.ANCESTOR
+                if e.tenant == "default":
+                    e.tenant = parent.tenant
+                break
+            parent = by_span.get((parent.trace_id, parent.parent_span_id))
+            hops += 1
+
+
+def _finish(result: DecodeResult) -> DecodeResult:
+    if any(e.is_agent_span for e in result.events):
+        _resolve_in_record(result.events)
+    return result
+
+
+# --- otlp_proto --------------------------------------------------------------
+
+
+def _proto_value(v: Any) -> Any:
+    which = v.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return [_proto_value(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: _proto_value(kv.value) for kv in v.kvlist_value.values}
+    if which == "bytes_value":
+        return base64.b64encode(v.bytes_value).decode()
+    return getattr(v, which)
+
+
+def _proto_attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: _proto_value(kv.value) for kv in kvs}
+
+
+def _proto_exception_type(events: Any) -> str:
+    for ev in events:
+        if ev.name == "exception":
+            for kv in ev.attributes:
+                if kv.key == "exception.type":
+                    return str(_proto_value(kv.value) or "")
+    return ""
+
+
+def _proto_single(rs: Any, ss: Any, span: Any) -> bytes:
+    """A bad span re-wrapped with its resource and scope, so the DLQ holds a replayable record."""
+    req = ExportTraceServiceRequest()
+    r = req.resource_spans.add()
+    r.resource.CopyFrom(rs.resource)
+    r.schema_url = rs.schema_url
+    s = r.scope_spans.add()
+    s.scope.CopyFrom(ss.scope)
+    s.spans.add().CopyFrom(span)
+    return req.SerializeToString()
+
+
+def _proto_span_problem(span: Any) -> str:
+    if len(span.trace_id) != 16 or not any(span.trace_id):
+        return "missing traceId" if not span.trace_id else f"invalid traceId ({len(span.trace_id)} bytes)"
+    if len(span.span_id) != 8 or not any(span.span_id):
+        return "missing spanId" if not span.span_id else f"invalid spanId ({len(span.span_id)} bytes)"
+    if span.parent_span_id and len(span.parent_span_id) != 8:
+        return f"invalid parentSpanId ({len(span.parent_span_id)} bytes)"
+    if not span.end_time_unix_nano and not span.start_time_unix_nano:
+        return "missing endTimeUnixNano and startTimeUnixNano"
+    return ""
+
+
+def decode_otlp_proto(payload: bytes, *, origin: str = "") -> DecodeResult:
+    """Decode ExportTraceServiceRequest bytes (one span, a trace or a whole batch)."""
+    result = DecodeResult()
+    req = ExportTraceServiceRequest()
+    try:
+        req.ParseFromString(payload)
+    except (ProtoDecodeError, RuntimeError, ValueError) as exc:
+        result.failures.append(
+            Failure(payload, f"{SOURCE_PROTO}: not an ExportTraceServiceRequest: {exc}", SOURCE_PROTO)
+        )
+        return result
+    for ri, rs in enumerate(req.resource_spans):
+        res = _resource(_proto_attrs(rs.resource.attributes), origin, SOURCE_PROTO)
+        for si, ss in enumerate(rs.scope_spans):
+            for pi, sp in enumerate(ss.spans):
+                problem = _proto_span_problem(sp)
+                if problem:
+                    where = f"resourceSpans[{ri}].scopeSpans[{si}].spans[{pi}]"
+                    reason = f"{SOURCE_PROTO}: {where}: {problem}"
+                    result.failures.append(Failure(_proto_single(rs, ss, sp), reason, SOURCE_PROTO))
+                    continue
+                span = _Span(
+                    trace_id=sp.trace_id.hex(),
+                    span_id=sp.span_id.hex(),
+                    parent_span_id=sp.parent_span_id.hex(),
+                    name=sp.name,
+                    kind=sp.kind,
+                    start_ns=sp.start_time_unix_nano,
+                    end_ns=sp.end_time_unix_nano,
+                    status_code=sp.status.code,
+                    status_message=sp.status.message,
+                    attrs=_proto_attrs(sp.attributes),
+                    events=sp.events,
+                    read_exception_type=_proto_exception_type,
+                )
+                result.events.append(_span_event(span, res))
+    return _finish(result)
+
+
+# --- otlp_json ---------------------------------------------------------------
+
+
+class _Bad(ValueError):
+    """A span field that cannot be read; the message becomes the Failure reason."""
+
+
+def _key(d: dict[str, Any], *names: str) -> tuple[str, Any]:
+    """The first of ``names`` present in ``d`` (camelCase first, then snake_case or legacy)."""
+    for n in names:
+        v = d.get(n)
+        if v is not None:
+            return n, v
+    return names[0], None
+
+
+def _json_int64(v: Any, field: str) -> int:
+    # proto3 JSON writes 64-bit ints as strings; some producers write numbers
+    if v is None or v == "":
+        return 0
+    if isinstance(v, bool):
+        raise _Bad(f"invalid {field} {v!r}")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise _Bad(f"invalid {field} {v!r}") from None
+
+
+def _json_id(v: Any, nbytes: int, field: str, *, required: bool) -> str:
+    """Hex (the Collector's form) or base64 (plain proto3 JSON) ids, as lowercase hex."""
+    if v is None or v == "":
+        if required:
+            raise _Bad(f"missing {field}")
+        return ""
+    if isinstance(v, str):
+        raw: bytes | None = None
+        if len(v) == nbytes * 2:
+            try:
+                raw = bytes.fromhex(v)
+            except ValueError:
+                raw = None
+            if raw is not None and len(raw) == nbytes and (not required or any(raw)):
+                return v if v.islower() or v.isdigit() else v.lower()  # fast path: the Collector's hex
+        if raw is None or len(raw) != nbytes:
+            try:
+                raw = base64.b64decode(v, validate=True)
+            except (binascii.Error, ValueError):
+                raw = None
+        if raw is not None and len(raw) == nbytes:
+            if required and not any(raw):
+                raise _Bad(f"invalid {field} (all zeros)")
+            return raw.hex()
+    raise _Bad(f"invalid {field} {v!r} (want {nbytes * 2} hex chars or base64 of {nbytes} bytes)")
+
+
+def _json_value(v: Any) -> Any:
+    if not isinstance(v, dict) or not v:
+        return v  # tolerate producers that put a bare scalar where an AnyValue belongs
+    text = v.get("stringValue")  # most attributes are strings: skip the generic path
+    if text is not None:
+        return text
+    for k, x in v.items():
+        conv = _JSON_ANY.get(k)
+        if conv is not None:
+            return conv(x)
+    return None
+
+
+def _json_array(x: Any) -> list[Any]:
+    values = x.get("values") if isinstance(x, dict) else None
+    return [_json_value(i) for i in values or ()]
+
+
+def _json_kvlist(x: Any) -> dict[str, Any]:
+    values = x.get("values") if isinstance(x, dict) else None
+    return _json_attrs(values)
+
+
+def _json_lenient_int(x: Any) -> Any:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return x
+
+
+_JSON_ANY: dict[str, Callable[[Any], Any]] = {}
+for _camel, _snake, _conv in (
+    ("stringValue", "string_value", lambda x: x),
+    ("intValue", "int_value", _json_lenient_int),
+    ("boolValue", "bool_value", bool),
+    ("doubleValue", "double_value", lambda x: x),
+    ("bytesValue", "bytes_value", lambda x: x),
+    ("arrayValue", "array_value", _json_array),
+    ("kvlistValue", "kvlist_value", _json_kvlist),
+):
+    _JSON_ANY[_camel] = _JSON_ANY[_snake] = _conv
+
+
+def _json_attrs(kvs: Any) -> dict[str, Any]:
+    if not kvs:
+        return {}
+    if not isinstance(kvs, list):
+        raise _Bad("attributes: expected a list of {key, value}")
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        if kv.__class__ is dict:
+            k = kv.get("key")
+            if k.__class__ is str:
+                v = kv.get("value")
+                # inlined fast path: most attribute values are strings
+                text = v.get("stringValue") if v.__class__ is dict else None
+                out[k] = text if text is not None else _json_value(v)
+    return out
+
+
+def _json_status_code(v: Any) -> int:
+    if isinstance(v, str):
+        return _STATUS_NAMES.get(v.upper().removeprefix("STATUS_CODE_"), 0)
+    return v if isinstance(v, int) else 0
+
+
+def _json_span_kind(v: Any) -> int:
+    if isinstance(v, str):
+        name = v.lower().removeprefix("span_kind_")
+        return _SPAN_KIND_NAMES.index(name) if name in _SPAN_KIND_NAMES else 0
+    return v if isinstance(v, int) else 0
+
+
+def _json_exception_type(events: Any) -> str:
+    for ev in events if isinstance(events, list) else ():
+        if isinstance(ev, dict) and ev.get("name") == "exception":
+            try:
+                etype = _json_attrs(ev.get("attributes")).get("exception.type")
+            except _Bad:
+                continue
+            if etype:
+                return str(etype)
+    return ""
+
+
+def _json_span(sp: dict[str, Any]) -> _Span:
+    status = sp.get("status")
+    status = status if isinstance(status, dict) else {}
+    start_ns = _json_int64(sp.get("startTimeUnixNano") or sp.get("start_time_unix_nano"), "startTimeUnixNano")
+    end_ns = _json_int64(sp.get("endTimeUnixNano") or sp.get("end_time_unix_nano"), "endTimeUnixNano")
+    if not start_ns and not end_ns:
+        raise _Bad("missing endTimeUnixNano and startTimeUnixNano")
+    return _Span(
+        trace_id=_json_id(sp.get("traceId") or sp.get("trace_id"), 16, "traceId", required=True),
+        span_id=_json_id(sp.get("spanId") or sp.get("span_id"), 8, "spanId", required=True),
+        parent_span_id=_json_id(sp.get("parentSpanId") or sp.get("parent_span_id"), 8, "parentSpanId", required=False),
+        name=str(sp.get("name") or ""),
+        kind=_json_span_kind(sp.get("kind")),
+        start_ns=start_ns,
+        end_ns=end_ns,
+        status_code=_json_status_code(status.get("code")),
+        status_message=str(status.get("message") or ""),
+        attrs=_json_attrs(sp.get("attributes")),
+        events=sp.get("events"),
+        read_exception_type=_json_exception_type,
+    )
+
+
+def _json_single(rs: dict[str, Any], ss: dict[str, Any], sp: Any) -> bytes:
+    """A bad part re-wrapped with its resource and scope, so the DLQ holds a replayable record."""
+    scope = {k: v for k, v in ss.items() if k in ("scope", "instrumentationLibrary", "schemaUrl")}
+    resource = {k: v for k, v in rs.items() if k in ("resource", "schemaUrl")}
+    return orjson.dumps({"resourceSpans": [{**resource, "scopeSpans": [{**scope, "spans": [sp]}]}]})
+
+
+def _list_at(d: dict[str, Any], *names: str) -> tuple[str, list[Any]]:
+    name, v = _key(d, *names)
+    if v is None:
+        return name, []
+    if not isinstance(v, list):
+        raise _Bad(f"{name}: expected a list, got {type(v).__name__}")
+    return name, v
+
+
+def _decode_json_request(doc: Any, raw: bytes, prefix: str, origin: str, result: DecodeResult) -> None:
+    def fail(where: str, problem: str, part: bytes) -> None:
+        loc = (prefix + where).rstrip(". :")
+        reason = f"{SOURCE_JSON}: {loc}: {problem}" if loc else f"{SOURCE_JSON}: {problem}"
+        result.failures.append(Failure(part, reason, SOURCE_JSON))
+
+    if not isinstance(doc, dict):
+        fail("", f"expected an ExportTraceServiceRequest object, got {type(doc).__name__}", raw)
+        return
+    rs_name, rss = _key(doc, "resourceSpans", "resource_spans")
+    if not isinstance(rss, list):
+        problem = (
+            "missing resourceSpans" if rss is None else f"resourceSpans: expected a list, got {type(rss).__name__}"
+        )
+        fail("", problem, raw)
+        return
+    for ri, rs in enumerate(rss):
+        r_where = f"{rs_name}[{ri}]"
+        if not isinstance(rs, dict):
+            fail(r_where, f"expected an object, got {type(rs).__name__}", orjson.dumps(rs))
+            continue
+        try:
+            resource = rs.get("resource")
+            res = _resource(
+                _json_attrs(resource.get("attributes")) if isinstance(resource, dict) else {}, origin, SOURCE_JSON
+            )
+            ss_name, sss = _list_at(
+                rs, "scopeSpans", "scope_spans", "instrumentationLibrarySpans", "instrumentation_library_spans"
+            )
+        except _Bad as exc:
+            fail(r_where, str(exc), orjson.dumps({"resourceSpans": [rs]}))
+            continue
+        for si, ss in enumerate(sss):
+            s_where = f"{r_where}.{ss_name}[{si}]"
+            if not isinstance(ss, dict):
+                fail(s_where, f"expected an object, got {type(ss).__name__}", orjson.dumps({"resourceSpans": [rs]}))
+                continue
+            spans = ss.get("spans")
+            if not isinstance(spans, list):
+                if spans is not None:
+                    fail(s_where, "spans: expected a list", _json_single(rs, ss, spans))
+                continue
+            for pi, sp in enumerate(spans):
+                try:
+                    if not isinstance(sp, dict):
+                        raise _Bad(f"expected an object, got {type(sp).__name__}")
+                    span = _json_span(sp)
+                except _Bad as exc:
+                    fail(f"{s_where}.spans[{pi}]", str(exc), _json_single(rs, ss, sp))
+                    continue
+                result.events.append(_span_event(span, res))
+
+
+def decode_otlp_json(payload: bytes, *, origin: str = "") -> DecodeResult:
+    """Decode OTLP/JSON: one ExportTraceServiceRequest, a JSON array of them, or JSON lines."""
+    result = DecodeResult()
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        lines = [ln for ln in payload.splitlines() if ln.strip()]
+        if len(lines) > 1:  # the file exporter's JSON lines, handed over whole
+            for li, line in enumerate(lines):
+                try:
+                    _decode_json_request(orjson.loads(line), line, f"line {li + 1}: ", origin, result)
+                except orjson.JSONDecodeError as line_exc:
+                    result.failures.append(
+                        Failure(line, f"{SOURCE_JSON}: line {li + 1}: not JSON: {line_exc}", SOURCE_JSON)
+                    )
+            return _finish(result)
+        result.failures.append(Failure(payload, f"{SOURCE_JSON}: not JSON: {exc}", SOURCE_JSON))
+        return result
+    if isinstance(doc, list):
+        for i, item in enumerate(doc):
+            _decode_json_request(item, orjson.dumps(item), f"[{i}].", origin, result)
+    else:
+        _decode_json_request(doc, payload, "", origin, result)
+    return _finish(result)
+
+
+# --- either ------------------------------------------------------------------
+
+
+def decode_otlp(payload: bytes, *, origin: str = "") -> DecodeResult:
+    """Decode an OTLP traces record in either encoding, told apart by its first byte.
+
+    A proto request starts with 0x0A (field 1, length-delimited), which is ASCII
+    newline, and its length byte can be ``{`` (123): so a record that looks
+    like JSON but does not parse as JSON is retried as proto before failing.
+    """
+    stripped = payload.lstrip()
+    if not stripped:
+        return DecodeResult(failures=[Failure(payload, "otlp: empty record", "otlp")])
+    if stripped[:1] not in (b"{", b"["):
+        return decode_otlp_proto(payload, origin=origin)
+    result = decode_otlp_json(payload, origin=origin)
+    if payload[:1] == b"\n" and not result.events and result.failures:
+        proto = decode_otlp_proto(payload, origin=origin)
+        if not proto.failures:
+            return proto
+    return result
