@@ -1,0 +1,357 @@
+"""The faust worker: moves batches between Kafka topics and the stages.
+
+Three keyed hops, each an explicit topic (no hidden repartitions):
+
+    otlp_spans, agentwatch.events.in, agentwatch.audit.in
+        --ingest-->  agentwatch.internal.by_trace (key: trace id)   + agentwatch.dlq
+        --correlate-->  agentwatch.internal.by_agent (key: agent id)
+        --detect-->  agentwatch.alerts / .alerts.shadow + ClickHouse
+
+Faust's cost is per Kafka message, so every hop carries a JSON array of events
+per key per batch, and every agent consumes with ``take_events`` (a batch of
+messages per iteration). A batch's outputs (downstream messages, ClickHouse
+rows) are made durable before the loop asks for the next batch; faust acks the
+batch's messages only then, so offsets are committed after what depends on
+them (at least once, nothing lost).
+
+The worker is the only process that opens the embedded ClickHouse store; other
+commands read it through the loopback-only ``/query`` endpoint served here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+import faust
+import orjson
+from faust.types import EventT
+from faust.web import View
+
+from detectors.policy import Policy
+from schemas.alerts import Alert, Mode
+from schemas.errors import AgentwatchError, StoreError
+from schemas.events import Event, events_from_json, events_to_json
+from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, open_store
+from streams.metrics import Metrics
+from streams.settings import Settings
+from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, decoder_for_topics
+
+log = logging.getLogger("agentwatch.worker")
+R = TypeVar("R")
+
+READ_ONLY_PREFIXES = ("select", "with", "show", "describe", "desc", "explain", "exists")
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Pipeline:
+    """One worker: the faust app, its stages, its store and its metrics."""
+
+    def __init__(self, settings: Settings, policy: Policy, bootstrap: str) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.metrics = Metrics.create()
+        s = settings
+        self.app = faust.App(
+            s.app_id,
+            broker=f"kafka://{bootstrap}",
+            store="memory://",
+            autodiscover=False,
+            topic_partitions=s.partitions,
+            topic_allow_declare=True,
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            web_enabled=True,
+            web_bind=s.web_host,
+            web_host=s.web_host,
+            web_port=s.web_port,
+            datadir=str(s.home_dir / "faust"),
+            stream_buffer_maxsize=max(4096, s.batch_max_messages * 4),
+        )
+        raw = dict(value_type=bytes, key_type=bytes, value_serializer="raw", key_serializer="raw")
+        self.inputs = self.app.topic(s.topic_otlp, s.topic_events_in, s.topic_audit_in, **raw)
+        self.by_trace = self.app.topic(s.topic_by_trace, **raw)
+        self.by_agent = self.app.topic(s.topic_by_agent, **raw)
+        self.dlq = self.app.topic(s.topic_dlq, **raw)
+        self.alerts = self.app.topic(s.topic_alerts, **raw)
+        self.shadow_alerts = self.app.topic(s.topic_shadow_alerts, **raw)
+
+        self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in))
+        self.correlate = CorrelateStage(policy)
+        self.detect = DetectStage(policy)
+
+        # chDB is an in-process engine: one thread owns every call into it
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self.store: ClickHouseStore | None = None
+        self.event_sink: EventSink | None = None
+        self.alert_sink: AlertSink | None = None
+        self.dlq_sink: DlqSink | None = None
+        self._positions: dict[tuple[str, int], int] = {}
+
+        self._register()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open_store(self) -> None:
+        """Open ClickHouse and apply the DDL before consuming anything."""
+
+        def _open() -> ClickHouseStore:
+            store = open_store(self.settings.dsn)
+            store.apply_schema()
+            return store
+
+        self.store = self._db.submit(_open).result()
+        self.event_sink = EventSink(self.store)
+        self.alert_sink = AlertSink(self.store)
+        self.dlq_sink = DlqSink(self.store)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self._db.submit(self.store.close).result()
+        self._db.shutdown(wait=True)
+
+    async def _in_db(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        s = self.settings
+        app = self.app
+        app.agent(self.inputs, name="ingest")(self._ingest_agent)
+        app.agent(self.by_trace, name="correlate")(self._correlate_agent)
+        app.agent(self.by_agent, name="detect")(self._detect_agent)
+        app.agent(self.dlq, name="dlq_store")(self._dlq_agent)
+        app.timer(interval=s.tick_s)(self._tick)
+        app.timer(interval=5.0)(self._measure_lag)
+        app.page("/metrics")(_view(get=self._metrics_view))
+        app.page("/query")(_view(post=self._query_view))
+        app.page("/healthz")(_view(get=self._health_view))
+
+    def _batches(self, stream: Any) -> Any:
+        return stream.take_events(self.settings.batch_max_messages, within=self.settings.batch_within_s)
+
+    def _track(self, events: list[EventT]) -> None:
+        for e in events:
+            m = e.message
+            self._positions[(m.topic, m.partition)] = m.offset
+
+    async def _ingest_agent(self, stream: Any) -> None:
+        async for batch in self._batches(stream):
+            started = time.perf_counter()
+            self._track(batch)
+            records = [RawRecord(e.message.topic, e.message.partition, e.message.offset, e.value or b"")
+                       for e in batch]
+            for r in records:
+                self.metrics.messages_in.labels(r.topic).inc()
+            routed = self.ingest.process(records)
+            for evs in list(routed.by_trace.values()) + list(routed.by_agent.values()):
+                for ev in evs:
+                    self.metrics.events_in.labels(ev.source, ev.kind.value).inc()
+            sends = [self._send(self.by_trace, k, events_to_json(v)) for k, v in routed.by_trace.items()]
+            sends += [self._send(self.by_agent, k, events_to_json(v)) for k, v in routed.by_agent.items()]
+            sends += [self._send_dead(d) for d in routed.dead]
+            await self._all_delivered(sends)
+            self.metrics.stage_batch_seconds.labels("ingest").observe(time.perf_counter() - started)
+
+    async def _correlate_agent(self, stream: Any) -> None:
+        async for batch in self._batches(stream):
+            started = time.perf_counter()
+            self._track(batch)
+            events = self._unpack(batch)
+            late_before = self.correlate.resolver.watermark.late_events
+            attributed = self.correlate.process(events, wall=_now())
+            self.metrics.late_events.labels("correlate").inc(
+                self.correlate.resolver.watermark.late_events - late_before
+            )
+            await self._forward_to_agents(attributed)
+            self.metrics.identity_pending.set(self.correlate.resolver.pending_count)
+            self.metrics.stage_batch_seconds.labels("correlate").observe(time.perf_counter() - started)
+
+    async def _detect_agent(self, stream: Any) -> None:
+        assert self.event_sink is not None
+        async for batch in self._batches(stream):
+            started = time.perf_counter()
+            self._track(batch)
+            events = self._unpack(batch)
+            engine = self.detect.engine
+            dup_before, late_before = engine.duplicates_skipped, engine.watermark.late_events
+            alerts = self.detect.process(events, wall=_now())
+            self.metrics.events_detected.inc(len(events))
+            self.metrics.duplicate_events.inc(engine.duplicates_skipped - dup_before)
+            self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
+            self.event_sink.extend(events)
+            await self._publish_alerts(alerts)  # also flushes the sinks
+            self.metrics.stage_batch_seconds.labels("detect").observe(time.perf_counter() - started)
+
+    async def _dlq_agent(self, stream: Any) -> None:
+        assert self.dlq_sink is not None
+        async for batch in self._batches(stream):
+            now = datetime.now(timezone.utc)
+            for e in batch:
+                h = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v))
+                     for k, v in (e.message.headers or [])}
+                self.dlq_sink.add(
+                    DlqRecord(
+                        topic=h.get("agentwatch.dlq.topic", ""),
+                        partition=int(h.get("agentwatch.dlq.partition", "-1")),
+                        offset=int(h.get("agentwatch.dlq.offset", "-1")),
+                        source=h.get("agentwatch.dlq.source", ""),
+                        reason=h.get("agentwatch.dlq.reason", ""),
+                        raw=e.value or b"",
+                        received_at=now,
+                    )
+                )
+            await self._flush(self.dlq_sink, "dlq")
+
+    async def _tick(self) -> None:
+        """Event time goes on while traffic is quiet: close windows, fire timers."""
+        now = _now()
+        await self._forward_to_agents(self.correlate.tick(now))
+        alerts = self.detect.tick(now)
+        if alerts:
+            await self._publish_alerts(alerts)
+        self.metrics.open_alerts.set(len(self.detect.engine.open_alerts))
+
+    async def _measure_lag(self) -> None:
+        consumer = self.app.consumer
+        try:
+            assignment = consumer.assignment()
+        except Exception:  # not assigned yet (rebalancing)
+            return
+        for tp in assignment:
+            try:
+                high = consumer.highwater(tp)
+            except Exception:
+                continue
+            if high is None:
+                continue
+            done = self._positions.get((tp.topic, tp.partition), -1) + 1
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - done))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _unpack(self, batch: list[EventT]) -> list[Event]:
+        events: list[Event] = []
+        for e in batch:
+            try:
+                events.extend(events_from_json(e.value))
+            except Exception as exc:  # our own topic: only a bug or a foreign producer gets here
+                log.error("undecodable internal message", extra={"topic": e.message.topic,
+                                                                  "offset": e.message.offset,
+                                                                  "error": str(exc)})
+        return events
+
+    async def _forward_to_agents(self, events: Iterable[Event]) -> None:
+        groups: dict[str, list[Event]] = {}
+        for ev in events:
+            groups.setdefault(ev.agent_id or "unknown", []).append(ev)
+        await self._all_delivered([self._send(self.by_agent, k, events_to_json(v)) for k, v in groups.items()])
+
+    async def _publish_alerts(self, alerts: list[Alert]) -> None:
+        assert self.alert_sink is not None and self.event_sink is not None
+        sends = []
+        for a in alerts:
+            self.metrics.alerts.labels(a.detector, a.severity.value, a.mode.value).inc()
+            topic = self.shadow_alerts if a.mode is Mode.SHADOW else self.alerts
+            sends.append(self._send(topic, a.alert_id, a.to_json()))
+            log.warning("alert", extra={"alert_id": a.alert_id, "detector": a.detector,
+                                        "agent_id": a.agent_id, "severity": a.severity.value,
+                                        "count": a.count})
+        self.alert_sink.extend(alerts)
+        await self._flush(self.event_sink, "events")
+        await self._flush(self.alert_sink, "alerts")
+        await self._all_delivered(sends)
+
+    async def _flush(self, sink: Any, table: str) -> None:
+        if not sink.pending:
+            return
+        rows = sink.pending
+        started = time.perf_counter()
+        delay = 0.5
+        while True:
+            try:
+                await self._in_db(sink.flush)
+                break
+            except StoreError as exc:
+                # do not move on (and so do not commit) until the rows are durable
+                self.metrics.sink_failures.labels(table).inc()
+                log.error("clickhouse write failed; retrying", extra={"table": table, "error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+        self.metrics.sink_batch_rows.labels(table).observe(rows)
+        self.metrics.sink_write_seconds.labels(table).observe(time.perf_counter() - started)
+
+    async def _send(self, topic: Any, key: str, value: bytes, headers: dict[str, bytes] | None = None) -> Any:
+        return await topic.send(key=key.encode(), value=value, headers=headers)
+
+    async def _send_dead(self, d: DeadLetter) -> Any:
+        self.metrics.decode_failures.labels(d.topic).inc()
+        return await self._send(self.dlq, d.topic, d.raw, d.headers())
+
+    @staticmethod
+    async def _all_delivered(sends: list[Any]) -> None:
+        """Wait until the broker acknowledged every message this batch produced."""
+        futures = await asyncio.gather(*sends)
+        await asyncio.gather(*futures)
+
+    # -- web -------------------------------------------------------------------------------
+
+    async def _metrics_view(self, view: Any, request: Any) -> Any:
+        return view.bytes(self.metrics.exposition(), content_type="text/plain; version=0.0.4")
+
+    async def _health_view(self, view: Any, request: Any) -> Any:
+        return view.json({"ok": True, "pid": os.getpid(), "dsn": self.settings.dsn})
+
+    async def _query_view(self, view: Any, request: Any) -> Any:
+        """Read-only SQL for `agentwatch query` while this worker owns the embedded store."""
+        assert self.store is not None
+        try:
+            body = orjson.loads(await request.read())
+            sql = str(body["sql"]).strip()
+        except Exception:
+            return view.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
+        if not sql.lower().startswith(READ_ONLY_PREFIXES):
+            return view.json({"error": "only read-only statements (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN)"},
+                             status=400)
+        try:
+            result = await self._in_db(self.store.query, sql)
+        except AgentwatchError as exc:
+            return view.json({"error": str(exc)}, status=400)
+        rows = [[_jsonable(v) for v in row] for row in result.rows]
+        return view.json({"columns": result.columns, "rows": rows})
+
+
+def _view(**handlers: Callable[[Any, Any], Any]) -> type[View]:
+    """A faust View whose methods call the pipeline's bound handlers."""
+
+    def method(handler: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+        async def call(self: View, request: Any, **kwargs: Any) -> Any:
+            return await handler(self, request)
+
+        return call
+
+    return type("PipelineView", (View,), {name: method(h) for name, h in handlers.items()})
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)

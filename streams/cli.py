@@ -1,0 +1,138 @@
+"""The ``agentwatch`` command.
+
+A user mistake (missing file, bad setting, unreachable broker, locked store)
+is printed as one line on stderr with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from schemas.errors import AgentwatchError
+from streams.settings import Settings, describe_settings, load_settings
+
+
+def _broker(args: argparse.Namespace, settings: Settings) -> int:
+    from deploy import broker
+
+    if args.action == "up":
+        info = broker.up(settings.broker_dir)
+        print(f"broker running at {info.bootstrap} (pid {info.pid}, log {info.log_path})")
+    elif args.action == "down":
+        print("broker stopped" if broker.down(settings.broker_dir) else "no broker was running")
+    else:
+        info = broker.status(settings.broker_dir)
+        if info is None:
+            print("no broker running")
+            return 1
+        print(f"broker running at {info.bootstrap} (pid {info.pid})")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.worker import run_worker
+
+    if args.policy:
+        settings = settings.with_overrides(policy_file=args.policy)
+    run_worker(settings)
+    return 0
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from detectors.policy import load_policy
+    from streams.replay import replay
+
+    policy = load_policy(args.policy or settings.policy_file)
+    result = replay([Path(p) for p in args.paths], policy)
+    out = sys.stdout.buffer
+    for alert in result.alerts:
+        out.write(alert.to_json() + b"\n")
+    out.flush()
+    print(
+        f"replay: {result.events} events, {len(result.alerts)} alerts, {len(result.dead)} undecodable records",
+        file=sys.stderr,
+    )
+    for d in result.dead[:20]:
+        print(f"  undecodable {d.topic}:{d.offset}: {d.reason}", file=sys.stderr)
+    return 0
+
+
+def _query(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.query import format_table, run_query
+
+    result = run_query(settings, args.sql)
+    print(format_table(result.columns, result.rows))
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, duration_s=args.duration, keep_running=args.keep_running)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.bench import run_bench
+
+    return run_bench(settings, events=args.events, per_message=args.per_message)
+
+
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    for name, value, desc in describe_settings(settings):
+        print(f"{name}={value}\n    {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentwatch", description="Real-time safety monitor for AI agents")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="the local Kafka broker (started from Maven Central jars)")
+    b.add_argument("action", choices=["up", "down", "status"])
+    b.set_defaults(fn=_broker)
+
+    w = sub.add_parser("worker", help="run the stream processors")
+    w.add_argument("--policy", help="detector policy file (YAML)")
+    w.set_defaults(fn=_worker)
+
+    r = sub.add_parser("replay", help="run the detectors offline over recorded events; alerts as JSON lines")
+    r.add_argument("--policy", help="detector policy file (YAML)")
+    r.add_argument("paths", nargs="+", metavar="PATH", help="OTLP JSON lines, native JSON / JSON lines, audit logs")
+    r.set_defaults(fn=_replay)
+
+    q = sub.add_parser("query", help="run read-only SQL against the configured ClickHouse")
+    q.add_argument("sql")
+    q.set_defaults(fn=_query)
+
+    d = sub.add_parser("demo", help="broker, worker and a simulated fleet of agents, end to end")
+    d.add_argument("--duration", type=float, default=75.0, help="seconds of simulated traffic (default 75)")
+    d.add_argument("--keep-running", action="store_true", help="leave the broker and worker running afterwards")
+    d.set_defaults(fn=_demo)
+
+    be = sub.add_parser("bench", help="pipeline throughput next to raw aiokafka consume, on the local broker")
+    be.add_argument("--events", type=int, default=200_000)
+    be.add_argument("--per-message", type=int, default=100, help="events carried by one Kafka message")
+    be.set_defaults(fn=_bench)
+
+    s = sub.add_parser("settings", help="print every setting (AGENTWATCH_* variables) and its value")
+    s.set_defaults(fn=_settings)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace, Settings], int] = args.fn
+    try:
+        return fn(args, load_settings())
+    except AgentwatchError as exc:
+        print(f"agentwatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``agentwatch demo``: the whole pipeline on the embedded defaults.
+
+Starts what is missing (the local broker, a worker), runs a simulated fleet
+(healthy agents and a few that misbehave) through the real topics, prints
+alerts as they arrive on the alerts topic, and ends with a ClickHouse query
+the user can run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.alerts import Alert
+from schemas.errors import AgentwatchError
+from streams.fleet import run_fleet
+from streams.kafka import all_topics, ensure_topics
+from streams.query import format_table, run_query
+from streams.settings import Settings
+from streams.worker import WorkerInfo, running_worker
+
+DEMO_QUERY = (
+    "SELECT detector, agent_id, severity, count, summary "
+    "FROM agentwatch.alerts_latest ORDER BY first_seen"
+)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _start_worker(settings: Settings, bootstrap: str) -> tuple[subprocess.Popen[bytes], WorkerInfo]:
+    log_path = settings.home_dir / "worker.log"
+    env = {**os.environ, "AGENTWATCH_BOOTSTRAP": bootstrap, "AGENTWATCH_HOME": str(settings.home_dir)}
+    if settings.web_port == 6066:
+        env["AGENTWATCH_WEB_PORT"] = "0"  # do not collide with another faust app on the default port
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            raise AgentwatchError("the worker exited at start; last lines of "
+                                  f"{log_path}:\n" + "\n".join(tail))
+        info = running_worker(settings)
+        if info is not None and info.pid == proc.pid:
+            return proc, info
+        time.sleep(0.5)
+    proc.terminate()
+    raise AgentwatchError(f"the worker did not become ready within 120 s (see {log_path})")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _print_alert(a: Alert) -> None:
+    when = a.last_seen.strftime("%H:%M:%S")
+    say(f"  ALERT {when} [{a.severity.value:>8}] {a.detector:<12} agent={a.agent_id:<18} "
+        f"x{a.count:<3} {a.summary}  (id {a.alert_id[:12]})")
+
+
+async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
+    await ensure_topics(bootstrap, all_topics(settings), settings.partitions)
+    consumer = AIOKafkaConsumer(settings.topic_alerts, bootstrap_servers=bootstrap, auto_offset_reset="latest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await consumer.start()
+    await producer.start()
+    seen: dict[str, Alert] = {}
+    try:
+        await consumer.seek_to_end()
+
+        async def watch() -> None:
+            async for msg in consumer:
+                a = Alert.model_validate(orjson.loads(msg.value))
+                seen[a.alert_id] = a
+                _print_alert(a)
+
+        watcher = asyncio.create_task(watch())
+        say(f"publishing simulated agent traffic for {duration_s:.0f}s "
+            "(5 agents: 3 healthy, ops-bot-7 stuck in a retry loop, research-agent-3 failing; "
+            "plus 3 malformed records for the DLQ)...")
+        sent = await run_fleet(producer, otlp_topic=settings.topic_otlp, events_topic=settings.topic_events_in,
+                               duration_s=duration_s)
+        say(f"fleet done: {sent} messages published; waiting for the last alerts...")
+        await asyncio.sleep(8)
+        watcher.cancel()
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return len(seen)
+
+
+def run_demo(settings: Settings, *, duration_s: float, keep_running: bool) -> int:
+    from deploy import broker
+
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    started_broker = False
+    bootstrap = settings.bootstrap
+    if not bootstrap:
+        info = broker.status(settings.broker_dir)
+        if info is None:
+            say("starting the local Kafka broker (the first run resolves its jars with Maven)...")
+            info = broker.up(settings.broker_dir)
+            started_broker = True
+        bootstrap = info.bootstrap
+    say(f"broker: {bootstrap}")
+
+    worker_proc = None
+    n_alerts = 0
+    try:
+        worker = running_worker(settings)
+        if worker is None:
+            say("starting the worker...")
+            worker_proc, worker = _start_worker(settings, bootstrap)
+        say(f"worker: pid {worker.pid}, metrics at {worker.url}/metrics, ClickHouse {worker.dsn}")
+        n_alerts = asyncio.run(_run(settings, bootstrap, duration_s))
+        say(f"\n{n_alerts} alerts received. Stored in ClickHouse; the query:\n  agentwatch query \"{DEMO_QUERY}\"\n")
+        result = run_query(settings, DEMO_QUERY)
+        say(format_table(result.columns, result.rows))
+        dlq = run_query(settings, "SELECT topic, reason FROM agentwatch.dlq ORDER BY received_at")
+        say("\nmalformed input kept in the DLQ with its reason:")
+        say(format_table(dlq.columns, dlq.rows))
+    finally:
+        if worker_proc is not None and not keep_running:
+            _stop(worker_proc)
+        if started_broker and not keep_running:
+            broker.down(settings.broker_dir)
+    if keep_running:
+        say("\nbroker and worker left running (`agentwatch broker down` stops the broker).")
+    say(f"\nrun the query again any time:\n  agentwatch query \"{DEMO_QUERY}\"")
+    return 0 if n_alerts else 1

@@ -1,0 +1,180 @@
+"""A simulated fleet of agents for the demo and the benchmarks.
+
+Agents emit real OpenTelemetry spans through the OTel SDK (GenAI semantic
+conventions), encoded by the SDK's own OTLP encoder and published to the OTLP
+topic the way the Collector's Kafka exporter does: ``otlp_proto`` for some,
+``otlp_json`` for others. Children are published before their ``invoke_agent``
+span, as real exporters do. Others use native JSON arrays on the events topic.
+Most agents are healthy; a few misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from schemas.otlp_json import request_to_otlp_json
+
+
+@dataclass
+class SimAgent:
+    agent_id: str
+    service: str
+    wire: str  # otlp_proto | otlp_json | native
+    behaviour: str  # healthy | retry_loop | failing
+    period_s: float
+    tenant: str = "acme"
+    rng: random.Random = field(default_factory=random.Random)
+
+
+HEALTHY_TOOLS = {
+    "search_docs": lambda r: {"query": r.choice(["refund policy", "sla", "pricing", "gdpr", "onboarding"]),
+                              "limit": r.randint(3, 10)},
+    "create_ticket": lambda r: {"title": f"issue #{r.randint(1, 99999)}", "priority": r.choice(["p2", "p3"])},
+    "send_email": lambda r: {"to": f"user{r.randint(1, 5000)}@example.com", "template": "followup"},
+    "query_db": lambda r: {"sql": f"SELECT * FROM orders WHERE id = {r.randint(1, 10**6)}"},
+}
+
+
+def default_fleet(seed: int = 7) -> list[SimAgent]:
+    return [
+        SimAgent("billing-assistant", "billing-svc", "otlp_proto", "healthy", 1.5, rng=random.Random(seed)),
+        SimAgent("support-triage", "support-svc", "otlp_json", "healthy", 2.0, rng=random.Random(seed + 1)),
+        SimAgent("docs-writer", "docs-svc", "native", "healthy", 2.5, rng=random.Random(seed + 2)),
+        SimAgent("ops-bot-7", "ops-svc", "otlp_proto", "retry_loop", 2.0, rng=random.Random(seed + 3)),
+        SimAgent("research-agent-3", "research-svc", "native", "failing", 1.5, rng=random.Random(seed + 4)),
+    ]
+
+
+def _tool_call(agent: SimAgent) -> tuple[str, dict[str, object], bool]:
+    """(tool, arguments, failed) for the agent's next step."""
+    r = agent.rng
+    if agent.behaviour == "retry_loop":
+        # the same deployment retried with the same arguments, key order shuffled
+        args = {"manifest": "deploy/payments.yaml", "namespace": "prod", "force": True}
+        items = list(args.items())
+        r.shuffle(items)
+        return "kubectl_apply", dict(items), r.random() < 0.5
+    if agent.behaviour == "failing":
+        return "web_fetch", {"url": f"https://example.org/page/{r.randint(1, 10**6)}"}, True
+    tool = r.choice(list(HEALTHY_TOOLS))
+    return tool, HEALTHY_TOOLS[tool](r), r.random() < 0.05
+
+
+class OtelEmitter:
+    """One agent's tracer: real SDK spans, collected and handed over as OTLP batches."""
+
+    def __init__(self, agent: SimAgent) -> None:
+        self.agent = agent
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider(resource=Resource.create({
+            "service.name": agent.service,
+            "service.instance.id": f"{agent.service}-{uuid.uuid4().hex[:6]}",
+            "tenant": agent.tenant,
+        }))
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = self.provider.get_tracer("agentwatch.fleet")
+
+    def turn(self) -> tuple[list[ReadableSpan], list[ReadableSpan]]:
+        """One agent turn; returns (children, agent span) as exported, children first."""
+        a = self.agent
+        tool, args, failed = _tool_call(a)
+        with self.tracer.start_as_current_span(f"invoke_agent {a.agent_id}") as root:
+            root.set_attributes({"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.id": a.agent_id,
+                                 "gen_ai.agent.name": a.agent_id, "gen_ai.conversation.id": uuid.uuid4().hex})
+            with self.tracer.start_as_current_span("chat gpt-4o-mini") as chat:
+                chat.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
+                                     "gen_ai.usage.input_tokens": a.rng.randint(200, 900),
+                                     "gen_ai.usage.output_tokens": a.rng.randint(20, 200)})
+            with self.tracer.start_as_current_span(f"execute_tool {tool}") as span:
+                span.set_attributes({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool,
+                                     "gen_ai.tool.call.id": "call_" + uuid.uuid4().hex[:12],
+                                     "gen_ai.tool.call.arguments": orjson.dumps(args).decode()})
+                if failed:
+                    span.set_attribute("error.type", "TimeoutError")
+                    span.set_status(Status(StatusCode.ERROR, "tool timed out"))
+        spans = list(self.exporter.get_finished_spans())
+        self.exporter.clear()
+        children = [s for s in spans if s.parent is not None]
+        roots = [s for s in spans if s.parent is None]
+        return children, roots
+
+    def encode(self, spans: list[ReadableSpan]) -> bytes:
+        req = encode_spans(spans)
+        return req.SerializeToString() if self.agent.wire == "otlp_proto" else request_to_otlp_json(req)
+
+
+def native_turn(agent: SimAgent) -> bytes:
+    """A native JSON array: one LLM call and one tool call."""
+    tool, args, failed = _tool_call(agent)
+    now = datetime.now(timezone.utc).isoformat()
+    base = {"agent_id": agent.agent_id, "tenant": agent.tenant, "ts": now}
+    return orjson.dumps([
+        {**base, "kind": "llm_call", "model": "claude-haiku", "input_tokens": agent.rng.randint(100, 800),
+         "output_tokens": agent.rng.randint(10, 100)},
+        {**base, "kind": "tool_call", "tool_name": tool, "arguments": args,
+         "outcome": "error" if failed else "ok", "error_type": "HTTPError" if failed else "",
+         "tool_call_id": "call_" + uuid.uuid4().hex[:12]},
+    ])
+
+
+MALFORMED = [
+    ("otlp", b"\x0a\xff\xff this is not an OTLP request"),
+    ("native", b'{"kind": "tool_call", "agent_id": "x"'),
+    ("native", orjson.dumps([{"kind": "tool_call", "agent_id": "docs-writer", "ts": "yesterday-ish"}])),
+]
+
+
+async def run_fleet(
+    producer: AIOKafkaProducer,
+    *,
+    otlp_topic: str,
+    events_topic: str,
+    duration_s: float,
+    fleet: list[SimAgent] | None = None,
+    on_send: Callable[[str], None] | None = None,
+) -> int:
+    """Publish the fleet's traffic for ``duration_s``; return the messages sent."""
+    fleet = fleet or default_fleet()
+    emitters = {a.agent_id: OtelEmitter(a) for a in fleet if a.wire != "native"}
+    deadline = time.monotonic() + duration_s
+    sent = 0
+
+    for which, raw in MALFORMED:
+        await producer.send_and_wait(otlp_topic if which == "otlp" else events_topic, raw)
+        sent += 1
+
+    async def drive(agent: SimAgent) -> None:
+        nonlocal sent
+        while time.monotonic() < deadline:
+            key = agent.agent_id.encode()
+            if agent.wire == "native":
+                await producer.send_and_wait(events_topic, native_turn(agent), key=key)
+                sent += 1
+            else:
+                em = emitters[agent.agent_id]
+                children, roots = em.turn()
+                # the agent span ends last and so is exported in a later batch
+                await producer.send_and_wait(otlp_topic, em.encode(children), key=key)
+                await producer.send_and_wait(otlp_topic, em.encode(roots), key=key)
+                sent += 2
+            if on_send:
+                on_send(agent.agent_id)
+            await asyncio.sleep(agent.period_s * (0.8 + 0.4 * agent.rng.random()))
+
+    await asyncio.gather(*(drive(a) for a in fleet))
+    return sent

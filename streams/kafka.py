@@ -1,0 +1,78 @@
+"""Finding the broker, checking it answers, and creating agentwatch's topics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from schemas.errors import BrokerError
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_bootstrap(settings: Settings) -> str:
+    """The configured bootstrap, else the local broker recorded under AGENTWATCH_HOME."""
+    if settings.bootstrap:
+        return settings.bootstrap
+    from deploy.broker import status
+
+    info = status(settings.broker_dir)
+    if info is None:
+        raise BrokerError(
+            "no Kafka broker: set AGENTWATCH_BOOTSTRAP=host:port or start the local one "
+            "with `agentwatch broker up`"
+        )
+    return info.bootstrap
+
+
+def all_topics(settings: Settings) -> list[str]:
+    return [
+        settings.topic_otlp,
+        settings.topic_events_in,
+        settings.topic_audit_in,
+        settings.topic_dlq,
+        settings.topic_alerts,
+        settings.topic_shadow_alerts,
+        settings.topic_control,
+        settings.topic_acks,
+        settings.topic_by_trace,
+        settings.topic_by_agent,
+    ]
+
+
+async def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15) -> None:
+    """Create missing topics (existing ones are left as they are).
+
+    Fails with a one-line BrokerError when the broker does not answer, so the
+    CLI never hangs on a wrong bootstrap address.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        await _close(admin)
+        raise BrokerError(f"Kafka broker unreachable at {bootstrap}: {exc or type(exc).__name__}") from None
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass
+            log.info("created topics", extra={"topics": missing})
+    finally:
+        await _close(admin)
+
+
+async def _close(admin: AIOKafkaAdminClient) -> None:
+    try:
+        await admin.close()
+    except Exception:  # closing a client that never connected can raise; nothing to do
+        pass

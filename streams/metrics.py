@@ -1,0 +1,86 @@
+"""Prometheus metrics of the worker (units in the names, as Prometheus expects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_BATCH_ROWS = (1, 10, 50, 100, 500, 1000, 5000, 10000, 50000)
+_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    messages_in: Counter
+    events_in: Counter
+    decode_failures: Counter
+    events_detected: Counter
+    late_events: Counter
+    duplicate_events: Counter
+    identity_pending: Gauge
+    alerts: Counter
+    sink_batch_rows: Histogram
+    sink_write_seconds: Histogram
+    sink_failures: Counter
+    stage_batch_seconds: Histogram
+    consumer_lag: Gauge
+    open_alerts: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
+        r = registry or CollectorRegistry()
+        return cls(
+            registry=r,
+            messages_in=Counter(
+                "agentwatch_messages_in_total", "Kafka messages read from input topics", ["topic"], registry=r
+            ),
+            events_in=Counter(
+                "agentwatch_events_in_total", "canonical events decoded, by source format and kind",
+                ["source", "kind"], registry=r,
+            ),
+            decode_failures=Counter(
+                "agentwatch_decode_failures_total", "records sent to the DLQ, by input topic", ["topic"], registry=r
+            ),
+            events_detected=Counter(
+                "agentwatch_events_detected_total", "events that went through the detectors", registry=r
+            ),
+            late_events=Counter(
+                "agentwatch_late_events_total", "events later than the allowed lateness (stored, counted)",
+                ["stage"], registry=r,
+            ),
+            duplicate_events=Counter(
+                "agentwatch_duplicate_events_total", "redelivered events skipped by the detectors", registry=r
+            ),
+            identity_pending=Gauge(
+                "agentwatch_identity_pending_events", "spans waiting for their agent ancestor", registry=r
+            ),
+            alerts=Counter(
+                "agentwatch_alerts_total", "alerts emitted (new or updated), by detector, severity and mode",
+                ["detector", "severity", "mode"], registry=r,
+            ),
+            sink_batch_rows=Histogram(
+                "agentwatch_sink_batch_rows", "rows per ClickHouse insert", ["table"], buckets=_BATCH_ROWS,
+                registry=r,
+            ),
+            sink_write_seconds=Histogram(
+                "agentwatch_sink_write_seconds", "latency of one ClickHouse insert", ["table"], buckets=_SECONDS,
+                registry=r,
+            ),
+            sink_failures=Counter(
+                "agentwatch_sink_failures_total", "failed ClickHouse inserts (retried)", ["table"], registry=r
+            ),
+            stage_batch_seconds=Histogram(
+                "agentwatch_stage_batch_seconds", "time to process one batch, by stage", ["stage"],
+                buckets=_SECONDS, registry=r,
+            ),
+            consumer_lag=Gauge(
+                "agentwatch_consumer_lag_messages", "messages not yet consumed, by topic and partition",
+                ["topic", "partition"], registry=r,
+            ),
+            open_alerts=Gauge("agentwatch_open_alerts", "alert episodes still open", registry=r),
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,63 @@
+"""``agentwatch query``: SQL against the configured ClickHouse.
+
+While a worker owns the embedded store (chDB opens a directory in one process
+only), the query goes through that worker's loopback ``/query`` endpoint;
+otherwise the store is opened directly.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+
+from schemas.errors import StoreError
+from sinks.clickhouse import QueryResult, open_store
+from streams.settings import Settings
+from streams.worker import running_worker
+
+
+def run_query(settings: Settings, sql: str) -> QueryResult:
+    worker = running_worker(settings)
+    if worker is not None and worker.dsn == settings.dsn:
+        return _via_worker(worker.url, sql)
+    store = open_store(settings.dsn)
+    try:
+        return store.query(sql)
+    finally:
+        store.close()
+
+
+def _via_worker(url: str, sql: str) -> QueryResult:
+    req = urllib.request.Request(url + "/query", data=orjson.dumps({"sql": sql}),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = orjson.loads(exc.read()).get("error", str(exc))
+        except Exception:
+            message = str(exc)
+        raise StoreError(f"query through the worker at {url}: {message}") from None
+    except urllib.error.URLError as exc:
+        raise StoreError(f"the worker at {url} did not answer: {exc.reason}") from None
+    return QueryResult(columns=body["columns"], rows=[tuple(r) for r in body["rows"]])
+
+
+def _cell(v: Any, width: int = 60) -> str:
+    s = v.isoformat(sep=" ") if hasattr(v, "isoformat") else str(v)
+    s = s.replace("\n", " ")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)

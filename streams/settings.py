@@ -1,0 +1,130 @@
+"""Every setting of agentwatch, in one place.
+
+Each field is read from the environment as ``AGENTWATCH_<NAME>`` (upper case),
+or from a ``.env`` file in the working directory. ``agentwatch settings``
+prints them all with their current values and descriptions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.errors import ConfigError
+
+ENV_PREFIX = "AGENTWATCH_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    home: Path = Field(
+        Path(".agentwatch"),
+        description="state directory: local broker, embedded ClickHouse data, worker state and pid files",
+    )
+    bootstrap: str = Field(
+        "",
+        description="Kafka bootstrap servers host:port[,host:port]; empty = the local broker "
+        "started by `agentwatch broker up` (or by the demo)",
+    )
+    clickhouse_dsn: str = Field(
+        "",
+        description="ClickHouse DSN: chdb:///abs/path (embedded engine, one process only) or "
+        "http(s)://user:pass@host:port/db (server); empty = chdb:///<home>/clickhouse",
+    )
+    policy_file: Path | None = Field(None, description="detector policy (YAML); empty = built-in defaults")
+    app_id: str = Field("agentwatch", description="consumer group / faust application id")
+
+    topic_otlp: str = Field("otlp_spans", description="OTLP traces from the OpenTelemetry Collector")
+    topic_events_in: str = Field("agentwatch.events.in", description="native JSON events from the client")
+    topic_audit_in: str = Field("agentwatch.audit.in", description="audit events (k8s, CloudTrail, OCSF, pgaudit, native)")
+    topic_dlq: str = Field("agentwatch.dlq", description="records that could not be decoded, with the reason")
+    topic_alerts: str = Field("agentwatch.alerts", description="alerts for on-call (alert and enforce modes)")
+    topic_shadow_alerts: str = Field("agentwatch.alerts.shadow", description="alerts of detectors in shadow mode")
+    topic_control: str = Field("agentwatch.control", description="signed kill-switch commands")
+    topic_acks: str = Field("agentwatch.control.acks", description="agents' acknowledgements of commands")
+    topic_by_trace: str = Field("agentwatch.internal.by_trace", description="canonical events keyed by trace id")
+    topic_by_agent: str = Field("agentwatch.internal.by_agent", description="attributed events keyed by agent id")
+    partitions: int = Field(4, ge=1, description="partitions of the topics agentwatch creates")
+
+    batch_max_messages: int = Field(500, ge=1, description="Kafka messages taken per processing batch")
+    batch_within_s: float = Field(0.25, gt=0, description="longest wait to fill a batch")
+    tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
+
+    web_host: str = Field("127.0.0.1", description="bind address of /metrics and the read-only /query endpoint")
+    web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics and /query; 0 = pick a free port")
+    log_level: str = Field("warning", description="debug, info, warning or error")
+    log_format: str = Field("json", description="json (one object per line) or text")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return v
+
+    @field_validator("log_format")
+    @classmethod
+    def _fmt(cls, v: str) -> str:
+        if v not in {"json", "text"}:
+            raise ValueError("must be json or text")
+        return v
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _dsn(cls, v: str) -> str:
+        if v and urlparse(v).scheme not in {"chdb", "http", "https"}:
+            raise ValueError(f"unsupported scheme in {v!r} (use chdb:///path or http(s)://host:port)")
+        return v
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for part in filter(None, v.split(",")):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{part!r} is not host:port")
+        return v
+
+    # -- derived --------------------------------------------------------------------------
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home_dir / "broker"
+
+    @property
+    def dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{self.home_dir / 'clickhouse'}"
+
+    @property
+    def worker_file(self) -> Path:
+        return self.home_dir / "worker.json"
+
+    def with_overrides(self, **values: object) -> "Settings":
+        return load_settings(**{**self.model_dump(), **values})
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; a bad value names its environment variable and the problem."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else "(settings)"
+        raise ConfigError(key, err["msg"].removeprefix("Value error, ")) from None
+
+
+def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, current value, description) of every setting."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        rows.append((ENV_PREFIX + name.upper(), str(getattr(settings, name)), field.description or ""))
+    return rows

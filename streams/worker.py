@@ -1,0 +1,94 @@
+"""Running the worker process, and finding it from other commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import faust
+
+from detectors.policy import load_policy
+from schemas.errors import AgentwatchError
+from streams.app import Pipeline
+from streams.kafka import all_topics, ensure_topics, resolve_bootstrap
+from streams.logs import setup_logging
+from streams.settings import Settings
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    pid: int
+    url: str
+    dsn: str
+    bootstrap: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def running_worker(settings: Settings) -> WorkerInfo | None:
+    """The live worker of this AGENTWATCH_HOME, if its web endpoint answers."""
+    try:
+        rec = json.loads(settings.worker_file.read_text())
+        info = WorkerInfo(**rec)
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        os.kill(info.pid, 0)
+        with urllib.request.urlopen(info.url + "/healthz", timeout=2) as r:
+            r.read()
+    except (OSError, urllib.error.URLError):
+        return None
+    return info
+
+
+def run_worker(settings: Settings) -> None:
+    setup_logging(settings.log_level, settings.log_format)
+    policy = load_policy(settings.policy_file)
+    bootstrap = resolve_bootstrap(settings)
+    asyncio.run(ensure_topics(bootstrap, all_topics(settings), settings.partitions))
+    if settings.web_port == 0:
+        settings = settings.with_overrides(web_port=free_port())
+    existing = running_worker(settings)
+    if existing is not None and settings.dsn.startswith("chdb://") and existing.dsn == settings.dsn:
+        raise AgentwatchError(
+            f"another worker (pid {existing.pid}) already owns the embedded ClickHouse store "
+            f"{settings.dsn}; running more than one worker needs a ClickHouse server "
+            "(AGENTWATCH_CLICKHOUSE_DSN=http://host:8123)"
+        )
+    pipeline = Pipeline(settings, policy, bootstrap)
+    pipeline.open_store()  # a locked embedded store fails here, before consuming anything
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", settings.dsn, bootstrap)
+    settings.worker_file.write_text(json.dumps(record.__dict__))
+    # mode's Worker creates its loop lazily; faust needs one set before it starts
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    worker = faust.Worker(
+        pipeline.app,
+        loglevel=settings.log_level.upper(),
+        quiet=True,
+        override_logging=False,
+        redirect_stdouts=False,
+    )
+    try:
+        worker.execute_from_commandline()
+    finally:
+        _remove_if_ours(settings.worker_file)
+        pipeline.close()
+
+
+def _remove_if_ours(path: Path) -> None:
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
