@@ -24,6 +24,8 @@ class EventKind(StrEnum):
     AUDIT = "audit"
     APPROVAL = "approval"
     CONTROL_ACK = "control_ack"
+    # a kill-switch command as the detectors see it (peer_preservation a: acting after a halt)
+    CONTROL_COMMAND = "control_command"
     # a span that is none of the above (an HTTP client span, a DB span ...):
     # kept because it carries trace structure and agent identity for its children.
     SPAN = "span"
@@ -55,6 +57,7 @@ KIND_FIELDS: dict[EventKind, tuple[str, ...]] = {
         "expires_at",
     ),
     EventKind.CONTROL_ACK: ("command_id", "outcome"),
+    EventKind.CONTROL_COMMAND: ("command_id", "command_action", "command_scope", "target_agent_id", "expires_at"),
 }
 
 AGENT_LIFECYCLE = frozenset({"invoke", "spawn", "start", "stop", "restart", "scale", "recreate"})
@@ -155,8 +158,12 @@ class Event(BaseModel):
     covers_tool_call_id: str = ""
     covers_resource: str = ""
     expires_at: datetime | None = None
-    # control_ack
+    # control_ack, control_command
     command_id: str = ""
+    # control_command: halt | resume; scope = tool names, empty = every tool. The target is
+    # target_agent_id (agent target), tenant (tenant target) or neither (all agents).
+    command_action: str = ""
+    command_scope: list[str] = Field(default_factory=list)
 
     attributes: dict[str, str] = Field(default_factory=dict)
 

@@ -60,6 +60,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from schemas.alerts import Alert
+from schemas.control import KillSwitchCommand
 from schemas.errors import StoreError
 from schemas.events import Event
 from sinks.base import BatchingSink, T
@@ -71,6 +72,7 @@ DATABASE = "agentwatch"
 EVENTS_TABLE = f"{DATABASE}.events"
 ALERTS_TABLE = f"{DATABASE}.alerts"
 DLQ_TABLE = f"{DATABASE}.dlq"
+KILLSWITCH_TABLE = f"{DATABASE}.killswitches"
 
 # Columns are the models' fields, in the models' order: the schema mirrors the
 # contracts one to one (tests/test_clickhouse_sink.py checks it), so a field
@@ -78,6 +80,11 @@ DLQ_TABLE = f"{DATABASE}.dlq"
 EVENT_COLUMNS: tuple[str, ...] = tuple(Event.model_fields)
 ALERT_COLUMNS: tuple[str, ...] = tuple(Alert.model_fields)
 DLQ_COLUMNS: tuple[str, ...] = ("topic", "partition", "offset", "source", "reason", "raw", "received_at")
+# the command's fields, with its target flattened into two columns analysts can filter on
+KILLSWITCH_COLUMNS: tuple[str, ...] = (
+    "command_id", "action", "target_kind", "target_value", "scope", "reason", "alert_id",
+    "issued_by", "issued_at", "expires_at", "nonce", "key_id", "signature",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +286,18 @@ class ClickHouseStore:
         )
         self._insert(DLQ_TABLE, data, DLQ_COLUMNS, token, len(rows))
 
+    def insert_killswitches(self, commands: Sequence[KillSwitchCommand]) -> None:
+        if not commands:
+            return
+        rows = [
+            (c.command_id, c.action.value, c.target.kind.value, c.target.value, list(c.scope), c.reason,
+             c.alert_id, c.issued_by, c.issued_at, c.expires_at, c.nonce, c.key_id, c.signature)
+            for c in commands
+        ]
+        data = [list(col) for col in zip(*rows)]
+        token = _token(KILLSWITCH_TABLE, (c.command_id for c in commands))
+        self._insert(KILLSWITCH_TABLE, data, KILLSWITCH_COLUMNS, token, len(commands))
+
     def query(
         self,
         sql: str,
@@ -370,3 +389,10 @@ class DlqSink(_StoreSink[DlqRecord]):
 
     def write(self, batch: Sequence[DlqRecord]) -> None:
         self.store.insert_dlq(batch)
+
+
+class KillSwitchSink(_StoreSink[KillSwitchCommand]):
+    name = KILLSWITCH_TABLE
+
+    def write(self, batch: Sequence[KillSwitchCommand]) -> None:
+        self.store.insert_killswitches(batch)

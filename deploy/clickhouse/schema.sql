@@ -147,3 +147,54 @@ SELECT
     severity, agent_id, tenant, trace_ids, first_seen, last_seen, count,
     summary, evidence, action, labels
 FROM agentwatch.alerts FINAL
+;
+
+-- control_command events (schemas.events: kill-switch commands as detectors see
+-- them). ADD COLUMN ... AFTER keeps the columns in the model's order, both on a
+-- fresh store and on one created before these fields existed.
+ALTER TABLE agentwatch.events ADD COLUMN IF NOT EXISTS command_action LowCardinality(String) AFTER command_id;
+ALTER TABLE agentwatch.events ADD COLUMN IF NOT EXISTS command_scope Array(String) AFTER command_action;
+
+-- Every kill-switch command seen (schemas.control.KillSwitchCommand), whoever
+-- issued it: the worker's enforce-mode halts and people's `agentwatch
+-- killswitch issue|lift`. The same command may be recorded more than once
+-- (by the issuing CLI and by the worker reading the control topic, or on a
+-- replay): ReplacingMergeTree by command_id collapses the copies. The
+-- signature is kept so an analyst can re-verify what agents were sent.
+CREATE TABLE IF NOT EXISTS agentwatch.killswitches
+(
+    command_id   String,
+    action       LowCardinality(String),
+    target_kind  LowCardinality(String),
+    target_value String,
+    scope        Array(String),
+    reason       String,
+    alert_id     String,
+    issued_by    String,
+    issued_at    DateTime64(6, 'UTC'),
+    expires_at   DateTime64(6, 'UTC'),
+    nonce        String,
+    key_id       String,
+    signature    String,
+    inserted_at  DateTime64(6, 'UTC') DEFAULT now64(6)
+)
+ENGINE = ReplacingMergeTree(inserted_at)
+ORDER BY command_id
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- Kill switches in force now: per target, the latest command (by issue time)
+-- if it is a halt that has not expired. A resume for a target lifts whatever
+-- halt came before it for that same target (agent, tenant or all), whatever
+-- its scope. now64() is evaluated at query time, so expiry needs no job.
+CREATE VIEW IF NOT EXISTS agentwatch.killswitches_active AS
+SELECT
+    command_id, target_kind, target_value, scope, reason, alert_id,
+    issued_by, issued_at, expires_at
+FROM
+(
+    SELECT *
+    FROM agentwatch.killswitches FINAL
+    ORDER BY issued_at DESC, command_id DESC
+    LIMIT 1 BY target_kind, target_value
+)
+WHERE action = 'halt' AND expires_at > now64(6)
