@@ -35,8 +35,54 @@ class RetryLoopConfig(DetectorConfig):
     consecutive_failures: int = Field(8, ge=2, description="failures of one tool in a row, whatever the arguments")
 
 
+# -- join-derived detectors (issue 4; see detectors/join.py) ------------------------------
+
+# actions that read rather than change state: an unexplained read is not a side effect
+_READ_ONLY_ACTIONS = ["get", "list", "watch", "Get*", "List*", "Describe*", "Head*", "Lookup*", "SELECT",
+                      "*:Get*", "*:List*", "*:Describe*", "*:get", "*:list", "*:watch", "*:read"]
+
+
+class UnattributedSideEffectConfig(DetectorConfig):
+    read_only_actions: list[str] = Field(
+        default_factory=lambda: list(_READ_ONLY_ACTIONS),
+        description="audit action globs that are not side effects (case-sensitive, fnmatch syntax)",
+    )
+
+
+class UnconfirmedActionConfig(DetectorConfig):
+    severity: Severity = Severity.MEDIUM
+    tools: list[str] = Field(
+        default_factory=list, description="tool name globs whose successful calls must leave an audit record"
+    )
+
+
 class DetectorsConfig(_Strict):
     retry_loop: RetryLoopConfig = Field(default_factory=RetryLoopConfig)
+    unattributed_side_effect: UnattributedSideEffectConfig = Field(default_factory=UnattributedSideEffectConfig)
+    unconfirmed_action: UnconfirmedActionConfig = Field(default_factory=UnconfirmedActionConfig)
+
+
+class IdentityMapEntry(_Strict):
+    """An audit principal glob (fnmatch) and the agent it is: first match wins."""
+
+    principal: str = Field(min_length=1)
+    agent_id: str = Field(min_length=1)
+
+
+class JoinConfig(_Strict):
+    """The span/audit join (detectors/join.py)."""
+
+    window_s: float = Field(
+        300.0, gt=0, description="max event-time distance between an audit event and the span that caused it "
+        "(0 while the audit falls inside the span); also how long each side waits for the other"
+    )
+    allowed_lateness_s: float | None = Field(
+        None, ge=0, description="lateness for the join's watermark (default: the policy's allowed_lateness_s); "
+        "raise it to cover an audit source's delivery delay"
+    )
+    agent_principals: list[str] = Field(
+        default_factory=list, description="principal globs that are agents, besides those in identity_map"
+    )
 
 
 class Policy(_Strict):
@@ -45,6 +91,10 @@ class Policy(_Strict):
         30.0, ge=0, description="how long a late or out-of-order event still counts in its window"
     )
     detectors: DetectorsConfig = Field(default_factory=DetectorsConfig)
+    join: JoinConfig = Field(default_factory=JoinConfig)
+    identity_map: list[IdentityMapEntry] = Field(
+        default_factory=list, description="audit principal glob -> agent_id, first match wins"
+    )
 
     @property
     def content_hash(self) -> str:
