@@ -1,0 +1,375 @@
+"""The worker's side of the kill switch, without faust: alerts in, signed commands and escalations out.
+
+``ControlPlane`` is driven by the worker (see the wiring notes in the methods):
+
+* ``on_alerts``: an enforce-mode alert whose action is ``halt`` becomes one
+  signed halt for its agent. The command id derives from the alert id, so the
+  engine re-emitting a growing alert, or a replay, never issues a second halt.
+* ``on_command``: every command read back from the control topic (the worker's
+  own and people's, from ``agentwatch killswitch``) is tracked for
+  acknowledgement and turned into a canonical ``control_command`` event so the
+  detectors know who is halted (peer_preservation a).
+* ``on_ack``: acknowledgements from the acks topic.
+* ``tick``: a command with no ``obeyed`` ack by its deadline (or refused by its
+  target) raises one critical ``killswitch_unacknowledged`` alert with a
+  deterministic id.
+
+Who must acknowledge: an agent target, that agent; a tenant or ``all``
+target, at least one agent (the plane cannot know the fleet's membership, so
+a fleet-wide halt that nobody obeys escalates, one that some obey does not).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.alerts import Alert, Evidence, Mode, Severity, alert_id_for
+from schemas.control import (
+    DEFAULT_CLOCK_SKEW_S,
+    DEFAULT_MAX_AGE_S,
+    AckStatus,
+    CommandAction,
+    ControlAck,
+    KillSwitchCommand,
+    Target,
+    TargetKind,
+    command_event,
+    command_id_for_alert,
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_keys,
+    public_key_text,
+    sign,
+)
+from schemas.errors import ConfigError
+from schemas.events import Event, utc
+
+log = logging.getLogger("agentwatch.control")
+
+UNACKED_DETECTOR = "killswitch_unacknowledged"
+UNACKED_VERSION = "1"
+
+
+class ControlSettings(BaseSettings):
+    """Kill-switch settings (``AGENTWATCH_`` prefix, like every other setting).
+
+    Kept here so the control plane can be used on its own; ``streams.settings.Settings``
+    may inherit from this class so ``agentwatch settings`` lists them too. Key values are
+    ``SecretStr``: printing the settings never shows a private key.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AGENTWATCH_", env_file=".env", extra="ignore")
+
+    control_private_key: SecretStr = Field(
+        SecretStr(""),
+        description="Ed25519 key that signs kill-switch commands: PEM, base64 of the raw 32 bytes, or a "
+        "file path; empty = a development key generated once under <home>/keys",
+    )
+    control_public_keys: str = Field(
+        "",
+        description="comma-separated Ed25519 public keys agents trust (PEM, base64 or file paths); "
+        "empty = the public half of the signing key",
+    )
+    killswitch_ack_deadline_s: float = Field(
+        10.0, gt=0, description="a command not acknowledged this long after issue raises a critical alert"
+    )
+    killswitch_ttl_s: float = Field(
+        3600.0, gt=0, description="how long an automatic (enforce-mode) halt stays in force unless lifted"
+    )
+    killswitch_issuer: str = Field("agentwatch", description="issued_by of automatic halts")
+    killswitch_max_age_s: float = Field(
+        DEFAULT_MAX_AGE_S, gt=0, description="agents refuse commands issued longer ago than this (replays)"
+    )
+    killswitch_clock_skew_s: float = Field(
+        DEFAULT_CLOCK_SKEW_S, ge=0, description="clock difference tolerated between issuer and agents"
+    )
+
+
+def control_settings(settings: object | None = None) -> ControlSettings:
+    """``settings`` itself when it already carries the control fields, else read them from the environment."""
+    if isinstance(settings, ControlSettings):
+        return settings
+    return ControlSettings()
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+DEV_KEY_FILE = "keys/control_ed25519.key"
+
+
+def signing_key(control: ControlSettings, home: Path) -> Ed25519PrivateKey:
+    """The key that signs commands; a development key under ``home`` when none is configured.
+
+    The development key lets the demo and a laptop run work out of the box; it is
+    created 0600 and its path (never its content) is logged once.
+    """
+    configured = control.control_private_key.get_secret_value()
+    if configured.strip():
+        return load_private_key(configured)
+    path = home / DEV_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private, _ = generate_keypair()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(private + "\n")
+        log.warning("no AGENTWATCH_CONTROL_PRIVATE_KEY: generated a development signing key",
+                    extra={"path": str(path)})
+    return load_private_key(str(path), what=f"development key {path}")
+
+
+def trusted_keys(control: ControlSettings, home: Path) -> dict[str, Ed25519PublicKey]:
+    """The public keys agents (and the CLI) verify commands with."""
+    if control.control_public_keys.strip():
+        return load_public_keys(control.control_public_keys)
+    own = signing_key(control, home).public_key()
+    return {key_id(own): own}
+
+
+def trusted_keys_text(control: ControlSettings, home: Path) -> str:
+    """The value to give agents as ``public_keys`` (safe to print: public halves only)."""
+    if control.control_public_keys.strip():
+        return control.control_public_keys
+    return public_key_text(signing_key(control, home))
+
+
+# --- the plane ------------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_dt(now: datetime | float | None) -> datetime:
+    if now is None:
+        return _now()
+    if isinstance(now, (int, float)):
+        return datetime.fromtimestamp(now, tz=timezone.utc)
+    return utc(now)
+
+
+@dataclass
+class _Tracked:
+    command: KillSwitchCommand
+    deadline: datetime
+    obeyed_by: set[str] = field(default_factory=set)
+    refused_by: dict[str, str] = field(default_factory=dict)  # agent -> reason
+    escalated: bool = False
+
+    def satisfied(self) -> bool:
+        t = self.command.target
+        if t.kind is TargetKind.AGENT:
+            return t.value in self.obeyed_by
+        return bool(self.obeyed_by)
+
+    def refused_by_target(self) -> bool:
+        t = self.command.target
+        return t.kind is TargetKind.AGENT and t.value in self.refused_by
+
+
+class ControlPlane:
+    """Alerts -> signed halts; commands + acks -> escalation alerts. Not thread-safe; one per worker."""
+
+    def __init__(
+        self,
+        private_key: Ed25519PrivateKey,
+        *,
+        ack_deadline_s: float = 10.0,
+        ttl_s: float = 3600.0,
+        issuer: str = "agentwatch",
+        max_tracked: int = 10_000,
+    ) -> None:
+        if ack_deadline_s <= 0 or ttl_s <= 0:
+            raise ConfigError("killswitch", "ack deadline and ttl must be > 0")
+        self._key = private_key
+        self.ack_deadline = timedelta(seconds=ack_deadline_s)
+        self.ttl = timedelta(seconds=ttl_s)
+        self.issuer = issuer
+        self._max_tracked = max_tracked
+        self._tracked: dict[str, _Tracked] = {}
+        # acks that arrive before their command is read back from the control topic
+        self._early_acks: dict[str, list[ControlAck]] = {}
+        self._issued_for_alerts: set[str] = set()
+        # commands already settled and forgotten (insertion-ordered, bounded): reading one
+        # back from the control topic again must not track it afresh and escalate it
+        self._settled: dict[str, None] = {}
+        self.commands_issued = 0
+        self.escalations = 0
+
+    @classmethod
+    def from_settings(cls, control: ControlSettings, home: Path) -> ControlPlane:
+        return cls(
+            signing_key(control, home),
+            ack_deadline_s=control.killswitch_ack_deadline_s,
+            ttl_s=control.killswitch_ttl_s,
+            issuer=control.killswitch_issuer,
+        )
+
+    # -- alerts -> commands --------------------------------------------------------------------
+
+    def on_alerts(self, alerts: Iterable[Alert], now: datetime | float | None = None) -> list[KillSwitchCommand]:
+        """Signed halts for enforce-mode alerts not acted on yet. Publish them on the control topic.
+
+        Only ``mode == enforce`` with ``action == "halt"`` halts: a shadow or
+        alert-mode detector never stops an agent, whatever its action says.
+        The returned commands are tracked right away (the ack deadline starts
+        at issue, not when they are read back).
+        """
+        issued_at = _as_dt(now)
+        out: list[KillSwitchCommand] = []
+        for a in alerts:
+            if a.mode is not Mode.ENFORCE or a.action != "halt" or not a.agent_id:
+                continue
+            command_id = command_id_for_alert(a.alert_id)
+            if command_id in self._issued_for_alerts or command_id in self._tracked:
+                continue
+            self._issued_for_alerts.add(command_id)
+            cmd = sign(
+                KillSwitchCommand(
+                    command_id=command_id,
+                    action=CommandAction.HALT,
+                    target=Target(kind=TargetKind.AGENT, value=a.agent_id),
+                    scope=[],
+                    reason=f"{a.detector} (enforce): {a.summary}"[:1000],
+                    alert_id=a.alert_id,
+                    issued_by=self.issuer,
+                    issued_at=issued_at,
+                    expires_at=issued_at + self.ttl,
+                ),
+                self._key,
+            )
+            self._track(cmd)
+            self.commands_issued += 1
+            out.append(cmd)
+        return out
+
+    def sign(self, cmd: KillSwitchCommand) -> KillSwitchCommand:
+        return sign(cmd, self._key)
+
+    # -- what was read back --------------------------------------------------------------------
+
+    def on_command(self, cmd: KillSwitchCommand, now: datetime | float | None = None) -> list[Event]:
+        """A command read from the control topic: track it and return its canonical event(s).
+
+        The caller should have verified it (``schemas.control.verify``); an
+        unverifiable command on the control topic is an attack, not a command
+        to track. The returned ``control_command`` event goes to the detectors
+        (keyed by ``target_agent_id``) and ClickHouse.
+        """
+        at = _as_dt(now)
+        if cmd.command_id not in self._tracked and cmd.command_id not in self._settled and cmd.expires_at > at:
+            # the deadline runs from when we first saw it: after a worker restart the acks
+            # topic is re-read too, and its acks get a full deadline to arrive
+            self._track(cmd, since=at)
+        return [command_event(cmd)]
+
+    def on_ack(self, ack: ControlAck) -> None:
+        tracked = self._tracked.get(ack.command_id)
+        if tracked is None:
+            # the ack overtook its command (different topics): keep it for a while
+            early = self._early_acks.setdefault(ack.command_id, [])
+            if len(early) < 100:
+                early.append(ack)
+            if len(self._early_acks) > self._max_tracked:
+                self._early_acks.pop(next(iter(self._early_acks)))
+            return
+        self._apply_ack(tracked, ack)
+
+    # -- escalation ----------------------------------------------------------------------------
+
+    def tick(self, now: datetime | float | None = None) -> list[Alert]:
+        """Critical alerts for commands past their deadline without an ``obeyed`` ack from their target.
+
+        A refusal by the target escalates at once (the agent does not trust our
+        key, or something rewrote the command). Each command escalates once.
+        """
+        at = _as_dt(now)
+        out: list[Alert] = []
+        for tracked in self._tracked.values():
+            if tracked.escalated or tracked.satisfied():
+                continue
+            if tracked.refused_by_target() or at >= tracked.deadline:
+                tracked.escalated = True
+                self.escalations += 1
+                out.append(self._escalation(tracked, at))
+        self._forget(at)
+        return out
+
+    @property
+    def pending(self) -> list[KillSwitchCommand]:
+        """Commands still waiting for an acknowledgement."""
+        return [t.command for t in self._tracked.values() if not t.satisfied() and not t.escalated]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _track(self, cmd: KillSwitchCommand, since: datetime | None = None) -> None:
+        start = max(cmd.issued_at, since) if since is not None else cmd.issued_at
+        tracked = _Tracked(cmd, deadline=start + self.ack_deadline)
+        self._tracked[cmd.command_id] = tracked
+        for ack in self._early_acks.pop(cmd.command_id, []):
+            self._apply_ack(tracked, ack)
+
+    @staticmethod
+    def _apply_ack(tracked: _Tracked, ack: ControlAck) -> None:
+        if not tracked.command.target.matches(ack.agent_id, ack.tenant):
+            return  # an ack from an agent the command was not for proves nothing
+        if ack.status is AckStatus.OBEYED:
+            tracked.obeyed_by.add(ack.agent_id)
+        else:
+            tracked.refused_by[ack.agent_id] = ack.reason
+
+    def _escalation(self, tracked: _Tracked, at: datetime) -> Alert:
+        cmd = tracked.command
+        agent = cmd.target.value if cmd.target.kind is TargetKind.AGENT else cmd.target.key
+        waited = (at - cmd.issued_at).total_seconds()
+        if tracked.refused_by_target():
+            why = f"refused by its target ({tracked.refused_by[cmd.target.value][:200]})"
+        elif tracked.refused_by:
+            why = f"not obeyed after {waited:.1f} s; refused by {', '.join(sorted(tracked.refused_by))[:200]}"
+        else:
+            why = f"not acknowledged after {waited:.1f} s (deadline {self.ack_deadline.total_seconds():.0f} s)"
+        event = command_event(cmd)
+        return Alert(
+            alert_id=alert_id_for(UNACKED_DETECTOR, agent, cmd.command_id,
+                                  tenant=cmd.target.value if cmd.target.kind is TargetKind.TENANT else "default"),
+            detector=UNACKED_DETECTOR,
+            detector_version=UNACKED_VERSION,
+            policy_version="",
+            mode=Mode.ALERT,
+            severity=Severity.CRITICAL,
+            agent_id=agent,
+            tenant=event.tenant,
+            first_seen=cmd.issued_at,
+            last_seen=at,
+            summary=f"kill switch {cmd.action.value} {cmd.command_id} for {cmd.target.key} {why}: "
+            f"the agent may still be running",
+            evidence=[Evidence(event_id=event.event_id, ts=cmd.issued_at)],
+            action="notify",
+            labels={"command_id": cmd.command_id, "target": cmd.target.key, "caused_by_alert": cmd.alert_id},
+        )
+
+    def _forget(self, at: datetime) -> None:
+        """Drop commands that are settled and past their deadline, or expired: memory stays bounded."""
+        done = [
+            cid for cid, t in self._tracked.items()
+            if (t.escalated or t.satisfied()) and at >= t.deadline or t.command.expires_at <= at
+        ]
+        for cid in done:
+            del self._tracked[cid]
+            self._settled[cid] = None
+        while len(self._settled) > self._max_tracked:
+            self._settled.pop(next(iter(self._settled)))
+        while len(self._tracked) > self._max_tracked:
+            self._tracked.pop(next(iter(self._tracked)))
+        if len(self._issued_for_alerts) > 10 * self._max_tracked:
+            self._issued_for_alerts.clear()  # a very old alert re-issuing is refused as a replay by agents

@@ -1,0 +1,183 @@
+"""Signed commands and the worker's control plane, without a broker: pure logic in event order."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from schemas.alerts import Alert, Mode, Severity
+from schemas.control import (
+    AckStatus,
+    ControlAck,
+    KillSwitchCommand,
+    Target,
+    command_id_for_alert,
+    generate_keypair,
+    load_private_key,
+    load_public_keys,
+    refusal_reason,
+    sign,
+    verify,
+)
+from schemas.errors import ConfigError, SignatureError
+from schemas.events import EventKind
+from streams.control_plane import UNACKED_DETECTOR, ControlPlane, ControlSettings, signing_key, trusted_keys
+
+T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[str, str]:
+    return generate_keypair()
+
+
+def _alert(mode: Mode = Mode.ENFORCE, action: str = "halt", alert_id: str = "a1", agent: str = "ops-bot-7") -> Alert:
+    return Alert(alert_id=alert_id, detector="retry_loop", detector_version="1", policy_version="p1",
+                 mode=mode, severity=Severity.HIGH, agent_id=agent, first_seen=T0, last_seen=T0,
+                 summary="kubectl_apply retried 5 times", action=action)
+
+
+def _cmd(**kw: object) -> KillSwitchCommand:
+    base: dict[str, object] = dict(command_id="c1", action="halt", target=Target.parse("agent:a"),
+                                   issued_by="alice", issued_at=T0, expires_at=T0 + timedelta(hours=1))
+    return KillSwitchCommand(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# --- signing -------------------------------------------------------------------------------------
+
+
+def test_signature_survives_the_wire_and_refuses_every_bad_command(keys: tuple[str, str]) -> None:
+    priv, pub = keys
+    trusted = load_public_keys(pub)
+    good = sign(_cmd(scope=["b", "a"]), load_private_key(priv))
+    back = KillSwitchCommand.from_json(good.to_json())
+    verify(back, trusted, now=T0 + timedelta(seconds=1))
+
+    other = sign(_cmd(), load_private_key(generate_keypair()[0]))
+    cases = {
+        "unsigned": (_cmd(), {}),
+        "unknown_key": (other, {}),
+        "forged": (back.model_copy(update={"target": Target.parse("agent:b")}), {}),
+        "expired": (back, {"now": T0 + timedelta(hours=2)}),
+        "replayed": (back, {"seen_ids": {"c1"}}),
+        "not_yet_valid": (back, {"now": T0 - timedelta(minutes=5)}),
+    }
+    for reason, (cmd, kw) in cases.items():
+        args: dict[str, object] = {"now": T0 + timedelta(seconds=1), **kw}
+        with pytest.raises(SignatureError) as exc:
+            verify(cmd, trusted, **args)  # type: ignore[arg-type]
+        assert refusal_reason(exc.value) == reason
+    # too old to be current even though not expired: a replay of an old halt
+    long_lived = sign(_cmd(expires_at=T0 + timedelta(days=30)), load_private_key(priv))
+    with pytest.raises(SignatureError, match="^replayed"):
+        verify(long_lived, trusted, now=T0 + timedelta(days=2))
+
+
+def test_keys_load_from_pem_base64_and_files_and_errors_never_show_the_key(tmp_path: Path,
+                                                                           keys: tuple[str, str]) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    priv, pub = keys
+    key = load_private_key(priv)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    f = tmp_path / "k.pem"
+    f.write_text(pem)
+    assert load_private_key(pem).public_key() == key.public_key()
+    assert load_private_key(str(f)).public_key() == key.public_key()
+    pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    assert load_public_keys(f"{pub_pem},{pub}").keys() == load_public_keys(pub).keys()
+    for bad in (priv[:20], "s3cret-but-not-a-key"):  # wrong length; neither key nor file
+        with pytest.raises(ConfigError) as exc:
+            load_private_key(bad)
+        assert bad not in str(exc.value)
+    # a settings object never prints the private key
+    assert priv not in repr(ControlSettings(control_private_key=SecretStr(priv)))
+
+
+def test_development_key_is_created_once_private_and_trusted(tmp_path: Path) -> None:
+    control = ControlSettings(control_private_key=SecretStr(""), control_public_keys="")
+    k1 = signing_key(control, tmp_path)
+    k2 = signing_key(control, tmp_path)
+    assert k1.public_key() == k2.public_key()
+    assert (tmp_path / "keys/control_ed25519.key").stat().st_mode & 0o077 == 0
+    cmd = sign(_cmd(), k1)
+    verify(cmd, trusted_keys(control, tmp_path), now=T0)
+
+
+# --- the control plane ---------------------------------------------------------------------------
+
+
+def test_enforce_alert_issues_exactly_one_signed_halt(keys: tuple[str, str]) -> None:
+    priv, pub = keys
+    plane = ControlPlane(load_private_key(priv), ack_deadline_s=10)
+    alert = _alert()
+    cmds = plane.on_alerts([alert, _alert(Mode.ALERT, "notify", "a2"), _alert(Mode.SHADOW, "record", "a3")], T0)
+    assert len(cmds) == 1
+    cmd = cmds[0]
+    assert cmd.command_id == command_id_for_alert("a1") and cmd.alert_id == "a1"
+    assert cmd.target.key == "agent:ops-bot-7" and cmd.action == "halt" and cmd.scope == []
+    verify(cmd, load_public_keys(pub), now=T0)
+    # the engine re-emits a growing alert, a replay re-emits it: no second halt
+    assert plane.on_alerts([alert.model_copy(update={"count": 3})], T0 + timedelta(seconds=5)) == []
+    # reading our own command back does not track it twice, and yields the detectors' event
+    events = plane.on_command(cmd, T0)
+    assert [e.kind for e in events] == [EventKind.CONTROL_COMMAND]
+    assert events[0].target_agent_id == "ops-bot-7" and events[0].command_action == "halt"
+    assert len(plane.pending) == 1
+
+
+def test_unacknowledged_halt_escalates_once_after_the_deadline(keys: tuple[str, str]) -> None:
+    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    (cmd,) = plane.on_alerts([_alert()], T0)
+    assert plane.tick(T0 + timedelta(seconds=9)) == []
+    # an ack from someone else is not the target's
+    plane.on_ack(ControlAck(command_id=cmd.command_id, agent_id="other", status=AckStatus.OBEYED, ts=T0))
+    (esc,) = plane.tick(T0 + timedelta(seconds=10))
+    assert esc.detector == UNACKED_DETECTOR and esc.severity is Severity.CRITICAL
+    assert esc.mode is Mode.ALERT and esc.agent_id == "ops-bot-7"
+    assert esc.labels["command_id"] == cmd.command_id and "not acknowledged" in esc.summary
+    assert plane.tick(T0 + timedelta(seconds=30)) == []
+    # deterministic id: a second plane seeing the same command escalates with the same id
+    plane2 = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane2.on_command(cmd, T0)
+    assert [a.alert_id for a in plane2.tick(T0 + timedelta(seconds=11))] == [esc.alert_id]
+
+
+def test_ack_in_time_means_no_escalation_even_when_it_overtakes_the_command(keys: tuple[str, str]) -> None:
+    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    (cmd,) = plane.on_alerts([_alert()], T0)
+    plane.on_ack(ControlAck(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.OBEYED,
+                            ts=T0 + timedelta(seconds=1)))
+    assert plane.tick(T0 + timedelta(seconds=60)) == []
+    # a person's command read from the topic, whose ack arrived first
+    human = sign(_cmd(command_id="h1", target=Target.parse("agent:b")), load_private_key(keys[0]))
+    plane.on_ack(ControlAck(command_id="h1", agent_id="b", status=AckStatus.OBEYED, ts=T0))
+    plane.on_command(human, T0)
+    assert plane.tick(T0 + timedelta(seconds=60)) == []
+    assert plane.pending == []
+
+
+def test_refusal_by_the_target_escalates_at_once(keys: tuple[str, str]) -> None:
+    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    (cmd,) = plane.on_alerts([_alert()], T0)
+    plane.on_ack(ControlAck(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.REFUSED,
+                            reason="unknown_key: ...", ts=T0))
+    (esc,) = plane.tick(T0 + timedelta(seconds=1))
+    assert "refused by its target" in esc.summary
+
+
+def test_tenant_halt_needs_one_obeying_agent(keys: tuple[str, str]) -> None:
+    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    cmd = sign(_cmd(command_id="t1", target=Target.parse("tenant:acme")), load_private_key(keys[0]))
+    plane.on_command(cmd, T0)
+    plane.on_ack(ControlAck(command_id="t1", agent_id="x", tenant="other", status=AckStatus.OBEYED, ts=T0))
+    assert [a.agent_id for a in plane.tick(T0 + timedelta(seconds=11))] == ["tenant:acme"]
+    cmd2 = sign(_cmd(command_id="t2", target=Target.parse("tenant:acme")), load_private_key(keys[0]))
+    plane.on_command(cmd2, T0)
+    plane.on_ack(ControlAck(command_id="t2", agent_id="x", tenant="acme", status=AckStatus.OBEYED, ts=T0))
+    assert plane.tick(T0 + timedelta(seconds=11)) == []
