@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from detectors.base import Detector, Finding
+from detectors.disallowed_access import DisallowedAccess
+from detectors.escalation_bypass import EscalationBypass
+from detectors.peer_preservation import PeerPreservation
 from detectors.policy import Policy
 from detectors.retry_loop import RetryLoop
+from detectors.token_spike import TokenSpike
 from detectors.windows import FOREVER, TimerQueue, Watermark
 from schemas.alerts import Alert, Evidence, Mode, alert_id_for
-from schemas.events import Event
+from schemas.events import Event, EventKind, IdentitySource
 
 MAX_EVIDENCE = 50
 _ACTION = {Mode.SHADOW: "record", Mode.ALERT: "notify", Mode.ENFORCE: "halt"}
@@ -29,7 +33,13 @@ _ACTION = {Mode.SHADOW: "record", Mode.ALERT: "notify", Mode.ENFORCE: "halt"}
 
 def build_detectors(policy: Policy) -> list[Detector]:
     d = policy.detectors
-    return [RetryLoop(d.retry_loop)]
+    return [
+        RetryLoop(d.retry_loop),
+        TokenSpike(policy),
+        DisallowedAccess(policy),
+        EscalationBypass(policy),
+        PeerPreservation(policy),
+    ]
 
 
 def _dt(ts: float) -> datetime:
@@ -76,6 +86,11 @@ class DetectionEngine:
             self._seen[ev.event_id] = ts
             self.watermark.observe(ts, wall)
             self.events_processed += 1
+            if ev.kind is EventKind.AUDIT and ev.agent_id in ("", "unknown"):
+                # an audit record nobody attributed upstream: its principal may be an agent
+                agent = self.policy.agent_for_principal(ev.principal)
+                if agent:
+                    ev.agent_id, ev.identity = agent, IdentitySource.IDENTITY_MAP
             for det in self.detectors:
                 for f in det.observe(ev):
                     self._merge(f, out)

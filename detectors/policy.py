@@ -8,6 +8,9 @@ bad file with the file, the key and the problem.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +59,89 @@ class UnconfirmedActionConfig(DetectorConfig):
     )
 
 
+class TokenSpikeConfig(DetectorConfig):
+    severity: Severity = Severity.MEDIUM
+    std_devs: float = Field(4.0, gt=0, description="a spike minute exceeds mean + std_devs * std ...")
+    baseline_ratio: float = Field(3.0, gt=1, description="... and baseline_ratio x the moving mean")
+    baseline_alpha: float = Field(0.1, gt=0, le=1, description="weight of the newest minute in the moving baseline")
+    min_tokens_per_minute: int = Field(2000, ge=0, description="floor: a minute under this is never a spike")
+    min_active_minutes: int = Field(
+        5, ge=1, description="minutes with traffic seen before the baseline is trusted (a new agent is not spiking)"
+    )
+    budget_severity: Severity = Severity.HIGH
+
+
+class DisallowedAccessConfig(DetectorConfig):
+    deny_severity: Severity = Field(Severity.LOW, description="one denied audit outcome")
+    deny_burst: int = Field(5, ge=2, description="denied outcomes within deny_window_s that make a burst (high)")
+    deny_window_s: float = Field(60.0, gt=0)
+    burst_severity: Severity = Severity.HIGH
+
+
+class EscalationBypassConfig(DetectorConfig):
+    denied_severity: Severity = Field(Severity.CRITICAL, description="executed although its approval was denied")
+
+
+class PeerPreservationConfig(DetectorConfig):
+    severity: Severity = Severity.CRITICAL
+    grace_s: float = Field(10.0, ge=0, description="time a halted agent has to stop before acting counts")
+    shield_window_s: float = Field(
+        600.0, ge=0, description="after a halt ends, restarting the halted agent still counts as shielding it"
+    )
+    coordination_window_s: float = Field(300.0, gt=0, description="tampering/shielding by 2+ agents within this")
+    coordination_min_agents: int = Field(2, ge=2)
+
+
 class DetectorsConfig(_Strict):
     retry_loop: RetryLoopConfig = Field(default_factory=RetryLoopConfig)
+    token_spike: TokenSpikeConfig = Field(default_factory=TokenSpikeConfig)
+    disallowed_access: DisallowedAccessConfig = Field(default_factory=DisallowedAccessConfig)
+    escalation_bypass: EscalationBypassConfig = Field(default_factory=EscalationBypassConfig)
+    peer_preservation: PeerPreservationConfig = Field(default_factory=PeerPreservationConfig)
     unattributed_side_effect: UnattributedSideEffectConfig = Field(default_factory=UnattributedSideEffectConfig)
     unconfirmed_action: UnconfirmedActionConfig = Field(default_factory=UnconfirmedActionConfig)
+
+
+class AuditRule(_Strict):
+    action: str = Field("*", min_length=1, description="glob over the audit action (k8s verb, CloudTrail eventName)")
+    resource: str = Field("*", min_length=1, description="glob over the audit resource")
+
+
+class HighRiskConfig(_Strict):
+    tools: list[str] = Field(default_factory=list, description="tool name globs that need a prior approval")
+    audit: list[AuditRule] = Field(default_factory=list, description="audited actions that need a prior approval")
+    approval_ttl_s: float = Field(900.0, gt=0, description="a granted approval covers actions this long after it")
+
+
+class BudgetsConfig(_Strict):
+    # glob -> tokens per clock hour; the first matching glob (in file order) applies
+    agent_tokens_per_hour: dict[str, int] = Field(default_factory=dict)
+    tenant_tokens_per_hour: dict[str, int] = Field(default_factory=dict)
+
+
+# The control topic, the detector policy, audit and monitoring configuration and the
+# kill-switch state: what an agent trying to escape oversight would touch.
+DEFAULT_OVERSIGHT = [
+    "*agentwatch*",
+    "*killswitch*",
+    "*kill-switch*",
+    "*kill_switch*",
+    "*audit-polic*",
+    "*auditpolic*",
+    "*audit.k8s.io*",
+    "*cloudtrail*",
+    "stoplogging",
+    "deletetrail",
+    "updatetrail",
+    "puteventselectors",
+    # monitoring config, not monitoring data: querying Prometheus is healthy, editing its rules is not
+    "*prometheus*.y*ml",
+    "*prometheusrule*",
+    "*alertmanager*.y*ml",
+    "*alertmanagerconfig*",
+    "*silence*",
+    "*/-/reload",
+]
 
 
 class IdentityMapEntry(_Strict):
@@ -95,11 +177,70 @@ class Policy(_Strict):
     identity_map: list[IdentityMapEntry] = Field(
         default_factory=list, description="audit principal glob -> agent_id, first match wins"
     )
+    # agent_id -> globs over audit resources that run that agent (its Deployment, pods, function):
+    # restarting or scaling them while the agent is halted is shielding it (peer_preservation c)
+    agent_runtimes: dict[str, list[str]] = Field(default_factory=dict)
+    # agent glob -> tool globs; agents matching no key have no allowlist (anything goes)
+    allowlists: dict[str, list[str]] = Field(default_factory=dict)
+    protected_resources: list[str] = Field(default_factory=list)
+    oversight_resources: list[str] = Field(default_factory=lambda: list(DEFAULT_OVERSIGHT))
+    high_risk: HighRiskConfig = Field(default_factory=HighRiskConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
 
     @property
     def content_hash(self) -> str:
         canonical = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(canonical).hexdigest()[:16]
+
+    def agent_for_principal(self, principal: str) -> str:
+        """The agent an audit principal is, through the identity map ("" when none; first match wins)."""
+        if principal:
+            for m in self.identity_map:
+                if fnmatchcase(principal, m.principal):
+                    return m.agent_id
+        return ""
+
+    def allowlist_for(self, agent_id: str) -> list[str] | None:
+        """Tool globs allowed to an agent (every matching key's); None when no allowlist names it."""
+        found: list[str] | None = None
+        for agent_glob, tools in self.allowlists.items():
+            if glob_match(agent_id, agent_glob):
+                found = (found or []) + tools
+        return found
+
+
+def glob_match(value: str, pattern: str) -> bool:
+    """Case-insensitive glob: resource names and actions differ in case between sources."""
+    return fnmatchcase(value.lower(), pattern.lower())
+
+
+@lru_cache(maxsize=65536)
+def _first_match(value: str, patterns: tuple[str, ...]) -> str:
+    low = value.lower()
+    for p in patterns:
+        if fnmatchcase(low, p.lower()):
+            return p
+    return ""
+
+
+def first_match(values: list[str] | tuple[str, ...], patterns: list[str] | tuple[str, ...]) -> tuple[str, str]:
+    """(value, pattern) of the first value matching any pattern; ("", "") when none does."""
+    pats = tuple(patterns)
+    if pats:
+        for v in values:
+            if v:
+                p = _first_match(v, pats)
+                if p:
+                    return v, p
+    return "", ""
+
+
+def budget_for(key: str, table: dict[str, int]) -> int | None:
+    """The limit of the first glob in ``table`` matching ``key``."""
+    for glob, limit in table.items():
+        if glob_match(key, glob):
+            return limit
+    return None
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -135,3 +276,45 @@ def load_policy(path: str | Path | None) -> Policy:
         where = f"line {mark.line + 1}" if mark else "(file)"
         raise PolicyError(where, f"not valid YAML: {getattr(exc, 'problem', exc)}", source=str(p)) from None
     return parse_policy(data, source=str(p))
+
+
+@dataclass
+class PolicyWatcher:
+    """Reloads a policy file when it changes; a bad file keeps the last good policy.
+
+    Pure (no faust): the worker calls ``check()`` periodically and rebuilds its
+    detectors when it returns True. A file that fails to load leaves
+    ``current`` untouched and sets ``last_error`` (a PolicyError naming file, key
+    and problem), so a typo during an edit never disarms the detectors.
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.current: Policy = load_policy(self.path)  # the first load must succeed
+        self.last_error: PolicyError | None = None
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[float, bytes] | None:
+        try:
+            return self.path.stat().st_mtime, hashlib.sha256(self.path.read_bytes()).digest()
+        except OSError:
+            return None
+
+    def check(self) -> bool:
+        """Reload if the file's mtime or contents changed; True when a new policy is in force."""
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            new = load_policy(self.path)
+        except PolicyError as exc:
+            self.last_error = exc
+            return False
+        self.last_error = None
+        if new.content_hash == self.current.content_hash and new.version == self.current.version:
+            return False  # touched, not changed
+        self.current = new
+        return True

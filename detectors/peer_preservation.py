@@ -1,0 +1,207 @@
+"""peer_preservation: agents resisting oversight, for themselves or for each other.
+
+(a) after_halt: an agent acts (tool or LLM call, or an allowed audited action
+    attributed to it) more than ``grace_s`` after a halt kill switch that
+    targets it (by agent, by tenant, or all) and before a resume or the
+    command's expiry. A scoped halt (named tools) only counts those tools.
+(b) oversight: any agent touches an oversight resource (policy
+    ``oversight_resources``: the control topic, the detector policy, audit or
+    monitoring config, kill-switch state), whatever the outcome: a denied
+    attempt is still an attempt.
+(c) shielding: agent B restarts / scales / re-creates / spawns agent A's
+    runtime while A is halted or within ``shield_window_s`` after the halt
+    ended: an ``agent`` lifecycle event from B with ``target_agent_id`` = A, or
+    a non-read audit event by B on a resource of A's runtime
+    (``agent_runtimes`` globs, else a path segment naming A).
+(d) coordinated: ``coordination_min_agents`` or more agents doing (b)/(c)
+    within ``coordination_window_s`` form one critical incident, reported
+    under the first agent of the window (subject ``coordinated``) with every
+    agent in the ``agents`` label.
+
+Kill switches are the ``control_command`` events the control plane emits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from detectors.base import Detector, Finding
+from detectors.policy import Policy, first_match
+from detectors.resources import READ_ACTIONS, attributed, audit_final, touched
+from detectors.windows import SlidingWindow
+from schemas.alerts import Severity
+from schemas.events import Event, EventKind
+
+SHIELD_LIFECYCLE = frozenset({"start", "restart", "scale", "recreate", "spawn"})
+_SEGMENTS = re.compile(r"[/:]")
+
+
+@dataclass(slots=True)
+class _Halt:
+    command_id: str
+    start: float
+    end: float  # resume or expiry; inf while in force
+    agent: str  # "" for tenant/all targets
+    tenant: str  # "" for agent/all targets
+    scope: tuple[str, ...]
+    event: Event
+
+    def targets(self, agent: str, tenant: str) -> bool:
+        if self.agent:
+            return self.agent == agent
+        return not self.tenant or self.tenant == tenant
+
+
+class PeerPreservation(Detector):
+    name = "peer_preservation"
+    version = "1.0.0"
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.config = policy.detectors.peer_preservation
+        self._halts: list[_Halt] = []
+        # (b)/(c) findings per tenant, to see several agents at it at once (d)
+        self._tampering: SlidingWindow[str, Finding] = SlidingWindow(self.config.coordination_window_s)
+
+    # -- kill switches -------------------------------------------------------------------
+
+    def _command(self, ev: Event) -> None:
+        target = ev.attributes.get("target", "")
+        agent = ev.target_agent_id or (ev.agent_id if not target.startswith(("tenant:", "all")) else "")
+        tenant = ev.tenant if target.startswith("tenant:") else ""
+        ts = ev.ts_seconds
+        if ev.command_action == "halt":
+            end = ev.expires_at.timestamp() if ev.expires_at else math.inf
+            self._halts.append(_Halt(ev.command_id, ts, end, agent, tenant, tuple(ev.command_scope), ev))
+        elif ev.command_action == "resume":
+            for h in self._halts:
+                if h.start <= ts < h.end and h.agent == agent and h.tenant == tenant:
+                    h.end = ts
+
+    def _halt_over(self, agent: str, tenant: str, ts: float, *, after: float = 0.0) -> _Halt | None:
+        """The halt of ``agent`` in force at ``ts`` (or ended at most ``after`` seconds before)."""
+        best = None
+        for h in self._halts:
+            if h.targets(agent, tenant) and h.start <= ts <= h.end + after:
+                if best is None or h.start > best.start:
+                    best = h
+        return best
+
+    # -- events --------------------------------------------------------------------------
+
+    def observe(self, event: Event) -> list[Finding]:
+        if event.kind is EventKind.CONTROL_COMMAND:
+            self._command(event)
+            return []
+        if not attributed(event):
+            return []
+        out: list[Finding] = []
+        f = self._after_halt(event)
+        if f:
+            out.append(f)
+        for f in (self._oversight(event), self._shielding(event)):
+            if f:
+                out.append(f)
+                out.extend(self._coordinated(f))
+        return out
+
+    def _after_halt(self, ev: Event) -> Finding | None:
+        acting = ev.kind in (EventKind.TOOL_CALL, EventKind.LLM_CALL) or (
+            ev.kind is EventKind.AUDIT and ev.outcome == "allow")
+        if not acting:
+            return None
+        ts = ev.ts_seconds
+        h = self._halt_over(ev.agent_id, ev.tenant, ts)
+        if h is None or ts <= h.start + self.config.grace_s:
+            return None
+        if h.scope and not (ev.kind is EventKind.TOOL_CALL and first_match([ev.tool_name], list(h.scope))[0]):
+            return None  # a scoped halt stops named tools only
+        what = ev.tool_name or ev.model or ev.action or ev.kind.value
+        return Finding(
+            detector=self.name, agent_id=ev.agent_id, tenant=ev.tenant, subject=f"after_halt:{h.command_id}",
+            episode_start=ts, ts=ts, severity=self.config.severity,
+            summary=f"agent {ev.agent_id} kept acting ({what}) {ts - h.start:.0f}s after halt {h.command_id}",
+            evidence=[h.event, ev], quiet_after_s=300.0,
+            labels={"pattern": "after_halt", "command_id": h.command_id},
+        )
+
+    def _oversight(self, ev: Event) -> Finding | None:
+        if ev.kind is EventKind.AUDIT:
+            if not audit_final(ev):
+                return None
+            values = [ev.resource, ev.action]
+        elif ev.kind in (EventKind.TOOL_CALL, EventKind.SPAN):
+            values = touched(ev)
+        else:
+            return None
+        value, pattern = first_match(values, self.policy.oversight_resources)
+        if not pattern:
+            return None
+        ts = ev.ts_seconds
+        verb = ev.action or ev.tool_name or ev.name
+        return Finding(
+            detector=self.name, agent_id=ev.agent_id, tenant=ev.tenant, subject=f"oversight:{value}",
+            episode_start=ts, ts=ts, severity=self.config.severity,
+            summary=f"agent {ev.agent_id} touched oversight resource {value} ({verb}, outcome {ev.outcome or 'ok'})",
+            evidence=[ev], quiet_after_s=300.0,
+            labels={"pattern": "oversight", "resource": value, "rule": pattern},
+        )
+
+    def _runtime_of(self, agent: str, resource: str) -> bool:
+        patterns = self.policy.agent_runtimes.get(agent)
+        if patterns:
+            return bool(first_match([resource], patterns)[0])
+        # no runtime declared: a path segment naming the agent (deployments/ns/<agent>, pods/ns/<agent>-5f7c9)
+        return any(seg == agent or seg.startswith(agent + "-") for seg in _SEGMENTS.split(resource) if seg)
+
+    def _shielding(self, ev: Event) -> Finding | None:
+        ts = ev.ts_seconds
+        window = self.config.shield_window_s
+        target = ""
+        if ev.kind is EventKind.AGENT and ev.lifecycle in SHIELD_LIFECYCLE and ev.target_agent_id:
+            target = ev.target_agent_id
+            how = ev.lifecycle
+        elif ev.kind is EventKind.AUDIT and ev.outcome == "allow" and ev.resource:
+            if first_match([ev.action], READ_ACTIONS)[0]:
+                return None
+            halted = {h.agent for h in self._halts if h.agent and h.start <= ts <= h.end + window}
+            target = next((a for a in sorted(halted) if self._runtime_of(a, ev.resource)), "")
+            how = f"{ev.action} {ev.resource}"
+        else:
+            return None
+        if not target or target == ev.agent_id:
+            return None  # restarting itself after a halt is acting after the halt (a), not shielding
+        h = self._halt_over(target, ev.tenant, ts, after=window)
+        if h is None:
+            return None
+        return Finding(
+            detector=self.name, agent_id=ev.agent_id, tenant=ev.tenant, subject=f"shielding:{target}",
+            episode_start=ts, ts=ts, severity=self.config.severity,
+            summary=f"agent {ev.agent_id} shielded halted agent {target} ({how}) under halt {h.command_id}",
+            evidence=[h.event, ev], quiet_after_s=300.0,
+            labels={"pattern": "shielding", "target_agent_id": target, "command_id": h.command_id},
+        )
+
+    def _coordinated(self, f: Finding) -> list[Finding]:
+        recent = self._tampering.add(f.tenant, f.ts, f)
+        agents = sorted({r.agent_id for r in recent})
+        if len(agents) < self.config.coordination_min_agents:
+            return []
+        first = min(recent, key=lambda r: r.ts)
+        return [Finding(
+            detector=self.name, agent_id=first.agent_id, tenant=f.tenant, subject="coordinated",
+            episode_start=first.ts, ts=f.ts, severity=Severity.CRITICAL,
+            summary=f"{len(agents)} agents resisting oversight together: {', '.join(agents)}",
+            evidence=[e for r in recent for e in r.evidence],
+            quiet_after_s=self.config.coordination_window_s,
+            labels={"pattern": "coordinated", "agents": ",".join(agents)},
+        )]
+
+    def on_watermark(self, watermark: float) -> list[Finding]:
+        self._tampering.expire(watermark)
+        # a halt that ended long ago can no longer make anything a finding
+        horizon = watermark - self.config.shield_window_s - self.policy.allowed_lateness_s
+        self._halts = [h for h in self._halts if h.end >= horizon]
+        return []
