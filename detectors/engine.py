@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from detectors.base import Detector, Finding
 from detectors.disallowed_access import DisallowedAccess
 from detectors.escalation_bypass import EscalationBypass
+from detectors.join_detectors import UnattributedSideEffect, UnconfirmedAction
 from detectors.peer_preservation import PeerPreservation
 from detectors.policy import Policy
 from detectors.retry_loop import RetryLoop
@@ -39,6 +40,8 @@ def build_detectors(policy: Policy) -> list[Detector]:
         DisallowedAccess(policy),
         EscalationBypass(policy),
         PeerPreservation(policy),
+        UnattributedSideEffect(d.unattributed_side_effect),
+        UnconfirmedAction(d.unconfirmed_action),
     ]
 
 

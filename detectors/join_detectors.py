@@ -20,10 +20,23 @@ from fnmatch import fnmatchcase
 from detectors.base import Detector, Finding
 from detectors.join import AGENT_PRINCIPAL, JOIN, UNATTRIBUTED, UNCONFIRMED
 from detectors.policy import UnattributedSideEffectConfig, UnconfirmedActionConfig
+from schemas.alerts import Severity
 from schemas.events import Event, EventKind
 
 # a repeat within this much event time is the same incident (one alert, count grows)
 _QUIET_S = 600.0
+
+
+def _finding(detector: str, event: Event, subject: str, severity: Severity, summary: str,
+             labels: dict[str, str]) -> list[Finding]:
+    ts = event.ts_seconds
+    return [
+        Finding(
+            detector=detector, agent_id=event.agent_id, tenant=event.tenant, subject=subject,
+            episode_start=ts, ts=ts, severity=severity, summary=summary, evidence=[event],
+            quiet_after_s=_QUIET_S, labels=labels,
+        )
+    ]
 
 
 class UnattributedSideEffect(Detector):
@@ -42,25 +55,12 @@ class UnattributedSideEffect(Detector):
             or any(fnmatchcase(event.action, p) for p in self.config.read_only_actions)
         ):
             return []
-        ts = event.ts_seconds
-        return [
-            Finding(
-                detector=self.name,
-                agent_id=event.agent_id,
-                tenant=event.tenant,
-                subject=event.principal,
-                episode_start=ts,
-                ts=ts,
-                severity=self.config.severity,
-                summary=(
-                    f"{event.principal} did {event.action} {event.resource} ({event.source}) "
-                    "and no span of any agent explains it"
-                ),
-                evidence=[event],
-                quiet_after_s=_QUIET_S,
-                labels={"principal": event.principal, "source": event.source},
-            )
-        ]
+        summary = (
+            f"{event.principal} did {event.action} {event.resource} ({event.source}) "
+            "and no span of any agent explains it"
+        )
+        labels = {"principal": event.principal, "source": event.source}
+        return _finding(self.name, event, event.principal, self.config.severity, summary, labels)
 
 
 class UnconfirmedAction(Detector):
@@ -73,22 +73,8 @@ class UnconfirmedAction(Detector):
     def observe(self, event: Event) -> list[Finding]:
         if event.kind is not EventKind.TOOL_CALL or event.attributes.get(JOIN) != UNCONFIRMED:
             return []
-        ts = event.ts_seconds
-        return [
-            Finding(
-                detector=self.name,
-                agent_id=event.agent_id,
-                tenant=event.tenant,
-                subject=event.tool_name,
-                episode_start=ts,
-                ts=ts,
-                severity=self.config.severity,
-                summary=(
-                    f"{event.agent_id} reported {event.tool_name} succeeded "
-                    f"(tool call {event.tool_call_id or event.span_id}) but no audit record shows it happened"
-                ),
-                evidence=[event],
-                quiet_after_s=_QUIET_S,
-                labels={"tool": event.tool_name},
-            )
-        ]
+        summary = (
+            f"{event.agent_id} reported {event.tool_name} succeeded "
+            f"(tool call {event.tool_call_id or event.span_id}) but no audit record shows it happened"
+        )
+        return _finding(self.name, event, event.tool_name, self.config.severity, summary, {"tool": event.tool_name})
