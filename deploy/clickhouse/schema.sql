@@ -197,4 +197,68 @@ FROM
     ORDER BY issued_at DESC, command_id DESC
     LIMIT 1 BY target_kind, target_value
 )
-WHERE action = 'halt' AND expires_at > now64(6)
+WHERE action = 'halt' AND expires_at > now64(6);
+
+-- The span/audit join (detectors/join.py), for analysts. The join's verdicts
+-- live on the events themselves (one row per event, no second copy to keep in
+-- step): an audit row carries attributes['join'] (matched, unattributed, late,
+-- not_final), the agent it was attributed to (identity 'join' or
+-- 'identity_map'), the causing tool_call_id and correlation['joined_span_id',
+-- 'joined_event_id', 'join.via']; a tool-call row of an auditable tool carries
+-- attributes['join'] (matched or unconfirmed) and
+-- correlation['join.audit_event_id']. This view puts each audit record beside
+-- the tool call that caused it: "which tool call of which agent caused this
+-- write" and "which side effects have no span" are plain WHERE clauses on it.
+CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution AS
+SELECT
+    a.ts AS ts,
+    a.event_id AS audit_event_id,
+    a.source AS audit_source,
+    a.principal AS principal,
+    a.action AS action,
+    a.resource AS resource,
+    a.outcome AS outcome,
+    a.join_status AS join_status,
+    a.joined_via AS joined_via,
+    a.agent_principal AS agent_principal,
+    a.agent_id AS agent_id,
+    a.identity AS identity,
+    a.tenant AS tenant,
+    a.trace_id AS trace_id,
+    a.tool_span_id AS tool_span_id,
+    a.tool_call_id AS tool_call_id,
+    t.tool_name AS tool_name,
+    t.ts AS tool_ended_at,
+    t.outcome AS tool_outcome,
+    a.topic AS topic,
+    a.partition AS partition,
+    a.offset AS offset
+FROM
+(
+    SELECT
+        ts, event_id, source, principal, action, resource, outcome, agent_id,
+        identity, tenant, trace_id, tool_call_id, topic, partition, offset,
+        attributes['join'] AS join_status,
+        attributes['agent_principal'] = 'true' AS agent_principal,
+        correlation['join.via'] AS joined_via,
+        correlation['joined_span_id'] AS tool_span_id,
+        correlation['joined_event_id'] AS tool_event_id
+    FROM agentwatch.events FINAL
+    WHERE kind = 'audit'
+) AS a
+LEFT JOIN
+(
+    SELECT event_id, tool_name, ts, outcome
+    FROM agentwatch.events FINAL
+    WHERE kind = 'tool_call'
+) AS t ON t.event_id = a.tool_event_id;
+
+-- Auditable tool calls (policy detectors.unconfirmed_action.tools) and whether
+-- an audit record confirmed them: the other direction of the join.
+CREATE VIEW IF NOT EXISTS agentwatch.tool_call_confirmation AS
+SELECT
+    ts, event_id, agent_id, tenant, tool_name, tool_call_id, trace_id, span_id,
+    outcome, attributes['join'] AS join_status,
+    correlation['join.audit_event_id'] AS audit_event_id
+FROM agentwatch.events FINAL
+WHERE kind = 'tool_call' AND mapContains(attributes, 'join');
