@@ -11,6 +11,8 @@ timer fires. Each alert is written once, in its final state, as one JSON line.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,29 @@ def read_records(path: Path) -> Iterator[RawRecord]:
             yield RawRecord(name, -1, lineno, line)
 
 
+def records_in_event_time(paths: list[Path]) -> list[RawRecord]:
+    """Every record of every file, files interleaved by event time.
+
+    Recorded inputs come as one file per source (spans, approvals, audit logs),
+    while the detectors judge in event time with a bounded allowed lateness: an
+    approval file read after the whole span file would be "late" by the length
+    of the recording. So files are merged by each record's earliest event time,
+    as a live broker would have delivered them, while each file keeps its own
+    record order (a batch holding an agent span still follows its children).
+    """
+    streams: list[list[tuple[float, int, RawRecord]]] = []
+    for path in paths:
+        recs: list[tuple[float, int, RawRecord]] = []
+        last = -math.inf
+        for rec in read_records(path):
+            decoded = decode_any(rec.value, origin=rec.topic)
+            # an undecodable record keeps its place after its predecessor
+            last = min((e.ts_seconds for e in decoded.events), default=last)
+            recs.append((last, len(recs), rec))
+        streams.append(recs)
+    return [rec for _, _, rec in heapq.merge(*streams, key=lambda t: t[0])]
+
+
 @dataclass
 class ReplayResult:
     alerts: list[Alert] = field(default_factory=list)
@@ -87,15 +112,14 @@ def replay(paths: list[Path], policy: Policy) -> ReplayResult:
         for a in alerts:
             latest[a.alert_id] = a
 
-    for path in paths:
-        for rec in read_records(path):
-            routed = ingest.process([rec])
-            result.events += routed.events
-            result.dead.extend(routed.dead)
-            batch = [ev for evs in routed.by_trace.values() for ev in evs]
-            attributed = correlate.process(batch)
-            attributed += [ev for evs in routed.by_agent.values() for ev in evs]
-            keep(detect.process(attributed))
+    for rec in records_in_event_time(paths):
+        routed = ingest.process([rec])
+        result.events += routed.events
+        result.dead.extend(routed.dead)
+        batch = [ev for evs in routed.by_trace.values() for ev in evs]
+        attributed = correlate.process(batch)
+        attributed += [ev for evs in routed.by_agent.values() for ev in evs]
+        keep(detect.process(attributed))
     keep(detect.process(correlate.finish()))
     keep(detect.finish())
     result.alerts = sorted(latest.values(), key=lambda a: (a.first_seen, a.alert_id))

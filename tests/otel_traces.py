@@ -324,3 +324,47 @@ def write_fixtures(directory: Path = FIXTURES) -> list[Path]:
 if __name__ == "__main__":
     for p in write_fixtures():
         print(p)
+
+
+# --- behaviour-corpus scenarios (tests/scenarios, built by tests/scenario_corpus.py) ---
+
+SEC = 10**9
+
+
+def _sdk(service: str, seed: int) -> Sdk:
+    return make_sdk(service, instance_id=f"{service}-0", seed=seed)
+
+
+def minutes_of_chat(agent_id: str, per_minute: Sequence[int], *, seed: int, start_s: int = 0,
+                    chats: int = 2, tenant: str = "") -> list[ExportTraceServiceRequest]:
+    """One trace per minute whose chats use ``per_minute[i]`` tokens in minute i (0 = idle)."""
+    sdk = make_sdk(f"{agent_id}-svc", instance_id=f"{agent_id}-svc-0", seed=seed,
+                   resource={"tenant": tenant} if tenant else None)
+    records = []
+    for i, tokens in enumerate(per_minute):
+        if not tokens:
+            continue
+        each = tokens // chats
+        steps = [Chat("gpt-4o", each * 3 // 4, each - each * 3 // 4, duration_ms=900) for _ in range(chats)]
+        clock = Clock(BASE_NS + (start_s + 60 * i + 5) * SEC)
+        records.append(to_request(run_agent(sdk, GENAI, AgentRun(agent_id, agent_id, steps, gap_ms=1000), clock)))
+    return records
+
+
+def tool_calls_at(agent_id: str, calls: Sequence[tuple[float, str, str, str]], *, seed: int,
+                  service: str = "") -> list[ExportTraceServiceRequest]:
+    """One trace per call: (seconds after BASE, tool, JSON arguments, tool_call_id)."""
+    sdk = _sdk(service or f"{agent_id}-svc", seed)
+    records = []
+    for at, tool, args, call_id in calls:
+        clock = Clock(BASE_NS + int(at * SEC))
+        run = AgentRun(agent_id, agent_id, [ToolCall(tool, args, call_id=call_id)], gap_ms=100)
+        records.append(to_request(run_agent(sdk, GENAI, run, clock)))
+    return records
+
+
+def retry_under_threshold_records() -> list[ExportTraceServiceRequest]:
+    """Four identical polls in a minute, twice, two minutes apart: never five in 60 s."""
+    calls = [(i * 12.0, "poll_status", '{"job": "j-77"}', f"call_poll_{i}") for i in range(4)]
+    calls += [(180 + i * 12.0, "poll_status", '{"job": "j-77"}', f"call_poll_{4 + i}") for i in range(4)]
+    return tool_calls_at("agent-poller", calls, seed=31)
