@@ -1,0 +1,180 @@
+"""The kill switch end to end: a real worker on the real broker, agents using the real client.
+
+A simulated agent retries the same deployment; retry_loop runs in enforce mode;
+the worker issues a signed halt; the agent halts and acknowledges (the
+detection-to-halt latency is printed). A forged command is refused; an agent
+that ignores a halt is detected (peer_preservation a); a halt nobody
+acknowledges escalates (killswitch_unacknowledged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from schemas.alerts import Alert
+from schemas.control import KillSwitchCommand, Target, generate_keypair, load_private_key, sign
+from sinks.control import ControlPublisher
+from streams.client import AgentClient
+from tests.live import LiveWorker
+
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.skip(reason="needs the issue-5 worker wiring (ControlPlane in streams/app.py: halts published on "
+                            "the control topic, acks consumed, escalation on tick); the lead unskips it"),
+]
+
+PRIV, PUB = generate_keypair()
+KEY = load_private_key(PRIV)
+ACK_DEADLINE_S = 3
+GRACE_S = 1
+
+POLICY = f"""
+version: e2e-killswitch-1
+detectors:
+  retry_loop:
+    mode: enforce
+  peer_preservation:
+    mode: alert
+    grace_s: {GRACE_S}
+"""
+
+
+@pytest.fixture(scope="module")
+def worker(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveWorker]:
+    home = tmp_path_factory.mktemp("killswitch-e2e")
+    policy = Path(home) / "policy.yaml"
+    policy.write_text(POLICY)
+    env = {"AGENTWATCH_CONTROL_PRIVATE_KEY": PRIV, "AGENTWATCH_KILLSWITCH_ACK_DEADLINE_S": str(ACK_DEADLINE_S)}
+    with LiveWorker(kafka_bootstrap, home, policy=policy, env=env) as w:
+        yield w
+
+
+def _client(w: LiveWorker, agent_id: str, **kw: object) -> AgentClient:
+    s = w.settings
+    return AgentClient(agent_id, w.bootstrap, tenant="acme", public_keys=PUB, events_topic=s.topic_events_in,
+                       control_topic=s.topic_control, acks_topic=s.topic_acks, batch_interval_s=0.1,
+                       **kw)  # type: ignore[arg-type]
+
+
+def _has(alerts: list[Alert], detector: str, agent: str) -> bool:
+    return any(a.detector == detector and a.agent_id == agent for a in alerts)
+
+
+def test_enforce_mode_halts_a_misbehaving_agent_which_acknowledges(worker: LiveWorker) -> None:
+    halted_at: list[float] = []
+    threshold_at: list[float] = []
+
+    async def run() -> tuple[AgentClient, int]:
+        halted = asyncio.Event()
+
+        def on_halt(cmd: KillSwitchCommand) -> None:
+            halted_at.append(time.perf_counter())
+            halted.set()
+
+        client = _client(worker, "ops-bot-e2e", on_halt=on_halt)
+        await client.start()
+        calls = 0
+        try:
+            deadline = time.monotonic() + 90
+            while not halted.is_set() and time.monotonic() < deadline:
+                if client.allowed("kubectl_apply"):  # a well-behaved agent checks before each call
+                    client.record_tool_call("kubectl_apply", {"manifest": "payments.yaml", "force": True},
+                                            outcome="error", error_type="Timeout")
+                    calls += 1
+                    if calls == 5:  # retry_loop's default same_call_threshold
+                        threshold_at.append(time.perf_counter())
+                await asyncio.sleep(0.2)
+            await asyncio.wait_for(halted.wait(), 5)
+            # a halted agent makes no more calls
+            before = calls
+            for _ in range(5):
+                if client.allowed("kubectl_apply"):
+                    calls += 1
+                await asyncio.sleep(0.1)
+            assert calls == before
+            await asyncio.sleep(0.5)  # let the ack event go out
+        finally:
+            await client.stop()
+        return client, calls
+
+    client, _ = asyncio.run(run())
+    assert halted_at and threshold_at, worker.log_tail()
+    print(f"\ndetection-to-halt latency (5th identical call emitted -> on_halt): "
+          f"{(halted_at[0] - threshold_at[0]) * 1000:.0f} ms")
+    assert [a.status.value for a in client.acks] == ["obeyed"]
+    halt = client.acks[0]
+
+    # recorded: the active kill switch, its cause, the ack event; and no escalation
+    rows = worker.wait_rows(
+        "SELECT target_value, alert_id, issued_by FROM agentwatch.killswitches_active", lambda r: bool(r))
+    assert rows and rows[0][0] == "ops-bot-e2e" and rows[0][1] and rows[0][2]
+    acks = worker.wait_rows(
+        f"SELECT outcome FROM agentwatch.events WHERE kind = 'control_ack' AND command_id = '{halt.command_id}'",
+        lambda r: bool(r))
+    assert acks == [("ok",)]
+    time.sleep(ACK_DEADLINE_S + 2)
+    alerts = worker.wait_alerts(lambda a: _has(a, "retry_loop", "ops-bot-e2e"), timeout=10)
+    assert not _has(alerts, "killswitch_unacknowledged", "ops-bot-e2e")
+
+
+def test_forged_command_is_refused(worker: LiveWorker) -> None:
+    async def run() -> AgentClient:
+        halted: list[KillSwitchCommand] = []
+        client = _client(worker, "careful-agent", on_halt=halted.append)
+        await client.start()
+        try:
+            now = datetime.now(timezone.utc)
+            forged = sign(KillSwitchCommand(command_id=uuid.uuid4().hex, action="halt",  # type: ignore[arg-type]
+                                            target=Target.parse("agent:careful-agent"), issued_by="mallory",
+                                            issued_at=now, expires_at=now + timedelta(hours=1)),
+                          load_private_key(generate_keypair()[0]))
+            async with ControlPublisher(worker.bootstrap, worker.settings.topic_control) as p:
+                await p.publish([forged])
+            deadline = time.monotonic() + 20
+            while not client.acks and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not halted and not client.halted
+        finally:
+            await client.stop()
+        return client
+
+    client = asyncio.run(run())
+    assert [(a.status.value, a.reason.split(":")[0]) for a in client.acks] == [("refused", "unknown_key")]
+
+
+def test_agent_ignoring_a_halt_is_detected_and_unacknowledged_halt_escalates(worker: LiveWorker) -> None:
+    async def run() -> None:
+        # a rogue agent: the client hears the halt, but its code never checks allowed()
+        rogue = _client(worker, "rogue-agent")
+        await rogue.start()
+        try:
+            now = datetime.now(timezone.utc)
+            cmds = [
+                sign(KillSwitchCommand(command_id=uuid.uuid4().hex, action="halt",  # type: ignore[arg-type]
+                                       target=Target.parse(f"agent:{agent}"), reason="e2e", issued_by="pytest",
+                                       issued_at=now, expires_at=now + timedelta(hours=1)), KEY)
+                for agent in ("rogue-agent", "ghost-agent")  # nobody runs ghost-agent: no ack will come
+            ]
+            async with ControlPublisher(worker.bootstrap, worker.settings.topic_control) as p:
+                await p.publish(cmds)
+            deadline = time.monotonic() + GRACE_S + 8
+            while time.monotonic() < deadline:
+                rogue.record_tool_call("shell", {"cmd": f"echo {time.monotonic()}"})
+                await asyncio.sleep(0.3)
+        finally:
+            await rogue.stop()
+
+    asyncio.run(run())
+    alerts = worker.wait_alerts(
+        lambda a: _has(a, "peer_preservation", "rogue-agent") and _has(a, "killswitch_unacknowledged", "ghost-agent"),
+        timeout=60)
+    assert _has(alerts, "peer_preservation", "rogue-agent"), worker.log_tail()
+    esc = [a for a in alerts if a.detector == "killswitch_unacknowledged" and a.agent_id == "ghost-agent"]
+    assert esc and esc[0].severity.value == "critical"
