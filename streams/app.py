@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -39,6 +41,7 @@ from schemas.alerts import Alert, Mode
 from schemas.errors import AgentwatchError, StoreError
 from schemas.events import Event, events_from_json, events_to_json
 from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, open_store
+from streams.kafka import partition_for
 from streams.metrics import Metrics
 from streams.settings import Settings
 from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, decoder_for_topics
@@ -56,8 +59,10 @@ def _now() -> float:
 class Pipeline:
     """One worker: the faust app, its stages, its store and its metrics."""
 
-    def __init__(self, settings: Settings, policy: Policy, bootstrap: str) -> None:
+    def __init__(self, settings: Settings, policy: Policy, bootstrap: str, partitions: dict[str, int]) -> None:
         self.settings = settings
+        # actual partition counts of the internal topics: events are packed per partition
+        self.partitions = partitions
         self.policy = policy
         self.metrics = Metrics.create()
         s = settings
@@ -96,6 +101,7 @@ class Pipeline:
         self.alert_sink: AlertSink | None = None
         self.dlq_sink: DlqSink | None = None
         self._positions: dict[tuple[str, int], int] = {}
+        self.crashed: BaseException | None = None
 
         self._register()
 
@@ -127,15 +133,42 @@ class Pipeline:
     def _register(self) -> None:
         s = self.settings
         app = self.app
-        app.agent(self.inputs, name="ingest")(self._ingest_agent)
-        app.agent(self.by_trace, name="correlate")(self._correlate_agent)
-        app.agent(self.by_agent, name="detect")(self._detect_agent)
-        app.agent(self.dlq, name="dlq_store")(self._dlq_agent)
+        app.agent(self.inputs, name="ingest")(self._fail_fast(self._ingest_agent))
+        app.agent(self.by_trace, name="correlate")(self._fail_fast(self._correlate_agent))
+        app.agent(self.by_agent, name="detect")(self._fail_fast(self._detect_agent))
+        app.agent(self.dlq, name="dlq_store")(self._fail_fast(self._dlq_agent))
         app.timer(interval=s.tick_s)(self._tick)
         app.timer(interval=5.0)(self._measure_lag)
         app.page("/metrics")(_view(get=self._metrics_view))
         app.page("/query")(_view(post=self._query_view))
         app.page("/healthz")(_view(get=self._health_view))
+
+    def _fail_fast(self, stage: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """A stage that raises stops the whole worker (exit status 1).
+
+        Left to itself faust logs the crash and keeps the process alive with
+        that stage dead: nothing would be processed and nothing would say so.
+        Stopping instead lets a supervisor restart the worker, which resumes
+        from the last committed offsets, so nothing is lost.
+        """
+
+        async def guarded(stream: Any) -> None:
+            try:
+                await stage(stream)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.critical("stage crashed; stopping the worker", extra={"stage": stage.__name__,
+                                                                          "error": repr(exc)}, exc_info=True)
+                self.crashed = exc
+                asyncio.get_running_loop().call_soon(self._stop_worker)
+                raise
+
+        guarded.__name__ = stage.__name__
+        return guarded
+
+    def _stop_worker(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _batches(self, stream: Any) -> Any:
         return stream.take_events(self.settings.batch_max_messages, within=self.settings.batch_within_s)
@@ -151,14 +184,15 @@ class Pipeline:
             self._track(batch)
             records = [RawRecord(e.message.topic, e.message.partition, e.message.offset, e.value or b"")
                        for e in batch]
-            for r in records:
-                self.metrics.messages_in.labels(r.topic).inc()
+            for topic, n in Counter(r.topic for r in records).items():
+                self.metrics.messages_in.labels(topic).inc(n)
             routed = self.ingest.process(records)
-            for evs in list(routed.by_trace.values()) + list(routed.by_agent.values()):
-                for ev in evs:
-                    self.metrics.events_in.labels(ev.source, ev.kind.value).inc()
-            sends = [self._send(self.by_trace, k, events_to_json(v)) for k, v in routed.by_trace.items()]
-            sends += [self._send(self.by_agent, k, events_to_json(v)) for k, v in routed.by_agent.items()]
+            kinds = Counter((ev.source, ev.kind.value) for evs in (*routed.by_trace.values(),
+                                                                   *routed.by_agent.values()) for ev in evs)
+            for (source, kind), n in kinds.items():
+                self.metrics.events_in.labels(source, kind).inc(n)
+            sends = self._send_keyed(self.by_trace, routed.by_trace)
+            sends += self._send_keyed(self.by_agent, routed.by_agent)
             sends += [self._send_dead(d) for d in routed.dead]
             await self._all_delivered(sends)
             self.metrics.stage_batch_seconds.labels("ingest").observe(time.perf_counter() - started)
@@ -168,12 +202,14 @@ class Pipeline:
             started = time.perf_counter()
             self._track(batch)
             events = self._unpack(batch)
-            late_before = self.correlate.resolver.watermark.late_events
+            late_before = self.correlate.late_events
             attributed = self.correlate.process(events, wall=_now())
-            self.metrics.late_events.labels("correlate").inc(
-                self.correlate.resolver.watermark.late_events - late_before
-            )
+            self.metrics.late_events.labels("correlate").inc(self.correlate.late_events - late_before)
             await self._forward_to_agents(attributed)
+            # [issue 4 join] audit records matched through a secondary key (CloudTrail
+            # requestID ...) go round once more keyed by their trace, before this batch is acked
+            await self._all_delivered([self._send(self.by_trace, k, events_to_json(v))
+                                       for k, v in self.correlate.take_rekeyed().items()])
             self.metrics.identity_pending.set(self.correlate.resolver.pending_count)
             self.metrics.stage_batch_seconds.labels("correlate").observe(time.perf_counter() - started)
 
@@ -255,7 +291,27 @@ class Pipeline:
         groups: dict[str, list[Event]] = {}
         for ev in events:
             groups.setdefault(ev.agent_id or "unknown", []).append(ev)
-        await self._all_delivered([self._send(self.by_agent, k, events_to_json(v)) for k, v in groups.items()])
+        await self._all_delivered(self._send_keyed(self.by_agent, groups))
+
+    def _send_keyed(self, topic: Any, groups: dict[str, list[Event]]) -> list[Any]:
+        """One message per destination partition, not per key.
+
+        Every key's events land on the partition Kafka's default partitioner
+        would pick for that key, so co-partitioning holds, while a batch with
+        thousands of traces still costs only a few Kafka messages downstream
+        (faust's cost is per message).
+        """
+        name = topic.get_topic_name()
+        n = self.partitions.get(name, self.settings.partitions)
+        packed: dict[int, list[Event]] = {}
+        for key, evs in groups.items():
+            packed.setdefault(partition_for(key, n), []).extend(evs)
+        size = self.settings.max_events_per_message  # stay under the broker's message size limit
+        return [
+            self._send(topic, None, events_to_json(evs[i : i + size]), partition=p)
+            for p, evs in packed.items()
+            for i in range(0, len(evs), size)
+        ]
 
     async def _publish_alerts(self, alerts: list[Alert]) -> None:
         assert self.alert_sink is not None and self.event_sink is not None
@@ -291,8 +347,10 @@ class Pipeline:
         self.metrics.sink_batch_rows.labels(table).observe(rows)
         self.metrics.sink_write_seconds.labels(table).observe(time.perf_counter() - started)
 
-    async def _send(self, topic: Any, key: str, value: bytes, headers: dict[str, bytes] | None = None) -> Any:
-        return await topic.send(key=key.encode(), value=value, headers=headers)
+    async def _send(self, topic: Any, key: str | None, value: bytes, headers: dict[str, bytes] | None = None,
+                    partition: int | None = None) -> Any:
+        return await topic.send(key=key.encode() if key is not None else None, value=value, headers=headers,
+                                partition=partition)
 
     async def _send_dead(self, d: DeadLetter) -> Any:
         self.metrics.decode_failures.labels(d.topic).inc()

@@ -139,6 +139,8 @@ def _pipeline(settings: Settings, bootstrap: str, topic: str, events: int) -> tu
         n = 0.0
         while n < events:
             time.sleep(0.2)
+            if proc.poll() is not None:
+                raise AgentwatchError(f"the bench worker exited ({proc.returncode}); see {home / 'worker.log'}")
             m = _detected(info.url)
             now = time.perf_counter()
             if m > n:

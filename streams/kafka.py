@@ -7,6 +7,7 @@ import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from schemas.errors import BrokerError
 from streams.settings import Settings
@@ -44,8 +45,16 @@ def all_topics(settings: Settings) -> list[str]:
     ]
 
 
-async def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15) -> None:
-    """Create missing topics (existing ones are left as they are).
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for ``key`` (murmur2)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+async def ensure_topics(
+    bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15
+) -> dict[str, int]:
+    """Create missing topics (existing ones are left as they are); return each
+    topic's actual partition count.
 
     Fails with a one-line BrokerError when the broker does not answer, so the
     CLI never hangs on a wrong bootstrap address.
@@ -67,6 +76,8 @@ async def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *, t
             except TopicAlreadyExistsError:
                 pass
             log.info("created topics", extra={"topics": missing})
+        described = await admin.describe_topics(topics)
+        return {t["topic"]: len(t["partitions"]) for t in described}
     finally:
         await _close(admin)
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
 
     batch_max_messages: int = Field(500, ge=1, description="Kafka messages taken per processing batch")
     batch_within_s: float = Field(0.25, gt=0, description="longest wait to fill a batch")
+    max_events_per_message: int = Field(
+        500, ge=1, description="events packed into one message between stages (keeps messages well under 1 MB)"
+    )
     tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
 
     web_host: str = Field("127.0.0.1", description="bind address of /metrics and the read-only /query endpoint")

@@ -55,7 +55,7 @@ def run_worker(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format)
     policy = load_policy(settings.policy_file)
     bootstrap = resolve_bootstrap(settings)
-    asyncio.run(ensure_topics(bootstrap, all_topics(settings), settings.partitions))
+    partitions = asyncio.run(ensure_topics(bootstrap, all_topics(settings), settings.partitions))
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())
     existing = running_worker(settings)
@@ -65,7 +65,7 @@ def run_worker(settings: Settings) -> None:
             f"{settings.dsn}; running more than one worker needs a ClickHouse server "
             "(AGENTWATCH_CLICKHOUSE_DSN=http://host:8123)"
         )
-    pipeline = Pipeline(settings, policy, bootstrap)
+    pipeline = Pipeline(settings, policy, bootstrap, partitions)
     pipeline.open_store()  # a locked embedded store fails here, before consuming anything
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", settings.dsn, bootstrap)
@@ -81,6 +81,10 @@ def run_worker(settings: Settings) -> None:
     )
     try:
         worker.execute_from_commandline()
+    except SystemExit:
+        if pipeline.crashed is not None:
+            raise AgentwatchError(f"a processing stage crashed: {pipeline.crashed!r} (see the log)") from None
+        raise
     finally:
         _remove_if_ours(settings.worker_file)
         pipeline.close()

@@ -1,0 +1,45 @@
+# The two commands a newcomer needs:
+#   make demo   - install everything, start a local Kafka broker and a worker, run a
+#                 simulated fleet of agents and print alerts as they arrive
+#   make test   - install everything (including the test tools) and run the test suite
+# Both work from nothing: a Python virtualenv, Python packages from PyPI, the Kafka
+# broker's jars through Maven, Alertmanager through apt-get.
+
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
+VENV ?= .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test bench system-deps clean
+
+$(BIN)/agentwatch: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python >= 3.11 is required" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+# Java 17+ and Maven run the real Kafka broker; Alertmanager is a real peer in tests.
+system-deps:
+	@need=""; \
+	command -v java >/dev/null 2>&1 || need="$$need openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null 2>&1 || need="$$need maven"; \
+	command -v prometheus-alertmanager >/dev/null 2>&1 || need="$$need prometheus-alertmanager"; \
+	if [ -n "$$need" ]; then \
+		echo "installing with apt-get:$$need"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
+	fi
+
+demo: system-deps $(BIN)/agentwatch
+	$(BIN)/agentwatch demo
+
+test: system-deps $(BIN)/agentwatch
+	$(BIN)/pytest -q -ra
+
+bench: system-deps $(BIN)/agentwatch
+	$(BIN)/agentwatch bench
+
+clean:
+	-$(BIN)/agentwatch broker down
+	rm -rf $(VENV) .agentwatch

@@ -1,0 +1,185 @@
+"""A real worker process on a real broker, for integration tests.
+
+``LiveWorker`` starts ``python -m streams.cli worker`` with topics, consumer
+group and embedded ClickHouse of its own (so tests never see each other's
+data), waits until it serves, and offers what a test needs: produce to an
+input topic, read an output topic, and query ClickHouse through the worker's
+loopback endpoint (the worker owns the embedded store).
+
+    with LiveWorker(kafka_bootstrap, tmp_path) as w:
+        w.produce(w.settings.topic_otlp, [payload])
+        alerts = w.wait_alerts(lambda a: any(x.agent_id == "x" for x in a))
+        rows = w.wait_rows("SELECT count() FROM agentwatch.events", lambda r: r[0][0] > 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from schemas.alerts import Alert
+from sinks.clickhouse import QueryResult
+from streams.query import run_query
+from streams.settings import Settings, load_settings
+from streams.worker import running_worker
+
+REPO = Path(__file__).resolve().parent.parent
+TOPIC_FIELDS = [name for name in Settings.model_fields if name.startswith("topic_")]
+
+
+class LiveWorker:
+    def __init__(
+        self,
+        bootstrap: str,
+        home: Path,
+        *,
+        policy: Path | None = None,
+        env: dict[str, str] | None = None,
+        partitions: int = 2,
+    ) -> None:
+        run = uuid.uuid4().hex[:8]
+        self.bootstrap = bootstrap
+        self.home = Path(home) / f"worker-{run}"
+        values: dict[str, Any] = {
+            "home": self.home,
+            "bootstrap": bootstrap,
+            "app_id": f"test-{run}",
+            "partitions": partitions,
+            "web_port": 0,
+            "clickhouse_dsn": f"chdb://{self.home / 'clickhouse'}",
+            "batch_within_s": 0.1,
+            "tick_s": 0.5,
+            "log_level": "info",
+        }
+        if policy is not None:
+            values["policy_file"] = policy
+        for name in TOPIC_FIELDS:
+            values[name] = f"t{run}.{name.removeprefix('topic_')}"
+        self.env = {**os.environ, **{f"AGENTWATCH_{k.upper()}": str(v) for k, v in values.items()}, **(env or {})}
+        # resolve the web port at start; settings used to find the worker must not say 0
+        self.settings = load_settings(**{k: v for k, v in values.items() if k != "web_port"})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.home / "worker.log"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, timeout: float = 120) -> "LiveWorker":
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"], cwd=REPO, env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.log_tail()}")
+            info = running_worker(self.settings)
+            if info is not None and info.pid == self.proc.pid:
+                return self
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "LiveWorker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- Kafka -----------------------------------------------------------------------------
+
+    def produce(self, topic: str, values: list[bytes], *, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
+        async def _go() -> None:
+            p = AIOKafkaProducer(bootstrap_servers=self.bootstrap)
+            await p.start()
+            try:
+                for v in values:
+                    await p.send_and_wait(topic, v, key=key, headers=headers)
+            finally:
+                await p.stop()
+
+        asyncio.run(_go())
+
+    def consume(self, topic: str, until: Callable[[list[ConsumerRecord]], bool], *,
+                timeout: float = 60) -> list[ConsumerRecord]:
+        """Read ``topic`` from the beginning until ``until(records)`` holds."""
+
+        async def _go() -> list[ConsumerRecord]:
+            c = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+                                 enable_auto_commit=False)
+            await c.start()
+            got: list[ConsumerRecord] = []
+            try:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    batches = await c.getmany(timeout_ms=500)
+                    for recs in batches.values():
+                        got.extend(recs)
+                    if until(got):
+                        return got
+                return got
+            finally:
+                await c.stop()
+
+        return asyncio.run(_go())
+
+    def wait_alerts(self, until: Callable[[list[Alert]], bool], *, timeout: float = 60,
+                    shadow: bool = False) -> list[Alert]:
+        """Latest state of each alert on the alerts topic, once ``until`` holds (or at timeout)."""
+        topic = self.settings.topic_shadow_alerts if shadow else self.settings.topic_alerts
+        latest: dict[str, Alert] = {}
+
+        def check(records: list[ConsumerRecord]) -> bool:
+            for r in records:
+                a = Alert.model_validate(orjson.loads(r.value))
+                latest[a.alert_id] = a
+            records.clear()
+            return until(list(latest.values()))
+
+        self.consume(topic, check, timeout=timeout)
+        return list(latest.values())
+
+    # -- ClickHouse ------------------------------------------------------------------------
+
+    def query(self, sql: str) -> QueryResult:
+        return run_query(self.settings, sql)
+
+    def wait_rows(self, sql: str, until: Callable[[list[tuple[Any, ...]]], bool], *,
+                  timeout: float = 60) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + timeout
+        rows: list[tuple[Any, ...]] = []
+        while time.monotonic() < deadline:
+            rows = self.query(sql).rows
+            if until(rows):
+                return rows
+            time.sleep(0.5)
+        return rows
