@@ -49,9 +49,11 @@ from schemas.control import (
     load_private_key,
     load_public_keys,
     public_key_text,
+    refusal_reason,
     sign,
+    verify,
 )
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, SignatureError
 from schemas.events import Event, utc
 
 log = logging.getLogger("agentwatch.control")
@@ -184,6 +186,7 @@ class ControlPlane:
         self,
         private_key: Ed25519PrivateKey,
         *,
+        public_keys: dict[str, Ed25519PublicKey] | None = None,
         ack_deadline_s: float = 10.0,
         ttl_s: float = 3600.0,
         issuer: str = "agentwatch",
@@ -192,6 +195,10 @@ class ControlPlane:
         if ack_deadline_s <= 0 or ttl_s <= 0:
             raise ConfigError("killswitch", "ack deadline and ttl must be > 0")
         self._key = private_key
+        # what commands read back from the control topic are checked against (default: our own key)
+        own = private_key.public_key()
+        self._trusted = public_keys if public_keys is not None else {key_id(own): own}
+        self.unverified_commands = 0
         self.ack_deadline = timedelta(seconds=ack_deadline_s)
         self.ttl = timedelta(seconds=ttl_s)
         self.issuer = issuer
@@ -210,6 +217,7 @@ class ControlPlane:
     def from_settings(cls, control: ControlSettings, home: Path) -> ControlPlane:
         return cls(
             signing_key(control, home),
+            public_keys=trusted_keys(control, home),
             ack_deadline_s=control.killswitch_ack_deadline_s,
             ttl_s=control.killswitch_ttl_s,
             issuer=control.killswitch_issuer,
@@ -272,6 +280,43 @@ class ControlPlane:
             # topic is re-read too, and its acks get a full deadline to arrive
             self._track(cmd, since=at)
         return [command_event(cmd)]
+
+    def on_control_record(
+        self, raw: bytes, now: datetime | float | None = None
+    ) -> tuple[KillSwitchCommand | None, list[Event]]:
+        """A raw control-topic record -> (the command to record in ClickHouse, events for the detectors).
+
+        Commands that fail verification are not tracked, recorded or shown to
+        the detectors as halts (agents refuse them and report that themselves);
+        they are counted and logged by id. ``(None, [])`` for those.
+        """
+        at = _as_dt(now)
+        try:
+            cmd = KillSwitchCommand.from_json(raw)
+        except ValueError:  # pydantic's ValidationError is a ValueError
+            self.unverified_commands += 1
+            log.warning("malformed record on the control topic", extra={"bytes": len(raw)})
+            return None, []
+        try:
+            # no seen_ids: the worker reads its own commands back, and re-reads after a restart
+            verify(cmd, self._trusted, now=at, max_age_s=float("inf"), clock_skew_s=DEFAULT_CLOCK_SKEW_S)
+        except SignatureError as exc:
+            if refusal_reason(exc) != "expired":
+                self.unverified_commands += 1
+                log.warning("unverifiable command on the control topic",
+                            extra={"command_id": cmd.command_id[:64], "reason": str(exc)})
+                return None, []
+            return cmd, []  # genuine but over: worth recording, nothing to enforce or track
+        return cmd, self.on_command(cmd, at)
+
+    @staticmethod
+    def parse_ack(raw: bytes) -> ControlAck | None:
+        """A raw acks-topic record, or None (logged) when it is not an ack."""
+        try:
+            return ControlAck.from_json(raw)
+        except ValueError:
+            log.warning("malformed record on the acks topic", extra={"bytes": len(raw)})
+            return None
 
     def on_ack(self, ack: ControlAck) -> None:
         tracked = self._tracked.get(ack.command_id)

@@ -181,3 +181,16 @@ def test_tenant_halt_needs_one_obeying_agent(keys: tuple[str, str]) -> None:
     plane.on_command(cmd2, T0)
     plane.on_ack(ControlAck(command_id="t2", agent_id="x", tenant="acme", status=AckStatus.OBEYED, ts=T0))
     assert plane.tick(T0 + timedelta(seconds=11)) == []
+
+
+def test_control_records_read_back_are_verified_before_they_count(keys: tuple[str, str]) -> None:
+    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    good = sign(_cmd(command_id="g1"), load_private_key(keys[0]))
+    cmd, events = plane.on_control_record(good.to_json(), T0)
+    assert cmd == good and [e.command_id for e in events] == ["g1"]
+    forged = sign(_cmd(command_id="f1"), load_private_key(generate_keypair()[0]))
+    for raw in (forged.to_json(), _cmd(command_id="u1").to_json(), b"not json"):
+        assert plane.on_control_record(raw, T0) == (None, [])
+    assert plane.unverified_commands == 3
+    assert [c.command_id for c in plane.pending] == ["g1"]
+    assert ControlPlane.parse_ack(b"{}") is None
