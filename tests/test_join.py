@@ -212,3 +212,28 @@ def test_non_final_k8s_stage_is_stored_not_joined():
     assert ev.attributes["final"] == "false" and ev.trace_id
     out = feed(CorrelateStage(policy()), [ev], finish=False)
     assert out[ev.event_id].attributes[JOIN] == "not_final" and out[ev.event_id].agent_id == "ops-agent"
+
+
+@pytest.mark.parametrize("name,agent,tool", [("join_confirmed_k8s", "agent-ops", "call_scale_1"),
+                                             ("join_confirmed_cloudtrail", "agent-data", "call_export_1")])
+def test_real_k8s_line_and_cloudtrail_record_are_attributed_to_the_agent(name: str, agent: str, tool: str):
+    """The scenario inputs (real SDK spans, audit records in their documented formats)
+    through ingest and correlate, as replay runs them."""
+    from streams.replay import decode_any, records_in_event_time
+    from streams.stages import IngestStage
+
+    from detectors.policy import load_policy
+
+    d = Path(__file__).parent / "scenarios" / name
+    stage, ingest = CorrelateStage(load_policy(d / "policy.yaml")), IngestStage({}, default=decode_any)
+    out: list[Event] = []
+    for rec in records_in_event_time(sorted(p for p in d.iterdir() if p.suffix in (".jsonl", ".json", ".log"))):
+        routed = ingest.process([rec])
+        out += stage.process_local([e for evs in routed.by_trace.values() for e in evs])
+    out += stage.finish_local()
+    audits = [e for e in out if e.kind is EventKind.AUDIT and e.attributes.get("final") != "false"]
+    assert len(audits) == 1 and audits[0].attributes[JOIN] == "matched"
+    assert audits[0].agent_id == agent and audits[0].identity is IdentitySource.JOIN
+    assert audits[0].tool_call_id == tool
+    (tool_ev,) = [e for e in out if e.kind is EventKind.TOOL_CALL]
+    assert tool_ev.attributes[JOIN] == "matched" and tool_ev.correlation["join.audit_event_id"] == audits[0].event_id
