@@ -38,9 +38,9 @@ class EscalationBypass(Detector):
         self.config = policy.detectors.escalation_bypass
         self.high_risk = policy.high_risk
         self.ttl = policy.high_risk.approval_ttl_s
-        # approvals (any decision) of each agent, long enough back to cover an action
-        # that arrives up to the allowed lateness after them
-        self._approvals: SlidingWindow[AgentKey, Event] = SlidingWindow(self.ttl + policy.allowed_lateness_s)
+        # approvals (any decision) of each agent: a TTL back to cover an action, a second
+        # TTL to tell "approval expired" from "never approved", plus the allowed lateness
+        self._approvals: SlidingWindow[AgentKey, Event] = SlidingWindow(2 * self.ttl + policy.allowed_lateness_s)
         self._timers = TimerQueue()
 
     def _high_risk(self, ev: Event) -> str:
