@@ -17,6 +17,7 @@ from detectors.base import Detector, Finding
 from detectors.policy import Policy, first_match
 from detectors.resources import attributed, audit_final, touched
 from detectors.windows import SlidingWindow
+from schemas.alerts import Severity
 from schemas.events import Event, EventKind
 
 
@@ -66,7 +67,7 @@ class DisallowedAccess(Detector):
             ))
         return out
 
-    def _finding(self, event: Event, subject: str, severity, summary: str, labels: dict[str, str], *,
+    def _finding(self, event: Event, subject: str, severity: Severity, summary: str, labels: dict[str, str], *,
                  evidence: list[Event] | None = None, quiet_after_s: float = 300.0) -> Finding:
         return Finding(
             detector=self.name,
