@@ -122,11 +122,20 @@ def signing_key(control: ControlSettings, home: Path) -> Ed25519PrivateKey:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         private, _ = generate_keypair()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(private + "\n")
-        log.warning("no AGENTWATCH_CONTROL_PRIVATE_KEY: generated a development signing key",
-                    extra={"path": str(path)})
+        # written to a private temp file and linked into place: a process racing us (the
+        # demo and its worker) either creates the key or reads a complete one, never half
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(private + "\n")
+            os.link(tmp, path)
+            log.warning("no AGENTWATCH_CONTROL_PRIVATE_KEY: generated a development signing key",
+                        extra={"path": str(path)})
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            tmp.unlink(missing_ok=True)
     return load_private_key(str(path), what=f"development key {path}")
 
 
