@@ -117,10 +117,10 @@ def replay(paths: list[Path], policy: Policy) -> ReplayResult:
         result.events += routed.events
         result.dead.extend(routed.dead)
         batch = [ev for evs in routed.by_trace.values() for ev in evs]
-        attributed = correlate.process(batch)
+        attributed = correlate.process_local(batch)
         attributed += [ev for evs in routed.by_agent.values() for ev in evs]
         keep(detect.process(attributed))
-    keep(detect.process(correlate.finish()))
+    keep(detect.process(correlate.finish_local()))
     keep(detect.finish())
     result.alerts = sorted(latest.values(), key=lambda a: (a.first_seen, a.alert_id))
     return result
