@@ -72,6 +72,20 @@ class DetectionEngine:
         self.events_processed = 0
         self.duplicates_skipped = 0
 
+    def reload(self, policy: Policy) -> None:
+        """Put a new policy in force for the events that follow.
+
+        The watermark, redelivery memory and open alert episodes carry over, so
+        an alert in progress keeps its id. Detectors are rebuilt from the new
+        policy, which restarts their windows: a pattern that straddles the
+        reload is seen only from the reload on.
+        """
+        self.policy = policy
+        self.detectors = build_detectors(policy)
+        self.watermark.allowed_lateness_s = policy.allowed_lateness_s
+        self._modes = {name: cfg.mode for name, cfg in policy.detectors}
+        self._versions = {det.name: det.version for det in self.detectors}
+
     # -- feeding -------------------------------------------------------------------------
 
     def process(self, events: Iterable[Event], *, wall: float | None = None) -> list[Alert]:

@@ -36,11 +36,12 @@ import orjson
 from faust.types import EventT
 from faust.web import View
 
-from detectors.policy import Policy
+from detectors.policy import Policy, PolicyWatcher
 from schemas.alerts import Alert, Mode
 from schemas.errors import AgentwatchError, StoreError
 from schemas.events import Event, events_from_json, events_to_json
-from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, open_store
+from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, KillSwitchSink, open_store
+from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
 from streams.metrics import Metrics
 from streams.settings import Settings
@@ -59,8 +60,10 @@ def _now() -> float:
 class Pipeline:
     """One worker: the faust app, its stages, its store and its metrics."""
 
-    def __init__(self, settings: Settings, policy: Policy, bootstrap: str, partitions: dict[str, int]) -> None:
+    def __init__(self, settings: Settings, policy: Policy, bootstrap: str, partitions: dict[str, int],
+                 policy_watcher: PolicyWatcher | None = None) -> None:
         self.settings = settings
+        self.policy_watcher = policy_watcher
         # actual partition counts of the internal topics: events are packed per partition
         self.partitions = partitions
         self.policy = policy
@@ -89,6 +92,9 @@ class Pipeline:
         self.dlq = self.app.topic(s.topic_dlq, **raw)
         self.alerts = self.app.topic(s.topic_alerts, **raw)
         self.shadow_alerts = self.app.topic(s.topic_shadow_alerts, **raw)
+        self.control_topic = self.app.topic(s.topic_control, **raw)
+        self.acks_topic = self.app.topic(s.topic_acks, **raw)
+        self.control = ControlPlane.from_settings(control_settings(s), s.home_dir)
 
         self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in))
         self.correlate = CorrelateStage(policy)
@@ -100,6 +106,7 @@ class Pipeline:
         self.event_sink: EventSink | None = None
         self.alert_sink: AlertSink | None = None
         self.dlq_sink: DlqSink | None = None
+        self.killswitch_sink: KillSwitchSink | None = None
         self._positions: dict[tuple[str, int], int] = {}
         self.crashed: BaseException | None = None
 
@@ -119,6 +126,7 @@ class Pipeline:
         self.event_sink = EventSink(self.store)
         self.alert_sink = AlertSink(self.store)
         self.dlq_sink = DlqSink(self.store)
+        self.killswitch_sink = KillSwitchSink(self.store)
 
     def close(self) -> None:
         if self.store is not None:
@@ -137,6 +145,8 @@ class Pipeline:
         app.agent(self.by_trace, name="correlate")(self._fail_fast(self._correlate_agent))
         app.agent(self.by_agent, name="detect")(self._fail_fast(self._detect_agent))
         app.agent(self.dlq, name="dlq_store")(self._fail_fast(self._dlq_agent))
+        app.agent(self.control_topic, name="control")(self._fail_fast(self._control_agent))
+        app.agent(self.acks_topic, name="acks")(self._fail_fast(self._acks_agent))
         app.timer(interval=s.tick_s)(self._tick)
         app.timer(interval=5.0)(self._measure_lag)
         app.page("/metrics")(_view(get=self._metrics_view))
@@ -206,10 +216,9 @@ class Pipeline:
             attributed = self.correlate.process(events, wall=_now())
             self.metrics.late_events.labels("correlate").inc(self.correlate.late_events - late_before)
             await self._forward_to_agents(attributed)
-            # [issue 4 join] audit records matched through a secondary key (CloudTrail
-            # requestID ...) go round once more keyed by their trace, before this batch is acked
-            await self._all_delivered([self._send(self.by_trace, k, events_to_json(v))
-                                       for k, v in self.correlate.take_rekeyed().items()])
+            # audit records matched through a secondary key (CloudTrail requestID ...) go
+            # round once more keyed by their trace, before this batch is acked
+            await self._all_delivered(self._send_keyed(self.by_trace, self.correlate.take_rekeyed()))
             self.metrics.identity_pending.set(self.correlate.resolver.pending_count)
             self.metrics.stage_batch_seconds.labels("correlate").observe(time.perf_counter() - started)
 
@@ -249,11 +258,51 @@ class Pipeline:
                 )
             await self._flush(self.dlq_sink, "dlq")
 
+    async def _control_agent(self, stream: Any) -> None:
+        """Every command on the control topic (ours and people's): verified, recorded,
+        tracked for acknowledgement, and shown to the detectors as events."""
+        assert self.killswitch_sink is not None
+        async for batch in self._batches(stream):
+            events: list[Event] = []
+            for e in batch:
+                cmd, evs = self.control.on_control_record(e.value or b"", _now())
+                if cmd is not None:
+                    self.killswitch_sink.add(cmd)
+                events.extend(evs)
+            await self._flush(self.killswitch_sink, "killswitches")
+            await self._forward_to_agents(events, broadcast_unknown=True)
+
+    async def _acks_agent(self, stream: Any) -> None:
+        async for batch in self._batches(stream):
+            for e in batch:
+                ack = ControlPlane.parse_ack(e.value or b"")
+                if ack is not None:
+                    self.control.on_ack(ack)
+
+    def _check_policy(self) -> None:
+        """Hot reload: a changed policy file takes effect; a bad one keeps the last good policy."""
+        w = self.policy_watcher
+        if w is None:
+            return
+        error_before = w.last_error
+        if w.check():
+            self.detect.engine.reload(w.current)
+            self.metrics.policy_reloads.labels("ok").inc()
+            log.warning("policy reloaded", extra={"version": w.current.version, "hash": w.current.content_hash})
+        elif w.last_error is not None and w.last_error is not error_before:
+            self.metrics.policy_reloads.labels("rejected").inc()
+            log.error("policy reload rejected; keeping the last good policy",
+                      extra={"error": str(w.last_error), "version": w.current.version})
+
     async def _tick(self) -> None:
         """Event time goes on while traffic is quiet: close windows, fire timers."""
         now = _now()
+        self._check_policy()
         await self._forward_to_agents(self.correlate.tick(now))
-        alerts = self.detect.tick(now)
+        rekeyed = self.correlate.take_rekeyed()
+        if rekeyed:
+            await self._all_delivered(self._send_keyed(self.by_trace, rekeyed))
+        alerts = self.detect.tick(now) + self.control.tick(now)
         if alerts:
             await self._publish_alerts(alerts)
         self.metrics.open_alerts.set(len(self.detect.engine.open_alerts))
@@ -287,11 +336,21 @@ class Pipeline:
                                                                   "error": str(exc)})
         return events
 
-    async def _forward_to_agents(self, events: Iterable[Event]) -> None:
+    async def _forward_to_agents(self, events: Iterable[Event], *, broadcast_unknown: bool = False) -> None:
+        """Events to the detect stage keyed by agent. With ``broadcast_unknown``, events
+        that name no single agent (tenant- or fleet-wide halts) go to every partition."""
         groups: dict[str, list[Event]] = {}
+        broadcast: list[Event] = []
         for ev in events:
-            groups.setdefault(ev.agent_id or "unknown", []).append(ev)
-        await self._all_delivered(self._send_keyed(self.by_agent, groups))
+            if broadcast_unknown and not ev.agent_id:
+                broadcast.append(ev)
+            else:
+                groups.setdefault(ev.agent_id or "unknown", []).append(ev)
+        sends = self._send_keyed(self.by_agent, groups)
+        if broadcast:
+            n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.partitions)
+            sends += [self._send(self.by_agent, None, events_to_json(broadcast), partition=p) for p in range(n)]
+        await self._all_delivered(sends)
 
     def _send_keyed(self, topic: Any, groups: dict[str, list[Event]]) -> list[Any]:
         """One message per destination partition, not per key.
@@ -323,6 +382,10 @@ class Pipeline:
             log.warning("alert", extra={"alert_id": a.alert_id, "detector": a.detector,
                                         "agent_id": a.agent_id, "severity": a.severity.value,
                                         "count": a.count})
+        for cmd in self.control.on_alerts(alerts, _now()):
+            sends.append(self._send(self.control_topic, cmd.target.key, cmd.to_json()))
+            log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,
+                                                     "alert_id": cmd.alert_id})
         self.alert_sink.extend(alerts)
         await self._flush(self.event_sink, "events")
         await self._flush(self.alert_sink, "alerts")

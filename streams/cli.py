@@ -80,6 +80,39 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     return run_bench(settings, events=args.events, per_message=args.per_message)
 
 
+def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import killswitch
+    from streams.control_plane import control_settings, trusted_keys_text
+
+    if args.action == "list":
+        print(killswitch.format_active(killswitch.list_active(settings)))
+        return 0
+    if args.action == "pubkey":
+        print(trusted_keys_text(control_settings(settings), settings.home_dir))
+        return 0
+    if not args.target:
+        raise AgentwatchError(f"killswitch {args.action}: a TARGET is needed (agent:NAME, tenant:NAME or all)")
+    common = dict(scope=args.scope or (), issued_by=args.issued_by)
+    if args.action == "issue":
+        if not args.reason:
+            raise AgentwatchError("killswitch issue: --reason is required (it is recorded with the command)")
+        cmd = killswitch.issue(settings, args.target, reason=args.reason, ttl_s=args.ttl, **common)
+    else:
+        cmd = killswitch.lift(settings, args.target, reason=args.reason or "lifted", **common)
+    print(f"{cmd.action.value} {cmd.target.key}: command {cmd.command_id} issued by {cmd.issued_by}, "
+          f"expires {cmd.expires_at.isoformat()}")
+    return 0
+
+
+def _scorecard(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.scorecard import run_scorecard
+
+    corpus = Path(args.corpus)
+    if not corpus.is_dir():
+        raise AgentwatchError(f"{corpus}: no such directory")
+    return run_scorecard(corpus, Path(args.policy) if args.policy else None)
+
+
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, value, desc in describe_settings(settings):
         print(f"{name}={value}\n    {desc}")
@@ -116,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--events", type=int, default=200_000)
     be.add_argument("--per-message", type=int, default=100, help="events carried by one Kafka message")
     be.set_defaults(fn=_bench)
+
+    k = sub.add_parser("killswitch", help="issue, lift or list signed kill-switch commands")
+    k.add_argument("action", choices=["issue", "lift", "list", "pubkey"])
+    k.add_argument("target", nargs="?", help="agent:NAME, tenant:NAME or all")
+    k.add_argument("--reason", help="why (recorded with the command)")
+    k.add_argument("--scope", action="append", metavar="TOOL", help="only these tools (repeatable); default all")
+    k.add_argument("--ttl", type=float, default=3600.0, help="seconds until the halt expires (default 3600)")
+    k.add_argument("--issued-by", help="who issues it (default: your user@host)")
+    k.set_defaults(fn=_killswitch)
+
+    sc = sub.add_parser("scorecard", help="replay the behaviour corpus; per detector: expected, found, unexpected")
+    sc.add_argument("corpus", nargs="?", default="tests/scenarios")
+    sc.add_argument("--policy", help="policy file overriding the corpus policy")
+    sc.set_defaults(fn=_scorecard)
 
     s = sub.add_parser("settings", help="print every setting (AGENTWATCH_* variables) and its value")
     s.set_defaults(fn=_settings)

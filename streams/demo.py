@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from schemas.alerts import Alert
 from schemas.errors import AgentwatchError
 from streams.fleet import run_fleet
-from streams.kafka import all_topics, ensure_topics
+from streams.kafka import ensure_topics
 from streams.query import format_table, run_query
 from streams.settings import Settings
 from streams.worker import WorkerInfo, running_worker
@@ -75,7 +75,8 @@ def _print_alert(a: Alert) -> None:
 
 
 async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
-    await ensure_topics(bootstrap, all_topics(settings), settings.partitions)
+    await ensure_topics(bootstrap, [settings.topic_otlp, settings.topic_events_in, settings.topic_alerts],
+                        settings.partitions)
     consumer = AIOKafkaConsumer(settings.topic_alerts, bootstrap_servers=bootstrap, auto_offset_reset="latest")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await consumer.start()

@@ -51,7 +51,8 @@ def partition_for(key: str, partitions: int) -> int:
 
 
 async def ensure_topics(
-    bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15
+    bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15,
+    overrides: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Create missing topics (existing ones are left as they are); return each
     topic's actual partition count.
@@ -71,7 +72,8 @@ async def ensure_topics(
         if missing:
             try:
                 await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                    [NewTopic(t, num_partitions=(overrides or {}).get(t, partitions), replication_factor=1)
+                     for t in missing]
                 )
             except TopicAlreadyExistsError:
                 pass

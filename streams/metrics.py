@@ -27,6 +27,7 @@ class Metrics:
     stage_batch_seconds: Histogram
     consumer_lag: Gauge
     open_alerts: Gauge
+    policy_reloads: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -80,6 +81,8 @@ class Metrics:
                 ["topic", "partition"], registry=r,
             ),
             open_alerts=Gauge("agentwatch_open_alerts", "alert episodes still open", registry=r),
+            policy_reloads=Counter("agentwatch_policy_reloads_total", "policy file reloads, by result",
+                                   ["result"], registry=r),
         )
 
     def exposition(self) -> bytes:

@@ -11,14 +11,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from schemas.errors import ConfigError
+from streams.control_plane import ControlSettings
 
 ENV_PREFIX = "AGENTWATCH_"
 
 
-class Settings(BaseSettings):
+class Settings(ControlSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
     home: Path = Field(
@@ -49,6 +50,11 @@ class Settings(BaseSettings):
     topic_by_trace: str = Field("agentwatch.internal.by_trace", description="canonical events keyed by trace id")
     topic_by_agent: str = Field("agentwatch.internal.by_agent", description="attributed events keyed by agent id")
     partitions: int = Field(4, ge=1, description="partitions of the topics agentwatch creates")
+    detect_partitions: int = Field(
+        1, ge=1,
+        description="partitions of the agent-keyed detect topic; cross-agent detections (coordinated "
+        "incidents, shielding a halted peer, tenant budgets) see every agent only with 1",
+    )
 
     batch_max_messages: int = Field(500, ge=1, description="Kafka messages taken per processing batch")
     batch_within_s: float = Field(0.25, gt=0, description="longest wait to fill a batch")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import faust
 
-from detectors.policy import load_policy
+from detectors.policy import PolicyWatcher, load_policy
 from schemas.errors import AgentwatchError
 from streams.app import Pipeline
 from streams.kafka import all_topics, ensure_topics, resolve_bootstrap
@@ -53,9 +53,11 @@ def running_worker(settings: Settings) -> WorkerInfo | None:
 
 def run_worker(settings: Settings) -> None:
     setup_logging(settings.log_level, settings.log_format)
-    policy = load_policy(settings.policy_file)
+    watcher = PolicyWatcher(settings.policy_file) if settings.policy_file else None
+    policy = watcher.current if watcher else load_policy(None)
     bootstrap = resolve_bootstrap(settings)
-    partitions = asyncio.run(ensure_topics(bootstrap, all_topics(settings), settings.partitions))
+    partitions = asyncio.run(ensure_topics(bootstrap, all_topics(settings), settings.partitions,
+                                           overrides={settings.topic_by_agent: settings.detect_partitions}))
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())
     existing = running_worker(settings)
@@ -65,7 +67,7 @@ def run_worker(settings: Settings) -> None:
             f"{settings.dsn}; running more than one worker needs a ClickHouse server "
             "(AGENTWATCH_CLICKHOUSE_DSN=http://host:8123)"
         )
-    pipeline = Pipeline(settings, policy, bootstrap, partitions)
+    pipeline = Pipeline(settings, policy, bootstrap, partitions, watcher)
     pipeline.open_store()  # a locked embedded store fails here, before consuming anything
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", settings.dsn, bootstrap)

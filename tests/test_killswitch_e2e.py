@@ -24,11 +24,7 @@ from sinks.control import ControlPublisher
 from streams.client import AgentClient
 from tests.live import LiveWorker
 
-pytestmark = [
-    pytest.mark.kafka,
-    pytest.mark.skip(reason="needs the issue-5 worker wiring (ControlPlane in streams/app.py: halts published on "
-                            "the control topic, acks consumed, escalation on tick); the lead unskips it"),
-]
+pytestmark = pytest.mark.kafka
 
 PRIV, PUB = generate_keypair()
 KEY = load_private_key(PRIV)
