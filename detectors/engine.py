@@ -29,6 +29,8 @@ from schemas.alerts import Alert, Evidence, Mode, alert_id_for
 from schemas.events import Event, EventKind, IdentitySource
 
 MAX_EVIDENCE = 50
+# event-time granularity of window closing and timers within a batch
+TICK_EVERY_S = 1.0
 _ACTION = {Mode.SHADOW: "record", Mode.ALERT: "notify", Mode.ENFORCE: "halt"}
 
 
@@ -71,6 +73,7 @@ class DetectionEngine:
         self._seen: dict[str, float] = {}
         self.events_processed = 0
         self.duplicates_skipped = 0
+        self._ticked_at = -FOREVER
 
     def reload(self, policy: Policy) -> None:
         """Put a new policy in force for the events that follow.
@@ -103,6 +106,10 @@ class DetectionEngine:
             self._seen[ev.event_id] = ts
             self.watermark.observe(ts, wall)
             self.events_processed += 1
+            if self.watermark.value >= self._ticked_at + TICK_EVERY_S:
+                # windows close as event time passes inside a batch too, so a detector
+                # sees the same sequence whether its input came in one batch or many
+                out.extend(self._tick())
             if ev.kind is EventKind.AUDIT and ev.agent_id in ("", "unknown"):
                 # an audit record nobody attributed upstream: its principal may be an agent
                 agent = self.policy.agent_for_principal(ev.principal)
@@ -136,6 +143,7 @@ class DetectionEngine:
 
     def _tick(self) -> list[Alert]:
         wm = self.watermark.value
+        self._ticked_at = wm
         out: list[Alert] = []
         for det in self.detectors:
             for f in det.on_watermark(wm):
@@ -157,12 +165,14 @@ class DetectionEngine:
             a.count += 1
             ep.last_ts = max(ep.last_ts, f.ts)
             a.last_seen = _dt(ep.last_ts)
-            if f.severity.rank > a.severity.rank:
+            escalated = f.severity.rank > a.severity.rank
+            if escalated:
                 a.severity = f.severity
             a.summary = f.summary
             self._add_evidence(ep, f.evidence)
-            # re-send on doubling: on-call sees the storm grow without a message per repeat
-            if a.count >= 2 * ep.emitted_count:
+            # re-send on doubling (on-call sees the storm grow without a message per
+            # repeat) and at once when the condition got more severe
+            if escalated or a.count >= 2 * ep.emitted_count:
                 ep.emitted_count = a.count
                 out.append(a.model_copy(deep=True))
         else:

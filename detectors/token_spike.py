@@ -38,6 +38,8 @@ class _AgentState:
     last_closed: int | None = None
     # a few LLM calls of each still-open minute: the evidence of a spike
     evidence: dict[int, list[Event]] = field(default_factory=dict)
+    # open minutes already judged a spike as their tokens arrived
+    fired: set[int] = field(default_factory=set)
 
 
 class TokenSpike(Detector):
@@ -72,6 +74,9 @@ class TokenSpike(Detector):
         if len(ev_list) < EVIDENCE_PER_MINUTE:
             ev_list.append(event)
         findings: list[Finding] = []
+        spike = self._judge_open(key, self._minutes.bucket_of(ts), st)
+        if spike is not None:
+            findings.append(spike)
         for scope, who, table in (
             ("agent", event.agent_id, self.budgets.agent_tokens_per_hour),
             ("tenant", event.tenant, self.budgets.tenant_tokens_per_hour),
@@ -111,9 +116,12 @@ class TokenSpike(Detector):
                     st.baseline.update(0.0)
             st.last_closed = bucket
             evidence = st.evidence.pop(bucket, [])
-            f = self._judge(key, bucket, total, st, evidence)
-            if f is not None:
-                findings.append(f)
+            if bucket in st.fired:
+                st.fired.discard(bucket)  # already reported while the minute was open
+            else:
+                f = self._judge(key, bucket, total, st, evidence)
+                if f is not None:
+                    findings.append(f)
             st.baseline.update(total)
             st.active_minutes += 1
         # budgets are decided as tokens arrive; closed hours only need forgetting
@@ -122,11 +130,31 @@ class TokenSpike(Detector):
         self._budget_fired = {k for k in self._budget_fired if (k[3] + 1) * HOUR > watermark - HOUR}
         return findings
 
+    def _judge_open(self, key: AgentKey, bucket: int, st: _AgentState) -> Finding | None:
+        """A minute still open can already be over every threshold: say so now rather
+        than when the minute ends (on-call hears of a burst while it is happening)."""
+        if bucket in st.fired or st.active_minutes < self.config.min_active_minutes:
+            return None
+        total = self._minutes.current(key, bucket * MINUTE)
+        if total < self.config.min_tokens_per_minute:
+            return None
+        # judge against the baseline the minute will have when it closes: the quiet
+        # minutes since the last closed one count as zeros
+        baseline = MovingBaseline(st.baseline.alpha, st.baseline.mean, st.baseline.var, st.baseline.samples)
+        if st.last_closed is not None:
+            for _ in range(min(bucket - st.last_closed - 1, MAX_ZERO_FILL)):
+                baseline.update(0.0)
+        f = self._judge(key, bucket, total, st, list(st.evidence.get(bucket, [])), baseline=baseline)
+        if f is not None:
+            st.fired.add(bucket)
+        return f
+
     def _judge(
-        self, key: AgentKey, bucket: int, total: float, st: _AgentState, evidence: list[Event]
+        self, key: AgentKey, bucket: int, total: float, st: _AgentState, evidence: list[Event],
+        baseline: MovingBaseline | None = None,
     ) -> Finding | None:
         cfg = self.config
-        b = st.baseline
+        b = baseline or st.baseline
         if total < cfg.min_tokens_per_minute or st.active_minutes < cfg.min_active_minutes:
             return None
         by_std = b.mean + cfg.std_devs * b.std

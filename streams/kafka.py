@@ -78,8 +78,16 @@ async def ensure_topics(
             except TopicAlreadyExistsError:
                 pass
             log.info("created topics", extra={"topics": missing})
-        described = await admin.describe_topics(topics)
-        return {t["topic"]: len(t["partitions"]) for t in described}
+        # just-created topics can show no partitions until the metadata settles
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(topics)}
+            if all(counts.get(t, 0) > 0 for t in topics):
+                return counts
+            if asyncio.get_running_loop().time() > deadline:
+                raise BrokerError(f"topics without partitions after {timeout_s:.0f}s: "
+                                  f"{[t for t in topics if not counts.get(t)]}")
+            await asyncio.sleep(0.2)
     finally:
         await _close(admin)
 

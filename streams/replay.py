@@ -33,18 +33,25 @@ _AUDIT_MARKERS = (b'"audit.k8s.io/', b'"Records"', b'"eventSource"', b'"class_ui
                   b'"kind": "audit"')
 
 
-def decode_any(payload: bytes, *, origin: str = "") -> DecodeResult:
-    """Pick the decoder for one recorded record by what it contains."""
+def classify(payload: bytes) -> str:
+    """Which input a recorded record belongs to: "otlp", "audit" or "native" (the
+    live worker reads them from three topics; a file mixes them)."""
     head = payload.lstrip()[:1]
     if head not in (b"{", b"["):
-        if b"AUDIT:" in payload:
-            return decode_audit(payload, origin=origin)
-        return decode_otlp(payload, origin=origin)  # binary: an otlp_proto dump
+        return "audit" if b"AUDIT:" in payload else "otlp"  # binary: an otlp_proto dump
     if any(m in payload for m in _OTLP_MARKERS):
-        return decode_otlp(payload, origin=origin)
+        return "otlp"
     if any(m in payload for m in _AUDIT_MARKERS):
-        return decode_audit(payload, origin=origin)
-    return decode_native(payload, origin=origin)
+        return "audit"
+    return "native"
+
+
+_DECODERS = {"otlp": decode_otlp, "audit": decode_audit, "native": decode_native}
+
+
+def decode_any(payload: bytes, *, origin: str = "") -> DecodeResult:
+    """Pick the decoder for one recorded record by what it contains."""
+    return _DECODERS[classify(payload)](payload, origin=origin)
 
 
 def read_records(path: Path) -> Iterator[RawRecord]:

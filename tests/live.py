@@ -168,6 +168,30 @@ class LiveWorker:
         self.consume(topic, check, timeout=timeout)
         return list(latest.values())
 
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples on the worker's /metrics endpoint."""
+        import urllib.request
+
+        info = running_worker(self.settings)
+        assert info is not None, self.log_tail()
+        text = urllib.request.urlopen(info.url + "/metrics", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
+
+    def wait_settled(self, *, settle_s: float = 3.0, timeout: float = 120) -> float:
+        """Wait until the detect stage has seen events and then nothing new for ``settle_s``
+        (a loaded machine can take a while to start consuming); return the events seen."""
+        deadline = time.monotonic() + timeout
+        last, since = -1.0, time.monotonic()
+        while time.monotonic() < deadline:
+            n = self.metric("agentwatch_events_detected_total")
+            if n != last:
+                last, since = n, time.monotonic()
+            elif n > 0 and time.monotonic() - since >= settle_s:
+                return n
+            time.sleep(0.5)
+        raise TimeoutError(f"worker did not settle ({last} events):\n{self.log_tail()}")
+
     # -- ClickHouse ------------------------------------------------------------------------
 
     def query(self, sql: str) -> QueryResult:

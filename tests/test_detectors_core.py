@@ -163,3 +163,19 @@ def test_idle_event_time_follows_wall_clock_so_episodes_close_without_traffic():
     assert eng.tick(wall + 10) == [] and eng.open_alerts  # quiet period not over yet
     eng.tick(wall + 30 + 60 + 1)  # allowed lateness + quiet period of wall time later
     assert eng.open_alerts == []
+
+
+def test_an_alert_that_becomes_more_severe_is_re_sent_at_once():
+    from detectors.base import Finding
+    from schemas.alerts import Severity
+
+    eng = DetectionEngine(parse_policy({}))
+
+    def finding(ts: float, sev: Severity) -> Finding:
+        return Finding("retry_loop", "a1", "default", "s", 0.0, ts, sev, "x", [tool(int(ts))])
+
+    out: list = []
+    eng._merge(finding(1, Severity.LOW), out)
+    eng._merge(finding(2, Severity.LOW), out)  # count 2: doubling re-send
+    eng._merge(finding(3, Severity.HIGH), out)  # count 3: no doubling, but more severe
+    assert [a.severity for a in out] == [Severity.LOW, Severity.LOW, Severity.HIGH]
