@@ -9,6 +9,7 @@ the user can run again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -21,12 +22,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas.alerts import Alert
 from schemas.errors import AgentwatchError
-from streams.fleet import run_fleet
+from schemas.control import KillSwitchCommand
+from streams.client import AgentClient
+from streams.control_plane import control_settings, trusted_keys_text
+from streams.fleet import default_fleet, run_fleet
+from streams.killswitch import format_active, list_active
 from streams.kafka import ensure_topics
 from streams.query import format_table, run_query
 from streams.settings import Settings
 from streams.worker import WorkerInfo, running_worker
 
+DEMO_POLICY = Path(__file__).resolve().parent.parent / "deploy" / "policies" / "demo.yaml"
 DEMO_QUERY = (
     "SELECT detector, agent_id, severity, count, summary "
     "FROM agentwatch.alerts_latest ORDER BY first_seen"
@@ -40,6 +46,8 @@ def say(msg: str) -> None:
 def _start_worker(settings: Settings, bootstrap: str) -> tuple[subprocess.Popen[bytes], WorkerInfo]:
     log_path = settings.home_dir / "worker.log"
     env = {**os.environ, "AGENTWATCH_BOOTSTRAP": bootstrap, "AGENTWATCH_HOME": str(settings.home_dir)}
+    if settings.policy_file is None:
+        env["AGENTWATCH_POLICY_FILE"] = str(DEMO_POLICY)  # retry_loop in enforce mode: kill switches
     if settings.web_port == 6066:
         env["AGENTWATCH_WEB_PORT"] = "0"  # do not collide with another faust app on the default port
     with log_path.open("ab") as out:
@@ -79,8 +87,29 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
                         settings.partitions)
     consumer = AIOKafkaConsumer(settings.topic_alerts, bootstrap_servers=bootstrap, auto_offset_reset="latest")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    fleet = default_fleet()
+    first_alert: dict[str, float] = {}
+    keys = trusted_keys_text(control_settings(settings), settings.home_dir)
+
+    def on_halt_for(agent_id: str):  # noqa: ANN202 - a closure per agent
+        def on_halt(cmd: KillSwitchCommand) -> None:
+            since = first_alert.get(agent_id)
+            latency = f", {1000 * (time.monotonic() - since):.0f} ms after its first alert" if since else ""
+            say(f"  HALT  {agent_id} verified and obeyed kill switch {cmd.command_id[:12]} "
+                f"(issued by {cmd.issued_by}{latency}): it stops acting and acknowledges")
+        return on_halt
+
+    # each simulated agent listens for kill switches like a real one (lookback 0: a fresh demo run
+    # starts its agents un-halted even if an earlier run halted them)
+    clients = {a.agent_id: AgentClient(a.agent_id, bootstrap, tenant=a.tenant, public_keys=keys,
+                                       on_halt=on_halt_for(a.agent_id), events_topic=settings.topic_events_in,
+                                       control_topic=settings.topic_control, acks_topic=settings.topic_acks,
+                                       lookback_s=0)
+               for a in fleet}
     await consumer.start()
     await producer.start()
+    for c in clients.values():
+        await c.start()
     seen: dict[str, Alert] = {}
     try:
         await consumer.seek_to_end()
@@ -89,6 +118,7 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
             async for msg in consumer:
                 a = Alert.model_validate(orjson.loads(msg.value))
                 seen[a.alert_id] = a
+                first_alert.setdefault(a.agent_id, time.monotonic())
                 _print_alert(a)
 
         watcher = asyncio.create_task(watch())
@@ -96,11 +126,16 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
             "(5 agents: 3 healthy, ops-bot-7 stuck in a retry loop, research-agent-3 failing; "
             "plus 3 malformed records for the DLQ)...")
         sent = await run_fleet(producer, otlp_topic=settings.topic_otlp, events_topic=settings.topic_events_in,
-                               duration_s=duration_s)
+                               duration_s=duration_s, fleet=fleet, clients=clients)
         say(f"fleet done: {sent} messages published; waiting for the last alerts...")
         await asyncio.sleep(8)
         watcher.cancel()
+        halted = sorted(a for a, c in clients.items() if c.halted)
+        say(f"agents halted by a kill switch: {', '.join(halted) or 'none'}; "
+            f"still running: {', '.join(sorted(set(clients) - set(halted)))}")
     finally:
+        for c in clients.values():
+            await c.stop()
         await producer.stop()
         await consumer.stop()
     return len(seen)
@@ -110,6 +145,8 @@ def run_demo(settings: Settings, *, duration_s: float, keep_running: bool) -> in
     from deploy import broker
 
     settings.home_dir.mkdir(parents=True, exist_ok=True)
+    # the demo prints what its simulated agents do itself; their client's own log lines would repeat it
+    logging.getLogger("agentwatch.client").setLevel(logging.ERROR)
     started_broker = False
     bootstrap = settings.bootstrap
     if not bootstrap:
@@ -136,6 +173,8 @@ def run_demo(settings: Settings, *, duration_s: float, keep_running: bool) -> in
         dlq = run_query(settings, "SELECT topic, reason FROM agentwatch.dlq ORDER BY received_at")
         say("\nmalformed input kept in the DLQ with its reason:")
         say(format_table(dlq.columns, dlq.rows))
+        say("\nkill switches in force (agentwatch killswitch list):")
+        say(format_active(list_active(settings)))
     finally:
         if worker_proc is not None and not keep_running:
             _stop(worker_proc)

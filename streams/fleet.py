@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 from schemas.otlp_json import request_to_otlp_json
+from streams.client import AgentClient
 
 
 @dataclass
@@ -147,9 +148,16 @@ async def run_fleet(
     duration_s: float,
     fleet: list[SimAgent] | None = None,
     on_send: Callable[[str], None] | None = None,
+    clients: dict[str, AgentClient] | None = None,
 ) -> int:
-    """Publish the fleet's traffic for ``duration_s``; return the messages sent."""
+    """Publish the fleet's traffic for ``duration_s``; return the messages sent.
+
+    With ``clients`` (agent id -> started AgentClient), each agent obeys the kill
+    switch the way a real one would: it checks ``allowed(tool)`` before every
+    step and stays idle while halted.
+    """
     fleet = fleet or default_fleet()
+    clients = clients or {}
     emitters = {a.agent_id: OtelEmitter(a) for a in fleet if a.wire != "native"}
     deadline = time.monotonic() + duration_s
     sent = 0
@@ -160,7 +168,11 @@ async def run_fleet(
 
     async def drive(agent: SimAgent) -> None:
         nonlocal sent
+        client = clients.get(agent.agent_id)
         while time.monotonic() < deadline:
+            if client is not None and client.halted:
+                await asyncio.sleep(0.5)  # obeying a halt: no tool calls, no LLM calls
+                continue
             key = agent.agent_id.encode()
             if agent.wire == "native":
                 await producer.send_and_wait(events_topic, native_turn(agent), key=key)
