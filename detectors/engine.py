@@ -69,6 +69,9 @@ class DetectionEngine:
         self._versions = {det.name: det.version for det in self.detectors}
         self._episodes: dict[tuple[str, str, str, str], _Episode] = {}
         self._closing = TimerQueue()
+        # alert ids whose condition has cleared (quiet period over), for outputs that resolve
+        # alerts (Alertmanager); the caller drains the list
+        self.resolved: list[str] = []
         # event ids seen recently, by event time, so a redelivered batch is not counted twice
         self._seen: dict[str, float] = {}
         self.events_processed = 0
@@ -152,6 +155,7 @@ class DetectionEngine:
             ep = self._episodes.pop(timer.key)  # type: ignore[arg-type]
             if ep.alert.count != ep.emitted_count:
                 out.append(ep.alert.model_copy(deep=True))
+            self.resolved.append(ep.alert.alert_id)
         if len(self._seen) > 100_000 or wm == FOREVER:
             horizon = wm - 2 * self.policy.allowed_lateness_s - 3600
             self._seen = {k: t for k, t in self._seen.items() if t >= horizon}

@@ -44,6 +44,7 @@ from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, Eve
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
 from streams.metrics import Metrics
+from streams.outputs import build_router
 from streams.settings import Settings
 from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, decoder_for_topics
 
@@ -95,6 +96,7 @@ class Pipeline:
         self.control_topic = self.app.topic(s.topic_control, **raw)
         self.acks_topic = self.app.topic(s.topic_acks, **raw)
         self.control = ControlPlane.from_settings(control_settings(s), s.home_dir)
+        self.router = build_router(s, self.metrics.registry)
 
         self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in))
         self.correlate = CorrelateStage(policy)
@@ -148,6 +150,8 @@ class Pipeline:
         app.agent(self.control_topic, name="control")(self._fail_fast(self._control_agent))
         app.agent(self.acks_topic, name="acks")(self._fail_fast(self._acks_agent))
         app.timer(interval=s.tick_s)(self._tick)
+        if self.router is not None:
+            app.task(self._start_outputs)
         app.timer(interval=5.0)(self._measure_lag)
         app.page("/metrics")(_view(get=self._metrics_view))
         app.page("/query")(_view(post=self._query_view))
@@ -294,10 +298,19 @@ class Pipeline:
             log.error("policy reload rejected; keeping the last good policy",
                       extra={"error": str(w.last_error), "version": w.current.version})
 
+    async def _start_outputs(self) -> None:
+        assert self.router is not None
+        await self.router.start()
+
     async def _tick(self) -> None:
         """Event time goes on while traffic is quiet: close windows, fire timers."""
         now = _now()
         self._check_policy()
+        resolved, self.detect.engine.resolved = self.detect.engine.resolved, []
+        if self.router is not None:
+            for alert_id in resolved:
+                # a resolution waits on the output (retries); it must not hold up the tick
+                asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
         await self._forward_to_agents(self.correlate.tick(now))
         rekeyed = self.correlate.take_rekeyed()
         if rekeyed:
@@ -382,6 +395,9 @@ class Pipeline:
             log.warning("alert", extra={"alert_id": a.alert_id, "detector": a.detector,
                                         "agent_id": a.agent_id, "severity": a.severity.value,
                                         "count": a.count})
+        if self.router is not None:
+            for a in alerts:
+                self.router.submit(a)  # queued per output; never waits (shadow alerts are withheld)
         for cmd in self.control.on_alerts(alerts, _now()):
             sends.append(self._send(self.control_topic, cmd.target.key, cmd.to_json()))
             log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,

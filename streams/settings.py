@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from schemas.alerts import Severity
 from schemas.errors import ConfigError
 from streams.control_plane import ControlSettings
 
@@ -63,6 +64,15 @@ class Settings(ControlSettings):
     )
     tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
 
+    alertmanager_url: str = Field("", description="Prometheus Alertmanager base URL (http://host:9093); empty = off")
+    webhook_url: str = Field("", description="generic webhook receiving {\"alerts\": [...]} POSTs; empty = off")
+    page_min_severity: Severity = Field(
+        Severity.MEDIUM, description="alerts at or above this severity go to Alertmanager and the webhook; "
+        "below it they stay on the alerts topic and in ClickHouse"
+    )
+    runbook_base_url: str = Field(
+        "https://github.com/agentwatch/agentwatch/blob/main/README.md", description="runbook link in annotations"
+    )
     web_host: str = Field("127.0.0.1", description="bind address of /metrics and the read-only /query endpoint")
     web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics and /query; 0 = pick a free port")
     log_level: str = Field("warning", description="debug, info, warning or error")
