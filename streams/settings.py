@@ -62,6 +62,11 @@ class Settings(ControlSettings):
     max_events_per_message: int = Field(
         500, ge=1, description="events packed into one message between stages (keeps messages well under 1 MB)"
     )
+    state_rebuild_s: float = Field(
+        3600.0, ge=0,
+        description="seconds of the internal topics a starting worker re-reads to rebuild detector state "
+        "(windows, timers, waiting spans) up to its committed offsets; 0 = start empty",
+    )
     tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
 
     alertmanager_url: str = Field("", description="Prometheus Alertmanager base URL (http://host:9093); empty = off")

@@ -19,6 +19,7 @@ from streams.app import Pipeline
 from streams.kafka import all_topics, ensure_topics, resolve_bootstrap
 from streams.logs import setup_logging
 from streams.settings import Settings
+from streams.warmup import rebuild_state
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ def run_worker(settings: Settings) -> None:
         )
     pipeline = Pipeline(settings, policy, bootstrap, partitions, watcher)
     pipeline.open_store()  # a locked embedded store fails here, before consuming anything
+    asyncio.run(rebuild_state(
+        bootstrap=bootstrap, group=settings.app_id, by_trace_topic=settings.topic_by_trace,
+        by_agent_topic=settings.topic_by_agent, correlate=pipeline.correlate, detect=pipeline.detect,
+        horizon_s=settings.state_rebuild_s,
+    ))
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", settings.dsn, bootstrap)
     settings.worker_file.write_text(json.dumps(record.__dict__))
