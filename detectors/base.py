@@ -35,6 +35,25 @@ class Finding:
     quiet_after_s: float = 60.0
     labels: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def of_event(
+        cls,
+        detector: str,
+        event: Event,
+        subject: str,
+        severity: Severity,
+        summary: str,
+        labels: dict[str, str],
+        *,
+        evidence: list[Event] | None = None,
+        quiet_after_s: float = 300.0,
+    ) -> "Finding":
+        """A condition revealed by one event: its agent, its time, and it as evidence."""
+        ts = event.ts_seconds
+        return cls(detector=detector, agent_id=event.agent_id, tenant=event.tenant, subject=subject,
+                   episode_start=ts, ts=ts, severity=severity, summary=summary,
+                   evidence=evidence or [event], quiet_after_s=quiet_after_s, labels=labels)
+
 
 class Detector(ABC):
     name: ClassVar[str]

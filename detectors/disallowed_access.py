@@ -69,19 +69,8 @@ class DisallowedAccess(Detector):
 
     def _finding(self, event: Event, subject: str, severity: Severity, summary: str, labels: dict[str, str], *,
                  evidence: list[Event] | None = None, quiet_after_s: float = 300.0) -> Finding:
-        return Finding(
-            detector=self.name,
-            agent_id=event.agent_id,
-            tenant=event.tenant,
-            subject=subject,
-            episode_start=event.ts_seconds,
-            ts=event.ts_seconds,
-            severity=severity,
-            summary=summary,
-            evidence=evidence or [event],
-            quiet_after_s=quiet_after_s,
-            labels=labels,
-        )
+        return Finding.of_event(self.name, event, subject, severity, summary, labels, evidence=evidence,
+                                quiet_after_s=quiet_after_s)
 
     def on_watermark(self, watermark: float) -> list[Finding]:
         self._denies.expire(watermark)

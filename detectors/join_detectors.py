@@ -29,14 +29,7 @@ _QUIET_S = 600.0
 
 def _finding(detector: str, event: Event, subject: str, severity: Severity, summary: str,
              labels: dict[str, str]) -> list[Finding]:
-    ts = event.ts_seconds
-    return [
-        Finding(
-            detector=detector, agent_id=event.agent_id, tenant=event.tenant, subject=subject,
-            episode_start=ts, ts=ts, severity=severity, summary=summary, evidence=[event],
-            quiet_after_s=_QUIET_S, labels=labels,
-        )
-    ]
+    return [Finding.of_event(detector, event, subject, severity, summary, labels, quiet_after_s=_QUIET_S)]
 
 
 class UnattributedSideEffect(Detector):
