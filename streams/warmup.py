@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
+from schemas.errors import BrokerError
 from schemas.events import Event, events_from_json
 from streams.stages import CorrelateStage, DetectStage
 
@@ -34,11 +36,20 @@ class WarmupReport:
     seconds: float = 0.0
 
 
-async def _committed(bootstrap: str, group: str) -> dict[TopicPartition, int]:
+async def _committed(bootstrap: str, group: str, *, timeout_s: float = 60) -> dict[TopicPartition, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
+    deadline = time.monotonic() + timeout_s
     try:
-        offsets = await admin.list_consumer_group_offsets(group)
+        while True:
+            try:
+                offsets = await admin.list_consumer_group_offsets(group)
+                break
+            except KafkaError as exc:
+                # a fresh broker has no group coordinator until __consumer_offsets exists
+                if not exc.retriable or time.monotonic() > deadline:
+                    raise BrokerError(f"cannot read the committed offsets of group {group!r}: {exc}") from None
+                await asyncio.sleep(0.5)
     finally:
         await admin.close()
     return {tp: meta.offset for tp, meta in offsets.items() if meta is not None and meta.offset >= 0}
