@@ -1,7 +1,8 @@
 """retry_loop: an agent stuck repeating a tool call.
 
 Two shapes of the same failure: the same agent calls the same tool with the
-same normalised arguments ``same_call_threshold`` times within ``window_s``;
+same normalised arguments ``same_call_threshold`` times within ``window_s``
+(only when arguments were recorded);
 or one tool fails ``consecutive_failures`` times in a row whatever its
 arguments. Arguments are fingerprinted by the decoders after normalisation
 (key order, whitespace), so cosmetic differences do not hide a loop.
@@ -32,7 +33,10 @@ class RetryLoop(Detector):
         tool = event.tool_name
         ts = event.ts_seconds
 
-        same = self._calls.add((event.tenant, event.agent_id, tool, event.args_fingerprint), ts, event)
+        # arguments are opt-in in the GenAI conventions: with none recorded, "the same
+        # arguments" cannot be told apart from different ones, so only failures count
+        same = self._calls.add((event.tenant, event.agent_id, tool, event.args_fingerprint), ts, event) \
+            if event.args_fingerprint else []
         if len(same) >= cfg.same_call_threshold:
             # the first finding of an episode carries the whole window as evidence;
             # later ones only the new call (the engine accumulates them)

@@ -179,3 +179,10 @@ def test_an_alert_that_becomes_more_severe_is_re_sent_at_once():
     eng._merge(finding(2, Severity.LOW), out)  # count 2: doubling re-send
     eng._merge(finding(3, Severity.HIGH), out)  # count 3: no doubling, but more severe
     assert [a.severity for a in out] == [Severity.LOW, Severity.LOW, Severity.HIGH]
+
+
+def test_calls_without_recorded_arguments_are_not_taken_for_identical_ones():
+    eng = DetectionEngine(parse_policy({}))
+    events = [tool(i * 5, args="") for i in range(7)]  # instrumentation did not record arguments
+    assert all(e.args_fingerprint == "" for e in events)
+    assert eng.process(events) + eng.finish() == []
