@@ -326,9 +326,10 @@ def _find_java() -> str:
 def _format_storage(java: str, classpath: str, log4j: str, props: Path, log_path: Path) -> None:
     # A static quorum (controller.quorum.voters) is formatted with the cluster
     # id alone; --standalone is only for dynamic quorums and is refused here.
+    # "--cluster-id=ID", not "-t ID": a base64url id may begin with "-" and read as an option
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     cmd = [java, *_JVM_OPTS, log4j, "-cp", classpath, "kafka.tools.StorageTool",
-           "format", "-t", cluster_id, "-c", str(props)]
+           "format", f"--cluster-id={cluster_id}", "-c", str(props)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:

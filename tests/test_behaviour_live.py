@@ -46,12 +46,27 @@ def quick_policy(scenario: Scenario, directory: Path) -> Path:
     return path
 
 
+def wait_ingested(w: LiveWorker, messages: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while w.metric("agentwatch_messages_in_total") < messages:
+        assert time.monotonic() < deadline, w.log_tail()
+        time.sleep(0.2)
+
+
 def run_live(scenario: Scenario, policy: Path, bootstrap: str, home: Path) -> list[Alert]:
     with LiveWorker(bootstrap, home, policy=policy, partitions=1) as w:
         topics = {"otlp": w.settings.topic_otlp, "audit": w.settings.topic_audit_in,
                   "native": w.settings.topic_events_in}
+        produced, last_topic = 0, None
         for rec in records_in_event_time(scenario.inputs):
-            w.produce(topics[classify(rec.value)], [rec.value])
+            topic = topics[classify(rec.value)]
+            if last_topic is not None and topic != last_topic:
+                # Kafka orders records within a partition, not across topics; a record of
+                # another source waits until the worker has read what came before it, so
+                # the worker sees the event-time order replay sees
+                wait_ingested(w, produced)
+            w.produce(topic, [rec.value])
+            produced, last_topic = produced + 1, topic
         w.wait_settled()
         # then at least long enough for the join window and the lateness to pass in idle
         # event time (so an unexpected alert would have fired), and until every expected
