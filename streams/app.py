@@ -149,7 +149,7 @@ class Pipeline:
         app.agent(self.dlq, name="dlq_store")(self._fail_fast(self._dlq_agent))
         app.agent(self.control_topic, name="control")(self._fail_fast(self._control_agent))
         app.agent(self.acks_topic, name="acks")(self._fail_fast(self._acks_agent))
-        app.timer(interval=s.tick_s)(self._tick)
+        app.timer(interval=s.tick_s)(self._guarded_tick)
         if self.router is not None:
             app.task(self._start_outputs)
         app.timer(interval=5.0)(self._measure_lag)
@@ -180,6 +180,15 @@ class Pipeline:
 
         guarded.__name__ = stage.__name__
         return guarded
+
+    async def _guarded_tick(self) -> None:
+        # faust passes the app to a timer that takes an argument, so the tick gets its
+        # own zero-argument guard: a failed tick (alerts not delivered) stops the worker too
+        async def tick(_: Any) -> None:
+            await self._tick()
+
+        tick.__name__ = "_tick"
+        await self._fail_fast(tick)(None)
 
     def _stop_worker(self) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
