@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import secrets
 from collections.abc import Container, Mapping
 from datetime import datetime, timedelta

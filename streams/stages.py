@@ -125,13 +125,6 @@ def _dead(f: Failure, rec: RawRecord) -> DeadLetter:
     return DeadLetter(f.raw, f.reason, f.source, rec.topic, rec.partition, rec.offset)
 
 
-def group_by_agent(events: Iterable[Event]) -> dict[str, list[Event]]:
-    groups: dict[str, list[Event]] = defaultdict(list)
-    for ev in events:
-        groups[ev.agent_id or "unknown"].append(ev)
-    return groups
-
-
 class CorrelateStage:
     """Keyed by trace (or join bucket): decides each span's agent and joins audit
     records with the spans that caused them.
