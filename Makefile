@@ -17,7 +17,7 @@ $(BIN)/agentwatch: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python >= 3.11 is required" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[server,test]'
 	@touch $@
 
 # Java 17+ and Maven run the real Kafka broker; Alertmanager is a real peer in tests.

@@ -7,9 +7,11 @@ print it on one line instead of a traceback.
 
 from __future__ import annotations
 
+# the errors an agent can meet are defined with the client (installed without the server)
+from agentwatch_client.errors import AgentwatchError, BrokerError, ConfigError, SignatureError
 
-class AgentwatchError(Exception):
-    """Base of every error agentwatch raises on purpose."""
+__all__ = ["AgentwatchError", "BrokerError", "ConfigError", "DecodeError", "PolicyError", "SignatureError",
+           "StoreError"]
 
 
 class DecodeError(AgentwatchError):
@@ -20,28 +22,11 @@ class DecodeError(AgentwatchError):
         self.reason = reason
 
 
-class ConfigError(AgentwatchError):
-    """A setting or policy value is wrong: names the key and the problem."""
-
-    def __init__(self, key: str, problem: str, *, source: str = "") -> None:
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: {problem}")
-        self.key = key
-        self.problem = problem
-        self.source = source
-
-
 class PolicyError(ConfigError):
     """The detector policy file is invalid."""
-
-
-class BrokerError(AgentwatchError):
-    """The Kafka broker could not be started, reached or stopped."""
 
 
 class StoreError(AgentwatchError):
     """ClickHouse could not be opened, written or queried."""
 
 
-class SignatureError(AgentwatchError):
-    """A kill-switch command failed verification (forged, unsigned, expired, replayed)."""

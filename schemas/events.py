@@ -8,13 +8,14 @@ empty default. ``KIND_FIELDS`` documents which fields belong to which kind.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# shared with the agent client, which is installed without the server: defined there, once
+from agentwatch_client.wire import fingerprint_arguments, stable_id, utc  # noqa: F401 (re-exported)
 
 
 class EventKind(StrEnum):
@@ -66,44 +67,8 @@ AUDIT_OUTCOMES = frozenset({"allow", "deny", "error"})
 APPROVAL_DECISIONS = frozenset({"granted", "denied", "pending"})
 
 
-def utc(ts: datetime) -> datetime:
-    """Normalise a datetime to aware UTC (naive values are taken to be UTC)."""
-    if ts.tzinfo is None:
-        return ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc)
-
-
 def from_unix_nanos(nanos: int) -> datetime:
     return datetime.fromtimestamp(nanos / 1e9, tz=timezone.utc)
-
-
-def stable_id(*parts: object) -> str:
-    """A short, stable id derived from a source's own ids (replays deduplicate)."""
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        h.update(str(p).encode())
-        h.update(b"\x1f")
-    return h.hexdigest()
-
-
-def fingerprint_arguments(arguments: Any) -> str:
-    """Fingerprint tool-call arguments independent of key order and whitespace.
-
-    A JSON string is parsed first, so ``'{"a": 1, "b":2}'`` and
-    ``{"b": 2, "a": 1}`` fingerprint the same; text that is not JSON is
-    compared with its whitespace collapsed.
-    """
-    if arguments is None or arguments == "":
-        return ""
-    value = arguments
-    if isinstance(arguments, (bytes, str)):
-        try:
-            value = orjson.loads(arguments)
-        except orjson.JSONDecodeError:
-            text = arguments.decode(errors="replace") if isinstance(arguments, bytes) else arguments
-            value = " ".join(text.split())
-    canonical = orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
-    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
 
 
 class Event(BaseModel):

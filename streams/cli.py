@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 from schemas.errors import AgentwatchError
-from streams.settings import Settings, describe_settings, load_settings
+
+try:
+    from streams.settings import Settings, describe_settings, load_settings
+except ModuleNotFoundError as _missing:  # a client-only install (pip install agentwatch)
+    _SERVER_MISSING: str | None = _missing.name
+else:
+    _SERVER_MISSING = None
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> int:
@@ -170,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _SERVER_MISSING:
+        print(f"agentwatch: the server is not installed (no module {_SERVER_MISSING!r}); "
+              "install it with: pip install 'agentwatch[server]'", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace, Settings], int] = args.fn
     try:

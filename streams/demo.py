@@ -20,10 +20,10 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from agentwatch_client import AgentClient
 from schemas.alerts import Alert
 from schemas.errors import AgentwatchError
 from schemas.control import KillSwitchCommand
-from streams.client import AgentClient
 from streams.control_plane import control_settings, trusted_keys_text
 from streams.fleet import default_fleet, run_fleet
 from streams.killswitch import format_active, list_active

@@ -27,8 +27,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
+from agentwatch_client import AgentClient
 from schemas.otlp_json import request_to_otlp_json
-from streams.client import AgentClient
 
 
 @dataclass

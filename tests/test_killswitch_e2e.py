@@ -81,8 +81,10 @@ def test_enforce_mode_halts_a_misbehaving_agent_which_acknowledges(worker: LiveW
             deadline = time.monotonic() + 90
             while not halted.is_set() and time.monotonic() < deadline:
                 if client.allowed("kubectl_apply"):  # a well-behaved agent checks before each call
-                    client.record_tool_call("kubectl_apply", {"manifest": "payments.yaml", "force": True},
-                                            outcome="error", error_type="Timeout")
+                    # successful calls: only the same-arguments rule can fire. Failing ones would also
+                    # trip the 8-failures-in-a-row rule (a second halt) whenever the first halt takes
+                    # longer than three more calls to arrive, as on a loaded machine
+                    client.record_tool_call("kubectl_apply", {"manifest": "payments.yaml", "force": True})
                     calls += 1
                     if calls == 5:  # retry_loop's default same_call_threshold
                         threshold_at.append(time.perf_counter())

@@ -1,0 +1,134 @@
+"""The agent client as an agent installs it: light, importable anywhere, and its kill-switch
+wire format checkable by agents in other languages (docs/killswitch-wire-format.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from agentwatch_client.errors import SignatureError
+from agentwatch_client.wire import KillSwitchCommand, load_public_keys, refusal_reason, verify
+from tests import killswitch_vectors
+
+ROOT = Path(__file__).resolve().parents[1]
+VECTORS = ROOT / "docs" / "killswitch-test-vectors.json"
+
+
+def test_vectors_file_is_what_the_implementation_produces() -> None:
+    assert VECTORS.read_bytes() == killswitch_vectors.render(), (
+        "docs/killswitch-test-vectors.json is stale: python -m tests.killswitch_vectors > it")
+
+
+def test_every_verdict_is_covered_by_a_vector() -> None:
+    verdicts = {v["expect"] for v in json.loads(VECTORS.read_text())["vectors"]}
+    assert verdicts == {"valid", "unsigned", "unknown_key", "forged", "expired", "not_yet_valid", "replayed"}
+
+
+# Run inside the fresh virtualenv too: it uses only the client package and the JSON file.
+CHECK_VECTORS = r'''
+import json, sys
+from datetime import datetime
+from agentwatch_client.errors import SignatureError
+from agentwatch_client.wire import KillSwitchCommand, load_public_keys, refusal_reason, verify
+
+doc = json.load(open(sys.argv[1]))
+keys = load_public_keys(",".join(doc["trusted_public_keys_b64"]))
+assert sorted(keys) == doc["trusted_key_ids"], (sorted(keys), doc["trusted_key_ids"])
+for v in doc["vectors"]:
+    cmd = KillSwitchCommand.from_json(v["wire"].encode())
+    assert cmd.signing_bytes().hex() == v["signing_bytes_hex"], v["name"]
+    assert cmd.signing_bytes().decode() == v["signing_bytes"], v["name"]
+    try:
+        verify(cmd, keys, now=datetime.fromisoformat(v["now"].replace("Z", "+00:00")),
+               seen_ids=set(v["seen_command_ids"]), max_age_s=doc["max_age_s"], clock_skew_s=doc["clock_skew_s"])
+        got = "valid"
+    except SignatureError as exc:
+        got = refusal_reason(exc)
+    assert got == v["expect"], (v["name"], got, v["expect"])
+print(f"{len(doc['vectors'])} vectors ok")
+'''
+
+
+def test_vectors_verify_here() -> None:
+    out = subprocess.run([sys.executable, "-c", CHECK_VECTORS, str(VECTORS)], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    # and the same checks in this process, so a failure points at a line
+    doc = json.loads(VECTORS.read_text())
+    keys = load_public_keys(",".join(doc["trusted_public_keys_b64"]))
+    for v in doc["vectors"]:
+        cmd = KillSwitchCommand.from_json(v["wire"].encode())
+        try:
+            verify(cmd, keys, now=datetime.fromisoformat(v["now"]), seen_ids=set(v["seen_command_ids"]))
+            got = "valid"
+        except SignatureError as exc:
+            got = refusal_reason(exc)
+        assert got == v["expect"], v["name"]
+
+
+APP = r'''
+import schemas                      # the application's own module, not ours
+assert schemas.APP_SCHEMAS is True
+from agentwatch_client import AgentClient, SyncAgentClient, KillSwitchCommand
+from streams.client import AgentClient as Compat   # the old import path still works
+assert Compat is AgentClient
+import schemas as again
+assert again.APP_SCHEMAS is True    # still the application's module after importing the client
+heavy = [m for m in ("faust", "chdb", "clickhouse_connect", "pydantic_settings", "yaml") if m in sys.modules]
+assert not heavy, heavy
+print("client ok")
+'''
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new virtualenv with ``pip install <this project>``: the base install, as an agent gets it."""
+    tmp = tmp_path_factory.mktemp("client-venv")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".agentwatch", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=True)
+    pip = subprocess.run([str(env_dir / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                          str(src)], capture_output=True, text=True, check=False, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return env_dir
+
+
+def test_base_install_is_the_light_client(fresh_venv: Path) -> None:
+    listed = subprocess.run([str(fresh_venv / "bin" / "pip"), "list", "--format=json"], capture_output=True,
+                            text=True, check=True).stdout
+    installed = {p["name"].lower() for p in json.loads(listed)}
+    assert "agentwatch" in installed
+    assert not installed & {"faust-streaming", "chdb", "clickhouse-connect", "pydantic-settings", "pyyaml"}, installed
+    # the CLI of a client-only install says what to install instead of a traceback
+    cli = subprocess.run([str(fresh_venv / "bin" / "agentwatch"), "settings"], capture_output=True, text=True,
+                         check=False)
+    assert cli.returncode == 2 and "agentwatch[server]" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_client_imports_inside_an_app_with_its_own_schemas_module(fresh_venv: Path, tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "schemas.py").write_text("APP_SCHEMAS = True\n")
+    (app / "main.py").write_text("import sys\n" + APP)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    out = subprocess.run([str(fresh_venv / "bin" / "python"), "main.py"], cwd=app, capture_output=True,
+                         text=True, check=False, env=env)
+    assert out.returncode == 0 and "client ok" in out.stdout, out.stderr
+    vec = subprocess.run([str(fresh_venv / "bin" / "python"), "-c", CHECK_VECTORS, str(VECTORS)], cwd=app,
+                         capture_output=True, text=True, check=False, env=env)
+    assert vec.returncode == 0 and "vectors ok" in vec.stdout, vec.stderr
+    typed = subprocess.run([str(fresh_venv / "bin" / "python"), "-c",
+                            "import agentwatch_client, pathlib; "
+                            "print((pathlib.Path(agentwatch_client.__file__).parent / 'py.typed').exists())"],
+                           cwd=app, capture_output=True, text=True, check=True, env=env)
+    assert typed.stdout.strip() == "True"
