@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from detectors import state as st
 from schemas.alerts import Severity
 from schemas.events import Event
 
@@ -54,6 +55,21 @@ class Finding:
                    episode_start=ts, ts=ts, severity=severity, summary=summary,
                    evidence=evidence or [event], quiet_after_s=quiet_after_s, labels=labels)
 
+    def to_state(self, enc: st.Encoder) -> list[Any]:
+        return [self.detector, self.agent_id, self.tenant, self.subject, self.episode_start, self.ts,
+                self.severity.value, self.summary, [enc.event(e) for e in self.evidence], self.quiet_after_s,
+                self.labels]
+
+    @classmethod
+    def from_state(cls, data: Any, dec: st.Decoder) -> "Finding":
+        (detector, agent, tenant, subject, start, ts, severity, summary, evidence, quiet,
+         labels) = st.seq(data)
+        return cls(detector=st.text(detector), agent_id=st.text(agent), tenant=st.text(tenant),
+                   subject=st.text(subject), episode_start=st.num(start), ts=st.num(ts),
+                   severity=Severity(severity), summary=st.text(summary),
+                   evidence=[dec.event(r) for r in st.seq(evidence)], quiet_after_s=st.num(quiet),
+                   labels={st.text(k): st.text(v) for k, v in st.mapping(labels).items()})
+
 
 class Detector(ABC):
     name: ClassVar[str]
@@ -66,3 +82,11 @@ class Detector(ABC):
     def on_watermark(self, watermark: float) -> list[Finding]:
         """Event time has passed ``watermark``: fire due timers, expire state."""
         return []
+
+    def to_state(self, enc: st.Encoder) -> dict[str, Any]:
+        """Windows, streaks and timers as JSON-ready values (detectors/state.py); events
+        go through ``enc``. Stateless detectors keep the default."""
+        return {}
+
+    def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        """Take over what ``to_state`` wrote, into a detector fresh from its policy."""

@@ -13,6 +13,9 @@ Three shapes:
 
 from __future__ import annotations
 
+from typing import Any
+
+from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, first_match
 from detectors.resources import attributed, audit_final, touched
@@ -75,3 +78,9 @@ class DisallowedAccess(Detector):
     def on_watermark(self, watermark: float) -> list[Finding]:
         self._denies.expire(watermark)
         return []
+
+    def to_state(self, enc: st.Encoder) -> dict[str, Any]:
+        return {"denies": self._denies.to_state(enc.event)}
+
+    def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        self._denies.load_state(data.get("denies", []), dec.event)

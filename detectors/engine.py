@@ -8,14 +8,37 @@ event time the episode began, so replaying the same input yields the same ids.
 
 The same engine runs in the live worker, in ``agentwatch replay`` and in the
 behaviour tests.
+
+State snapshots (for partition-scoped state kept in Kafka)
+-----------------------------------------------------------
+``engine.snapshot() -> bytes`` writes everything the engine and its detectors
+hold: watermark, redelivery memory, open alert episodes with their closing
+timers, every detector's windows, streaks and timers, and the ``resolved``
+list not yet drained. ``DetectionEngine.restore(policy, data)`` builds a fresh
+engine for ``policy`` and loads it; fed the events that follow, it emits
+exactly what the engine that wrote the snapshot would have (same alert ids,
+counts and timers: a timer due by the restored watermark fires at the next
+``tick``/``process`` with no new traffic). Take a snapshot between calls, after
+draining the returned alerts; it is a pure function of the state, so the
+caller may hold it until its batch is durable.
+
+The format is JSON with a version (detectors/state.py), never pickle: a
+corrupt, truncated or foreign snapshot raises ``schemas.errors.StateError``
+(not retriable) and executes nothing. Thresholds and modes come from the
+``policy`` given to ``restore``, not from the snapshot, so a snapshot written
+under an older policy version carries its windows into the new one.
+Detectors passed in by the caller (``detectors=``) are not restored: only the
+built-in suite is.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.disallowed_access import DisallowedAccess
 from detectors.escalation_bypass import EscalationBypass
@@ -31,6 +54,10 @@ from schemas.events import Event, EventKind, IdentitySource
 MAX_EVIDENCE = 50
 # event-time granularity of window closing and timers within a batch
 TICK_EVERY_S = 1.0
+# redelivery memory: event ids in buckets of event time, each dropped whole once the
+# watermark is DEDUP_KEEP_S (plus twice the allowed lateness) past its end
+DEDUP_BUCKET_S = 60.0
+DEDUP_KEEP_S = 3600.0
 _ACTION = {Mode.SHADOW: "record", Mode.ALERT: "notify", Mode.ENFORCE: "halt"}
 
 
@@ -72,8 +99,11 @@ class DetectionEngine:
         # alert ids whose condition has cleared (quiet period over), for outputs that resolve
         # alerts (Alertmanager); the caller drains the list
         self.resolved: list[str] = []
-        # event ids seen recently, by event time, so a redelivered batch is not counted twice
-        self._seen: dict[str, float] = {}
+        # event ids seen recently, by event-time bucket, so a redelivered batch is not counted
+        # twice; a redelivered event has its original time, so one bucket is the only place
+        # to look, and a bucket past the horizon is dropped whole (oldest first, from a heap)
+        self._seen: dict[int, set[str]] = {}
+        self._seen_order: list[int] = []
         self.events_processed = 0
         self.duplicates_skipped = 0
         self._ticked_at = -FOREVER
@@ -101,12 +131,18 @@ class DetectionEngine:
         ``tick`` advance event time while no events arrive.
         """
         out: list[Alert] = []
+        seen = self._seen
         for ev in events:
-            if ev.event_id in self._seen:
+            ts = ev.ts_seconds
+            bucket = int(ts // DEDUP_BUCKET_S)
+            ids = seen.get(bucket)
+            if ids is None:
+                ids = seen[bucket] = set()
+                heapq.heappush(self._seen_order, bucket)
+            elif ev.event_id in ids:
                 self.duplicates_skipped += 1
                 continue
-            ts = ev.ts_seconds
-            self._seen[ev.event_id] = ts
+            ids.add(ev.event_id)
             self.watermark.observe(ts, wall)
             self.events_processed += 1
             if self.watermark.value >= self._ticked_at + TICK_EVERY_S:
@@ -142,6 +178,52 @@ class DetectionEngine:
     def open_alerts(self) -> list[Alert]:
         return [ep.alert for ep in self._episodes.values()]
 
+    # -- state snapshots (see the module docstring) -----------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Everything this engine holds, as bytes for ``restore``."""
+        enc = st.Encoder()
+        state = {
+            "policy_version": self.policy.version,
+            "watermark": self.watermark.to_state(),
+            "ticked_at": st.enc_num(self._ticked_at),
+            "events_processed": self.events_processed,
+            "duplicates_skipped": self.duplicates_skipped,
+            "seen": [[b, list(ids)] for b, ids in self._seen.items()],
+            "episodes": [[list(k), ep.alert.model_dump(mode="json"), ep.last_ts, ep.quiet_after_s,
+                          ep.emitted_count, list(ep.seen_evidence)] for k, ep in self._episodes.items()],
+            "closing": self._closing.to_state(),
+            "resolved": self.resolved,
+            "detectors": {det.name: det.to_state(enc) for det in self.detectors},
+        }
+        return enc.dumps("engine", state)
+
+    @classmethod
+    def restore(cls, policy: Policy, data: bytes) -> "DetectionEngine":
+        """A fresh engine for ``policy`` holding the state ``snapshot`` wrote.
+
+        Raises StateError when ``data`` is not a readable engine snapshot."""
+        eng = cls(policy)
+        with st.reading("engine", data) as (state, dec):
+            eng.watermark.load_state(st.mapping(state["watermark"]))
+            eng._ticked_at = st.num(state["ticked_at"])
+            eng.events_processed = st.integer(state["events_processed"])
+            eng.duplicates_skipped = st.integer(state["duplicates_skipped"])
+            for b, ids in st.seq(state["seen"]):
+                eng._seen[st.integer(b)] = set(st.texts(ids))
+            eng._seen_order = sorted(eng._seen)
+            for k, alert, last_ts, quiet, emitted, seen in st.seq(state["episodes"]):
+                eng._episodes[st.key(k)] = _Episode(
+                    alert=Alert.model_validate(st.mapping(alert)), last_ts=st.num(last_ts),
+                    quiet_after_s=st.num(quiet), emitted_count=st.integer(emitted),
+                    seen_evidence=set(st.texts(seen)))
+            eng._closing.load_state(state["closing"])
+            eng.resolved = st.texts(state["resolved"])
+            saved = st.mapping(state["detectors"])
+            for det in eng.detectors:
+                det.load_state(st.mapping(saved.get(det.name, {})), dec)
+        return eng
+
     # -- internals -----------------------------------------------------------------------
 
     def _tick(self) -> list[Alert]:
@@ -156,9 +238,10 @@ class DetectionEngine:
             if ep.alert.count != ep.emitted_count:
                 out.append(ep.alert.model_copy(deep=True))
             self.resolved.append(ep.alert.alert_id)
-        if len(self._seen) > 100_000 or wm == FOREVER:
-            horizon = wm - 2 * self.policy.allowed_lateness_s - 3600
-            self._seen = {k: t for k, t in self._seen.items() if t >= horizon}
+        horizon = wm - 2 * self.policy.allowed_lateness_s - DEDUP_KEEP_S
+        order = self._seen_order
+        while order and (order[0] + 1) * DEDUP_BUCKET_S < horizon:
+            self._seen.pop(heapq.heappop(order), None)
         return out
 
     def _merge(self, f: Finding, out: list[Alert]) -> None:

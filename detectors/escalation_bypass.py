@@ -21,6 +21,9 @@ At that point the latest covering decision at or before the action decides:
 
 from __future__ import annotations
 
+from typing import Any
+
+from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, first_match, glob_match
 from detectors.resources import attributed, audit_final, succeeded, touched
@@ -123,3 +126,11 @@ class EscalationBypass(Detector):
             quiet_after_s=300.0,
             labels={"pattern": pattern, "rule": rule, "action": what},
         )
+
+    def to_state(self, enc: st.Encoder) -> dict[str, Any]:
+        return {"approvals": self._approvals.to_state(enc.event),
+                "timers": self._timers.to_state(lambda p: [enc.event(p[0]), p[1]])}
+
+    def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        self._approvals.load_state(data.get("approvals", []), dec.event)
+        self._timers.load_state(data.get("timers", []), lambda p: (dec.event(st.seq(p)[0]), st.text(p[1])))

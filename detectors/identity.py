@@ -10,6 +10,12 @@ before falling back to its resource identity (``service.instance.id`` /
 
 The resolver is fed events of any traces (the live worker keys this stage by
 trace id) and returns events whose ``agent_id`` is decided.
+
+State snapshots: ``resolver.snapshot() -> bytes`` and
+``IdentityResolver.restore(allowed_lateness_s, data)`` (the same argument as the
+constructor) carry the span trees, the spans still waiting for their agent and
+the watermark; the format and its errors are those of detectors/state.py (JSON
+with a version, ``StateError`` on anything unreadable). Take it between calls.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from detectors import state as st
 from detectors.windows import FOREVER, Watermark
 from schemas.events import Event, IdentitySource
 
@@ -80,6 +87,28 @@ class IdentityResolver:
     def finish(self) -> list[Event]:
         return self.advance(FOREVER)
 
+    def snapshot(self) -> bytes:
+        enc = st.Encoder()
+        traces = [[tid, tr.parent, tr.agent, tr.tenant, [enc.event(e) for e in tr.pending], tr.last_ts]
+                  for tid, tr in self._traces.items()]
+        return enc.dumps("identity", {"watermark": self.watermark.to_state(), "traces": traces,
+                                      "resolved_by_ancestor": self.resolved_by_ancestor,
+                                      "fell_back": self.fell_back})
+
+    @classmethod
+    def restore(cls, allowed_lateness_s: float, data: bytes) -> "IdentityResolver":
+        """A fresh resolver holding the state ``snapshot`` wrote (StateError if unreadable)."""
+        r = cls(allowed_lateness_s)
+        with st.reading("identity", data) as (state, dec):
+            r.watermark.load_state(st.mapping(state["watermark"]))
+            r.resolved_by_ancestor = st.integer(state["resolved_by_ancestor"])
+            r.fell_back = st.integer(state["fell_back"])
+            for tid, parent, agent, tenant, pending, last_ts in st.seq(state["traces"]):
+                r._traces[st.text(tid)] = _Trace(
+                    parent=_strings(parent), agent=_strings(agent), tenant=_strings(tenant),
+                    pending=[dec.event(ref) for ref in st.seq(pending)], last_ts=st.num(last_ts))
+        return r
+
     # -- internals -----------------------------------------------------------------------
 
     def _ancestor(self, tr: _Trace, ev: Event) -> tuple[str, str] | None | bool:
@@ -135,3 +164,7 @@ class IdentityResolver:
             if tr.last_ts <= wm - self.watermark.allowed_lateness_s:
                 del self._traces[trace_id]
         return out
+
+
+def _strings(v: object) -> dict[str, str]:
+    return {st.text(k): st.text(x) for k, x in st.mapping(v).items()}

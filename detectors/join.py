@@ -57,6 +57,13 @@ Auditable tool calls are *held* until confirmed or timed out, as the identity
 resolver holds spans awaiting their agent: the verdict then travels on the
 event itself (one stored row, one event for the detectors) instead of a second
 copy that at-least-once deduplication by event id would discard.
+
+State snapshots: ``joiner.snapshot() -> bytes`` and ``Joiner.restore(policy,
+data)`` carry the span index of each trace, audits and tool calls waiting for
+the other side, the secondary-key index, the timers, the watermark and any
+output not yet drained; the format and its errors are those of
+detectors/state.py (JSON with a version, ``StateError`` on anything
+unreadable). Take it between calls (after ``drain`` and ``take_rekeyed``).
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from detectors import state as st
 from detectors.policy import Policy
 from detectors.windows import FOREVER, TimerQueue, Watermark
 from schemas.events import Event, EventKind, IdentitySource, stable_id
@@ -310,6 +318,65 @@ class Joiner:
             + sum(len(w) for w in self._index_waiting.values())
             + sum(1 for c in self._confirm.values() if c.held is not None)
         )
+
+    # -- state snapshots -----------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        enc = st.Encoder()
+        ev = enc.event
+        traces = [[tid,
+                   [[sid, s.start, s.end, s.parent, s.event_id, s.is_tool, s.tool_call_id, s.resolved, s.agent_id,
+                     s.tenant] for sid, s in tr.spans.items()],
+                   [ev(a) for a in tr.unmatched.values()],
+                   [[sid, [ev(a) for a in audits]] for sid, audits in tr.waiting.items()],
+                   tr.last_ts] for tid, tr in self._traces.items()]
+        state = {
+            "watermark": self.watermark.to_state(),
+            "traces": traces,
+            "index": [[list(k), [[e.start, e.end, e.trace_id, e.span_id] for e in entries]]
+                      for k, entries in self._index.items()],
+            "index_waiting": [[list(k), [ev(a) for a in w.values()]] for k, w in self._index_waiting.items()],
+            "confirm": [[list(k), ev(c.held) if c.held is not None else None, c.audit_event_id, c.fired]
+                        for k, c in self._confirm.items()],
+            "timers": self._timers.to_state(lambda p: p),
+            "out": [ev(e) for e in self._out],
+            "rekeyed": [[tid, [ev(e) for e in evs]] for tid, evs in self._rekeyed.items()],
+            "stats": [self.stats.matched, self.stats.unattributed, self.stats.confirmed, self.stats.unconfirmed,
+                      self.stats.late, self.stats.rekeyed],
+        }
+        return enc.dumps("join", state)
+
+    @classmethod
+    def restore(cls, policy: Policy, data: bytes) -> "Joiner":
+        """A fresh joiner for ``policy`` holding the state ``snapshot`` wrote (StateError if unreadable)."""
+        j = cls(policy)
+        with st.reading("join", data) as (state, dec):
+            j.watermark.load_state(st.mapping(state["watermark"]))
+            for tid, spans, unmatched, waiting, last_ts in st.seq(state["traces"]):
+                tr = j._traces[st.text(tid)] = _Trace(last_ts=st.num(last_ts))
+                for sid, start, end, parent, event_id, is_tool, call_id, resolved, agent, tenant in st.seq(spans):
+                    tr.spans[st.text(sid)] = _Span(st.num(start), st.num(end), st.text(parent), st.text(event_id),
+                                                   st.boolean(is_tool), st.text(call_id), st.boolean(resolved),
+                                                   st.text(agent), st.text(tenant))
+                for ref in st.seq(unmatched):
+                    a = dec.event(ref)
+                    tr.unmatched[a.event_id] = a
+                for sid, refs in st.seq(waiting):
+                    tr.waiting[st.text(sid)] = [dec.event(r) for r in st.seq(refs)]
+            for k, entries in st.seq(state["index"]):
+                j._index[st.key(k)] = [_IndexEntry(st.num(a), st.num(b), st.text(t), st.text(s))
+                                       for a, b, t, s in st.seq(entries)]
+            for k, refs in st.seq(state["index_waiting"]):
+                j._index_waiting[st.key(k)] = {a.event_id: a for a in (dec.event(r) for r in st.seq(refs))}
+            for k, held, audit_id, fired in st.seq(state["confirm"]):
+                j._confirm[st.key(k)] = _Confirm(None if held is None else dec.event(held), st.text(audit_id),
+                                                 st.boolean(fired))
+            j._timers.load_state(state["timers"], lambda p: None if p is None else st.key(p))
+            j._out = [dec.event(r) for r in st.seq(state["out"])]
+            for tid, refs in st.seq(state["rekeyed"]):
+                j._rekeyed[st.text(tid)] = [dec.event(r) for r in st.seq(refs)]
+            j.stats = JoinStats(*(st.integer(n) for n in st.seq(state["stats"])))
+        return j
 
     # -- spans ---------------------------------------------------------------------------
 

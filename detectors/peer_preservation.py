@@ -26,7 +26,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, first_match
 from detectors.resources import READ_ACTIONS, attributed, audit_final, touched
@@ -205,3 +207,16 @@ class PeerPreservation(Detector):
         horizon = watermark - self.config.shield_window_s - self.policy.allowed_lateness_s
         self._halts = [h for h in self._halts if h.end >= horizon]
         return []
+
+    def to_state(self, enc: st.Encoder) -> dict[str, Any]:
+        return {
+            "halts": [[h.command_id, h.start, st.enc_num(h.end), h.agent, h.tenant, list(h.scope),
+                       enc.event(h.event)] for h in self._halts],
+            "tampering": self._tampering.to_state(lambda f: f.to_state(enc)),
+        }
+
+    def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        for cmd, start, end, agent, tenant, scope, ev in st.seq(data.get("halts", [])):
+            self._halts.append(_Halt(st.text(cmd), st.num(start), st.num(end), st.text(agent), st.text(tenant),
+                                     tuple(st.texts(scope)), dec.event(ev)))
+        self._tampering.load_state(data.get("tampering", []), lambda f: Finding.from_state(f, dec))

@@ -36,6 +36,14 @@ class RetryLoopConfig(DetectorConfig):
     same_call_threshold: int = Field(5, ge=2, description="identical calls within window_s that make a loop")
     window_s: float = Field(60.0, gt=0)
     consecutive_failures: int = Field(8, ge=2, description="failures of one tool in a row, whatever the arguments")
+    failure_window_s: float | None = Field(
+        None, gt=0, description="the failures in a row must fall within this much event time (default window_s): "
+        "a tool failing now and then over half an hour is an outage, not an agent stuck in a loop"
+    )
+
+    @property
+    def failure_window(self) -> float:
+        return self.failure_window_s if self.failure_window_s is not None else self.window_s
 
 
 # -- join-derived detectors (issue 4; see detectors/join.py) ------------------------------

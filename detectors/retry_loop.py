@@ -4,26 +4,42 @@ Two shapes of the same failure: the same agent calls the same tool with the
 same normalised arguments ``same_call_threshold`` times within ``window_s``
 (only when arguments were recorded);
 or one tool fails ``consecutive_failures`` times in a row whatever its
-arguments. Arguments are fingerprinted by the decoders after normalisation
-(key order, whitespace), so cosmetic differences do not hide a loop.
+arguments, within ``failure_window_s`` (default ``window_s``) of event time.
+Arguments are fingerprinted by the decoders after normalisation (key order,
+whitespace), so cosmetic differences do not hide a loop.
+
+"In a row" is in event time: a success of the tool ends the run of the
+failures before it, and a failure older than the tool's latest success (a
+late arrival) joins no run. The time bound is what tells a loop from an
+outage: a tool failing once every few minutes across half an hour of separate
+conversations, with other calls succeeding in between, never makes a run.
+Runs and the last-success marks expire through the windows' deadlines.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import RetryLoopConfig
-from detectors.windows import SlidingWindow, Streak
+from detectors.windows import ExpiryQueue, SlidingWindow
 from schemas.events import Event, EventKind
+
+ToolKey = tuple[str, str, str]  # (tenant, agent, tool)
 
 
 class RetryLoop(Detector):
     name = "retry_loop"
-    version = "1.1.0"
+    version = "1.2.0"
 
     def __init__(self, config: RetryLoopConfig) -> None:
         self.config = config
         self._calls: SlidingWindow[tuple[str, str, str, str], Event] = SlidingWindow(config.window_s)
-        self._failures: Streak[tuple[str, str, str]] = Streak()
+        self._failures: SlidingWindow[ToolKey, Event] = SlidingWindow(config.failure_window)
+        # newest success per tool, so a late failure from before it joins no run
+        self._last_ok: dict[ToolKey, float] = {}
+        self._ok_expiry: ExpiryQueue[ToolKey] = ExpiryQueue()
 
     def observe(self, event: Event) -> list[Finding]:
         if event.kind is not EventKind.TOOL_CALL or not event.tool_name:
@@ -60,31 +76,52 @@ class RetryLoop(Detector):
                 )
             )
 
-        streak_key = (event.tenant, event.agent_id, tool)
+        key = (event.tenant, event.agent_id, tool)
         if event.outcome == "error":
-            n = self._failures.hit(streak_key, event)
+            if ts <= self._last_ok.get(key, -1e300):
+                return findings  # the tool succeeded after this failure: no run
+            run = self._failures.add(key, ts, event)
+            n = len(run)
             if n >= cfg.consecutive_failures:
-                members = self._failures.members(streak_key)
-                evidence = members if n == cfg.consecutive_failures else [event]
+                evidence = run if n == cfg.consecutive_failures else [event]
                 findings.append(
                     Finding(
                         detector=self.name,
                         agent_id=event.agent_id,
                         tenant=event.tenant,
                         subject=f"failures:{tool}",
-                        episode_start=members[0].ts_seconds,  # type: ignore[attr-defined]
+                        episode_start=run[0].ts_seconds,
                         ts=ts,
                         severity=cfg.severity,
-                        summary=f"agent {event.agent_id}: {tool} failed {n} times in a row",
-                        evidence=evidence,  # type: ignore[arg-type]
-                        quiet_after_s=cfg.window_s,
+                        summary=(f"agent {event.agent_id}: {tool} failed {n} times in a row "
+                                 f"within {cfg.failure_window:g}s"),
+                        evidence=evidence,
+                        quiet_after_s=cfg.failure_window,
                         labels={"tool": tool, "pattern": "consecutive_failures"},
                     )
                 )
         elif event.outcome == "ok":
-            self._failures.reset(streak_key)
+            if ts > self._last_ok.get(key, -1e300):
+                self._last_ok[key] = ts
+                self._ok_expiry.touch(key, ts + cfg.failure_window)
+            self._failures.drop_through(key, ts)
         return findings
 
     def on_watermark(self, watermark: float) -> list[Finding]:
         self._calls.expire(watermark)
+        self._failures.expire(watermark)
+        for key in self._ok_expiry.due(watermark):
+            del self._last_ok[key]
         return []
+
+    def to_state(self, enc: st.Encoder) -> dict[str, Any]:
+        return {"calls": self._calls.to_state(enc.event), "failures": self._failures.to_state(enc.event),
+                "last_ok": [[k, t] for k, t in self._last_ok.items()]}
+
+    def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        self._calls.load_state(data.get("calls", []), dec.event)
+        self._failures.load_state(data.get("failures", []), dec.event)
+        for k, t in st.seq(data.get("last_ok", [])):
+            key, ts = st.key(k), st.num(t)
+            self._last_ok[key] = ts
+            self._ok_expiry.touch(key, ts + self.config.failure_window)

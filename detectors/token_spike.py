@@ -16,7 +16,9 @@ per hour window, as soon as the running sum crosses the limit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, budget_for
 from detectors.windows import MovingBaseline, TumblingSum
@@ -180,3 +182,25 @@ class TokenSpike(Detector):
             quiet_after_s=2 * MINUTE,
             labels={"pattern": "rate", "tokens": str(int(total)), "baseline_mean": f"{b.mean:.1f}"},
         )
+
+    def to_state(self, enc: st.Encoder) -> dict[str, Any]:
+        return {
+            "minutes": self._minutes.to_state(),
+            "hours": self._hours.to_state(),
+            "agents": [[k, a.baseline.to_state(), a.active_minutes, a.last_closed,
+                        [[b, [enc.event(e) for e in evs]] for b, evs in a.evidence.items()], sorted(a.fired)]
+                       for k, a in self._state.items()],
+            "budget_fired": [list(k) for k in self._budget_fired],
+        }
+
+    def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        self._minutes.load_state(data.get("minutes", []))
+        self._hours.load_state(data.get("hours", []))
+        for k, baseline, active, last_closed, evidence, fired in st.seq(data.get("agents", [])):
+            a = self._agent(st.key(k))
+            a.baseline.load_state(baseline)
+            a.active_minutes = st.integer(active)
+            a.last_closed = st.opt_integer(last_closed)
+            a.evidence = {st.integer(b): [dec.event(r) for r in st.seq(evs)] for b, evs in st.seq(evidence)}
+            a.fired = {st.integer(b) for b in st.seq(fired)}
+        self._budget_fired = {st.key(k) for k in st.seq(data.get("budget_fired", []))}

@@ -8,16 +8,25 @@ stops, so windows close and absence timers fire with no further events; replay
 advances it to infinity at end of input.
 
 No detector keeps its own copy of a window: they compose these pieces.
+
+Memory stays bounded by event time, not by traffic: every structure forgets a
+key through a deadline kept in a heap (``ExpiryQueue``, ``TimerQueue``), so
+closing windows costs the keys that are due, never a scan of every key.
+
+Each structure writes its content to JSON-ready values (``to_state``) and reads
+it back (``load_state``) for the detector state snapshots (detectors/state.py).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from bisect import insort
-from collections import deque
+from bisect import bisect_right, insort
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Any, Generic, Hashable, TypeVar
+
+from detectors import state as st
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -67,6 +76,74 @@ class Watermark:
         if ts > self.floor:
             self.floor = ts
 
+    def to_state(self) -> dict[str, Any]:
+        return {"max": st.enc_num(self.max_event_ts), "floor": st.enc_num(self.floor), "late": self.late_events,
+                "wall_at_max": st.enc_opt_num(self.wall_at_max)}
+
+    def load_state(self, d: dict[str, Any]) -> None:
+        # the allowed lateness is policy, not state: it stays what the restoring owner set
+        self.max_event_ts = st.num(d["max"])
+        self.floor = st.num(d["floor"])
+        self.late_events = st.integer(d["late"])
+        self.wall_at_max = st.opt_num(d["wall_at_max"])
+
+
+class ExpiryQueue(Generic[K]):
+    """Keys with a deadline in event time; ``due(watermark)`` returns those it passed.
+
+    Built for deadlines that move later as traffic comes (the newest item of a
+    window plus its size): moving a deadline later costs one dict write, and the
+    heap entry left at the old deadline re-queues the key when it surfaces. So a
+    busy key costs about one heap operation per window length, not one per
+    event, and expiring costs only the keys that are due.
+    """
+
+    __slots__ = ("_deadline", "_heap", "_seq")
+
+    def __init__(self) -> None:
+        self._deadline: dict[K, float] = {}
+        self._heap: list[tuple[float, int, K]] = []
+        self._seq = 0
+
+    def touch(self, key: K, deadline: float) -> None:
+        cur = self._deadline.get(key)
+        if cur is not None and deadline >= cur:
+            if deadline > cur:
+                self._deadline[key] = deadline
+            return
+        self._deadline[key] = deadline
+        self._seq += 1
+        heapq.heappush(self._heap, (deadline, self._seq, key))
+
+    def discard(self, key: K) -> None:
+        self._deadline.pop(key, None)
+
+    def deadline(self, key: K) -> float | None:
+        return self._deadline.get(key)
+
+    def due(self, watermark: float) -> list[K]:
+        out: list[K] = []
+        heap = self._heap
+        while heap and heap[0][0] <= watermark:
+            _, _, key = heapq.heappop(heap)
+            cur = self._deadline.get(key)
+            if cur is None:
+                continue  # discarded, or expired through an earlier entry
+            if cur <= watermark:
+                del self._deadline[key]
+                out.append(key)
+            else:
+                self._seq += 1
+                heapq.heappush(heap, (cur, self._seq, key))
+        return out
+
+    def clear(self) -> None:
+        self._deadline.clear()
+        self._heap.clear()
+
+    def __len__(self) -> int:
+        return len(self._deadline)
+
 
 @dataclass(order=True, slots=True)
 class _Entry(Generic[V]):
@@ -80,28 +157,33 @@ class SlidingWindow(Generic[K, V]):
 
     Items may arrive out of order; they are kept sorted by event time, and the
     window of a key is anchored at the newest item seen for that key, so a late
-    item cannot evict newer ones.
+    item cannot evict newer ones. A key is forgotten once the watermark has
+    passed its newest item by the window size (``expire``).
     """
 
     def __init__(self, size_s: float) -> None:
         self.size_s = size_s
         self._items: dict[K, list[_Entry[V]]] = {}
+        self._expiry: ExpiryQueue[K] = ExpiryQueue()
         self._seq = 0
 
     def add(self, key: K, ts: float, item: V) -> list[V]:
         """Add an item; return the items of that key now in the window (oldest first)."""
-        entries = self._items.setdefault(key, [])
+        entries = self._items.get(key)
+        if entries is None:
+            entries = self._items[key] = []
         self._seq += 1
         entry = _Entry(ts, self._seq, item)
         if not entries or ts >= entries[-1].ts:
             entries.append(entry)
+            self._expiry.touch(key, ts + self.size_s)
         else:
             insort(entries, entry)
         horizon = entries[-1].ts - self.size_s
-        drop = 0
-        while drop < len(entries) and entries[drop].ts <= horizon:
-            drop += 1
-        if drop:
+        if entries[0].ts <= horizon:
+            drop = 1
+            while drop < len(entries) and entries[drop].ts <= horizon:
+                drop += 1
             del entries[:drop]
         return [e.item for e in entries]
 
@@ -110,75 +192,123 @@ class SlidingWindow(Generic[K, V]):
 
     def clear(self, key: K) -> None:
         self._items.pop(key, None)
+        self._expiry.discard(key)
+
+    def drop_through(self, key: K, ts: float) -> None:
+        """Forget the items of ``key`` at or before ``ts`` (e.g. failures before a success)."""
+        entries = self._items.get(key)
+        if entries:
+            n = bisect_right(entries, ts, key=lambda e: e.ts)
+            if n == len(entries):
+                self.clear(key)
+            elif n:
+                del entries[:n]
 
     def expire(self, watermark: float) -> int:
         """Forget keys whose newest item fell out of the window before the watermark."""
-        dead = [k for k, es in self._items.items() if not es or es[-1].ts <= watermark - self.size_s]
+        dead = self._expiry.due(watermark)
         for k in dead:
-            del self._items[k]
+            self._items.pop(k, None)
         return len(dead)
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def to_state(self, item: Callable[[V], Any]) -> list[Any]:
+        return [[k, [[e.ts, item(e.item)] for e in es]] for k, es in self._items.items()]
 
-class Streak(Generic[K]):
-    """Consecutive occurrences per key, reset by a success (e.g. failures in a row)."""
-
-    def __init__(self) -> None:
-        self._count: dict[K, int] = {}
-        self._members: dict[K, deque[object]] = {}
-
-    def hit(self, key: K, member: object, keep: int = 64) -> int:
-        self._count[key] = self._count.get(key, 0) + 1
-        self._members.setdefault(key, deque(maxlen=keep)).append(member)
-        return self._count[key]
-
-    def reset(self, key: K) -> None:
-        self._count.pop(key, None)
-        self._members.pop(key, None)
-
-    def count(self, key: K) -> int:
-        return self._count.get(key, 0)
-
-    def members(self, key: K) -> list[object]:
-        return list(self._members.get(key, ()))
+    def load_state(self, data: Any, item: Callable[[Any], V]) -> None:
+        self._items.clear()
+        self._expiry.clear()
+        for k, es in st.seq(data):
+            key = st.key(k)
+            entries = [_Entry(st.num(ts), 0, item(v)) for ts, v in st.seq(es)]
+            for e in entries:
+                self._seq += 1
+                e.seq = self._seq
+            if entries:
+                self._items[key] = entries
+                self._expiry.touch(key, entries[-1].ts + self.size_s)
 
 
 class TumblingSum(Generic[K]):
     """Per-key sums over fixed, aligned event-time buckets (e.g. tokens per minute).
 
-    ``close(watermark)`` yields every bucket whose end the watermark has passed,
-    in time order per key, so a quiet minute is still reported once a later one
-    closes it and a detector can treat an empty bucket as a zero.
+    ``close(watermark)`` returns every bucket whose end the watermark has passed,
+    in time order per key, so a detector sees each key's buckets in order. Only
+    keys with a bucket due are visited: each key is queued at the end of its
+    earliest open bucket.
     """
 
     def __init__(self, size_s: float) -> None:
         self.size_s = size_s
         self._buckets: dict[K, dict[int, float]] = {}
+        self._next: dict[K, int] = {}  # key -> earliest open bucket (its queue entry)
+        self._heap: list[tuple[int, int, K]] = []
+        self._seq = 0
 
     def bucket_of(self, ts: float) -> int:
         return int(ts // self.size_s)
 
+    def _queue(self, key: K, b: int) -> None:
+        cur = self._next.get(key)
+        if cur is None or b < cur:
+            self._next[key] = b
+            self._seq += 1
+            heapq.heappush(self._heap, (b, self._seq, key))
+
     def add(self, key: K, ts: float, amount: float) -> float:
-        b = self.bucket_of(ts)
-        per_key = self._buckets.setdefault(key, {})
-        per_key[b] = per_key.get(b, 0.0) + amount
-        return per_key[b]
+        b = int(ts // self.size_s)
+        per_key = self._buckets.get(key)
+        if per_key is None:
+            per_key = self._buckets[key] = {}
+        total = per_key.get(b)
+        if total is None:
+            total = amount
+            self._queue(key, b)
+        else:
+            total += amount
+        per_key[b] = total
+        return total
 
     def current(self, key: K, ts: float) -> float:
         return self._buckets.get(key, {}).get(self.bucket_of(ts), 0.0)
 
-    def close(self, watermark: float) -> Iterator[tuple[K, int, float]]:
-        """Yield (key, bucket, total) for buckets that ended at or before the watermark."""
-        for key in list(self._buckets):
+    def close(self, watermark: float) -> list[tuple[K, int, float]]:
+        """(key, bucket, total) of the buckets that ended at or before the watermark."""
+        out: list[tuple[K, int, float]] = []
+        heap, size = self._heap, self.size_s
+        while heap and (heap[0][0] + 1) * size <= watermark:
+            b, _, key = heapq.heappop(heap)
+            if self._next.get(key) != b:
+                continue  # superseded by an earlier bucket's entry
+            del self._next[key]
             per_key = self._buckets[key]
-            for b in sorted(per_key):
-                if (b + 1) * self.size_s > watermark:
+            for bucket in sorted(per_key):
+                if (bucket + 1) * size > watermark:
+                    self._queue(key, bucket)
                     break
-                yield key, b, per_key.pop(b)
+                out.append((key, bucket, per_key.pop(bucket)))
             if not per_key:
                 del self._buckets[key]
+        return out
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def to_state(self) -> list[Any]:
+        return [[k, [[b, v] for b, v in per.items()]] for k, per in self._buckets.items()]
+
+    def load_state(self, data: Any) -> None:
+        self._buckets.clear()
+        self._next.clear()
+        self._heap.clear()
+        for k, per in st.seq(data):
+            key = st.key(k)
+            buckets = {st.integer(b): st.num(v) for b, v in st.seq(per)}
+            if buckets:
+                self._buckets[key] = buckets
+                self._queue(key, min(buckets))
 
 
 @dataclass(slots=True)
@@ -203,6 +333,13 @@ class MovingBaseline:
     @property
     def std(self) -> float:
         return math.sqrt(max(self.var, 0.0))
+
+    def to_state(self) -> list[Any]:
+        return [self.mean, self.var, self.samples]
+
+    def load_state(self, data: Any) -> None:
+        mean, var, samples = st.seq(data)
+        self.mean, self.var, self.samples = st.num(mean), st.num(var), st.integer(samples)
 
 
 @dataclass(order=True, slots=True)
@@ -249,3 +386,14 @@ class TimerQueue:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def to_state(self, payload: Callable[[Any], Any] | None = None) -> list[Any]:
+        """Live timers in firing order (ties keep their arming order)."""
+        return [[t.key, st.enc_num(t.fire_at), payload(t.payload) if payload else None]
+                for t in sorted(self._live.values())]
+
+    def load_state(self, data: Any, payload: Callable[[Any], Any] | None = None) -> None:
+        self._heap.clear()
+        self._live.clear()
+        for k, fire_at, p in st.seq(data):
+            self.arm(st.key(k), st.num(fire_at), payload(p) if payload else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from agentwatch_client.errors import AgentwatchError, BrokerError, ConfigError, SignatureError
 
 __all__ = ["AgentwatchError", "BrokerError", "ConfigError", "DecodeError", "PolicyError", "SignatureError",
-           "StoreError"]
+           "StateError", "StoreError"]
 
 
 class DecodeError(AgentwatchError):
@@ -30,3 +30,7 @@ class StoreError(AgentwatchError):
     """ClickHouse could not be opened, written or queried."""
 
 
+class StateError(AgentwatchError):
+    """A state snapshot cannot be restored: corrupt, truncated, of another kind or of an
+    unknown format version. Not retriable: the same bytes fail the same way; the owner
+    starts that state empty (or from an older snapshot) and says so."""

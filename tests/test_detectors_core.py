@@ -186,3 +186,44 @@ def test_calls_without_recorded_arguments_are_not_taken_for_identical_ones():
     events = [tool(i * 5, args="") for i in range(7)]  # instrumentation did not record arguments
     assert all(e.args_fingerprint == "" for e in events)
     assert eng.process(events) + eng.finish() == []
+
+
+def test_failure_run_is_bounded_in_time_so_an_intermittent_outage_does_not_page():
+    # a tool failing once every four minutes for half an hour, other tools fine in between
+    events = []
+    for i in range(9):
+        events.append(tool(i * 240, tool="deploy", args={"n": i}, outcome="error"))
+        events.append(tool(i * 240 + 30, tool="search", args={"q": i}))
+    eng = DetectionEngine(parse_policy({}))
+    assert eng.process(events) + eng.finish() == []
+    # the same nine failures within a minute are a loop
+    eng = DetectionEngine(parse_policy({}))
+    alerts = eng.process([tool(i * 5, tool="deploy", args={"n": i}, outcome="error") for i in range(8)])
+    assert [a.labels["pattern"] for a in alerts] == ["consecutive_failures"]
+
+
+def test_failure_window_is_configurable():
+    events = [tool(i * 20, tool="deploy", args={"n": i}, outcome="error") for i in range(8)]  # 140 s
+    eng = DetectionEngine(parse_policy({}))
+    assert eng.process(events) + eng.finish() == []
+    eng = DetectionEngine(parse_policy({"detectors": {"retry_loop": {"failure_window_s": 180}}}))
+    assert [a.labels["pattern"] for a in eng.process(events)] == ["consecutive_failures"]
+
+
+def test_a_failure_older_than_the_last_success_joins_no_run():
+    # the success at 7 s arrives after the failures before it: they no longer count, in any order
+    fails = [tool(i, tool="deploy", args={"n": i}, outcome="error") for i in range(7)]
+    ok = tool(7, tool="deploy", args={"n": 7})
+    more = [tool(8 + i, tool="deploy", args={"n": 8 + i}, outcome="error") for i in range(7)]
+    for order in (fails + [ok] + more, [ok] + more + fails, more + [ok] + fails):
+        eng = DetectionEngine(parse_policy({}))
+        assert eng.process(order) + eng.finish() == []
+
+
+def test_failure_runs_expire_with_event_time():
+    eng = DetectionEngine(parse_policy({}))
+    eng.process([tool(i, tool=f"t{i}", args={"n": i}, outcome="error") for i in range(100)])
+    eng.process([tool(i, tool=f"t{i}", args={"n": i}) for i in range(100, 200)])
+    eng.advance(T0.timestamp() + 1000)
+    retry = eng.detectors[0]
+    assert len(retry._failures) == 0 and len(retry._calls) == 0 and retry._last_ok == {}

@@ -1,0 +1,187 @@
+"""Detector state as bytes: the snapshot format shared by every stateful detector object.
+
+A snapshot is one JSON document (orjson), never pickle: snapshots travel
+through Kafka topics, which are hostile input, so restoring one only ever
+builds plain values, ``Event``s (validated by their pydantic model) and the
+project's own classes; a corrupt, truncated or foreign snapshot raises
+``schemas.errors.StateError`` and executes nothing.
+
+Envelope::
+
+    {"format": "agentwatch.state", "version": 1, "kind": "<engine|identity|join>",
+     "events": [<Event as JSON>, ...], "state": {...}}
+
+Events held in several places (a call in a retry window and in a failure
+streak) are written once in ``events`` and referenced by index, so a snapshot
+costs one copy per held event and restoring keeps them one object.
+
+Numbers that may be infinite (a watermark before the first event, a halt that
+never expires) are written as the strings ``"inf"`` / ``"-inf"``: JSON has no
+infinity and orjson would write ``null``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.errors import StateError
+from schemas.events import Event
+
+FORMAT = "agentwatch.state"
+VERSION = 1
+
+
+class Encoder:
+    """Collects the events a snapshot refers to; each object is written once."""
+
+    __slots__ = ("events", "_refs")
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._refs: dict[int, int] = {}
+
+    def event(self, ev: Event) -> int:
+        ref = self._refs.get(id(ev))
+        if ref is None:
+            ref = self._refs[id(ev)] = len(self.events)
+            self.events.append(ev.model_dump(mode="json", exclude_defaults=True))
+        return ref
+
+    def dumps(self, kind: str, state: dict[str, Any]) -> bytes:
+        return orjson.dumps({"format": FORMAT, "version": VERSION, "kind": kind, "events": self.events,
+                             "state": state})
+
+
+class Decoder:
+    """Resolves event references of a snapshot; validates each event once, on first use."""
+
+    __slots__ = ("_raw", "_objs")
+
+    def __init__(self, raw: list[Any]) -> None:
+        self._raw = raw
+        self._objs: list[Event | None] = [None] * len(raw)
+
+    def event(self, ref: Any) -> Event:
+        i = integer(ref)
+        if not 0 <= i < len(self._raw):
+            raise StateError(f"event reference {i} out of range")
+        ev = self._objs[i]
+        if ev is None:
+            ev = self._objs[i] = Event.model_validate(mapping(self._raw[i]))
+        return ev
+
+
+def loads(kind: str, data: bytes) -> tuple[dict[str, Any], Decoder]:
+    """The state dict and event decoder of a snapshot of ``kind``; StateError if it is not one."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise StateError(f"{kind} snapshot: expected bytes, got {type(data).__name__}")
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise StateError(f"{kind} snapshot: not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise StateError(f"{kind} snapshot: not an agentwatch state snapshot")
+    if doc.get("version") != VERSION:
+        raise StateError(f"{kind} snapshot: format version {doc.get('version')!r}, this build reads {VERSION}")
+    if doc.get("kind") != kind:
+        raise StateError(f"{kind} snapshot: it holds {doc.get('kind')!r} state")
+    return mapping(doc.get("state")), Decoder(seq(doc.get("events")))
+
+
+@contextmanager
+def reading(kind: str, data: bytes) -> Iterator[tuple[dict[str, Any], Decoder]]:
+    """``with reading(kind, data) as (state, dec):`` the snapshot's state; whatever a
+    malformed state makes the restore code trip over becomes StateError."""
+    state, dec = loads(kind, data)
+    try:
+        yield state, dec
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError, ValidationError) as exc:
+        raise StateError(f"{kind} snapshot is corrupt: {type(exc).__name__}: {exc}") from None
+
+
+# -- checked value readers: a wrong type is a corrupt snapshot, not a later crash ------------
+
+
+def num(v: Any) -> float:
+    if isinstance(v, bool):
+        raise StateError(f"expected a number, got {v!r}")
+    if isinstance(v, (int, float)):
+        x = float(v)
+        if math.isnan(x):
+            raise StateError("expected a number, got NaN")
+        return x
+    if v == "inf":
+        return math.inf
+    if v == "-inf":
+        return -math.inf
+    raise StateError(f"expected a number, got {type(v).__name__}")
+
+
+def opt_num(v: Any) -> float | None:
+    return None if v is None else num(v)
+
+
+def enc_num(x: float) -> float | str:
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def enc_opt_num(x: float | None) -> float | str | None:
+    return None if x is None else enc_num(x)
+
+
+def integer(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise StateError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def opt_integer(v: Any) -> int | None:
+    return None if v is None else integer(v)
+
+
+def text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise StateError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise StateError(f"expected true/false, got {type(v).__name__}")
+    return v
+
+
+def seq(v: Any) -> list[Any]:
+    if not isinstance(v, list):
+        raise StateError(f"expected a list, got {type(v).__name__}")
+    return v
+
+
+def mapping(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise StateError(f"expected an object, got {type(v).__name__}")
+    return v
+
+
+def key(v: Any) -> Any:
+    """A dict or timer key written as JSON: lists become tuples again (keys are tuples of
+    strings and numbers, possibly nested)."""
+    if isinstance(v, list):
+        return tuple(key(x) for x in v)
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        return v
+    raise StateError(f"expected a key, got {type(v).__name__}")
+
+
+def texts(v: Any) -> list[str]:
+    return [text(x) for x in seq(v)]

@@ -1,0 +1,153 @@
+"""Detector state snapshots: a restored engine/resolver/joiner carries on exactly where the
+original was, and a corrupt snapshot is refused with StateError, never executed."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from detectors.engine import DetectionEngine
+from detectors.identity import IdentityResolver
+from detectors.join import Joiner
+from detectors.policy import Policy, parse_policy
+from schemas.alerts import Alert
+from schemas.errors import StateError
+from schemas.events import Event, EventKind
+from streams.replay import decode_any, records_in_event_time
+from streams.scorecard import load_scenarios
+from streams.stages import CorrelateStage, DetectStage, IngestStage
+
+CORPUS = Path(__file__).parent / "scenarios"
+SCENARIOS = load_scenarios(CORPUS)
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _restored(policy: Policy, correlate: CorrelateStage, detect: DetectStage) -> None:
+    """Swap every stateful object for one restored from its own snapshot (as a worker that
+    died right here and came back from the snapshot topic would run)."""
+    correlate.resolver = IdentityResolver.restore(policy.allowed_lateness_s, correlate.resolver.snapshot())
+    correlate.joiner = Joiner.restore(policy, correlate.joiner.snapshot())
+    detect.engine = DetectionEngine.restore(policy, detect.engine.snapshot())
+
+
+def _run(paths: list[Path], policy: Policy, *, restore_at: set[int] | None) -> list[tuple[Any, ...]]:
+    """The replay loop, restoring from snapshots before the records in ``restore_at``;
+    returns every alert emission in order (id, count, severity, summary, evidence), then
+    the ids of the alerts resolved (their episodes closed by timers)."""
+    ingest = IngestStage({}, default=decode_any)
+    correlate, detect = CorrelateStage(policy), DetectStage(policy)
+    emitted: list[Alert] = []
+    for i, rec in enumerate(records_in_event_time(paths)):
+        if restore_at is None or i in restore_at:
+            _restored(policy, correlate, detect)
+        routed = ingest.process([rec])
+        batch = [ev for evs in routed.by_trace.values() for ev in evs]
+        attributed = correlate.process_local(batch)
+        attributed += [ev for evs in routed.by_agent.values() for ev in evs]
+        emitted += detect.process(attributed)
+    if restore_at is None:
+        _restored(policy, correlate, detect)
+    emitted += detect.process(correlate.finish_local())
+    emitted += detect.finish()
+    return [(a.alert_id, a.count, a.severity, a.summary, a.last_seen, [e.event_id for e in a.evidence])
+            for a in emitted] + [("resolved", detect.engine.resolved)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_restoring_at_every_record_emits_what_an_uninterrupted_run_does(scenario):
+    policy = scenario.policy()
+    straight = _run(scenario.inputs, policy, restore_at=set())
+    assert _run(scenario.inputs, policy, restore_at=None) == straight  # restored before every record
+    n = len(records_in_event_time(scenario.inputs))
+    rnd = random.Random(scenario.name)
+    assert _run(scenario.inputs, policy, restore_at={rnd.randrange(n + 1)}) == straight
+    if scenario.expected:
+        assert straight
+
+
+def tool(at: float, name: str = "delete_database", outcome: str = "ok", **kw: Any) -> Event:
+    return Event(event_id=f"t{at}-{name}", kind=EventKind.TOOL_CALL, ts=T0 + timedelta(seconds=at),
+                 agent_id="a1", source="native", tool_name=name, outcome=outcome, tool_call_id=f"c{at}", **kw)
+
+
+def test_timers_are_state_and_fire_after_a_restore_with_no_new_traffic():
+    policy = parse_policy({"high_risk": {"tools": ["delete_database"]}})
+    eng = DetectionEngine(policy)
+    wall = 1_000_000.0
+    assert eng.process([tool(0)], wall=wall) == []  # the decision waits for the allowed lateness
+    restored = DetectionEngine.restore(policy, eng.snapshot())
+    fired = restored.tick(wall + policy.allowed_lateness_s + 1)
+    assert [a.detector for a in fired] == ["escalation_bypass"]
+    assert fired == eng.tick(wall + policy.allowed_lateness_s + 1)
+    # and the restored redelivery memory still knows the event
+    assert restored.process([tool(0)], wall=wall + 40) == [] and restored.duplicates_skipped == 1
+
+
+def test_snapshot_is_plain_json_with_a_version_and_shares_held_events():
+    eng = DetectionEngine(parse_policy({}))
+    eng.process([tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3)])
+    doc = orjson.loads(eng.snapshot())
+    assert doc["format"] == "agentwatch.state" and doc["version"] == 1 and doc["kind"] == "engine"
+    # each failed call sits in the same-call window and the failure run: written once
+    assert len(doc["events"]) == 3
+
+
+def _engine_snapshot() -> bytes:
+    policy = parse_policy({"high_risk": {"tools": ["delete_database"]}})
+    eng = DetectionEngine(policy)
+    eng.process([tool(i, "search", args_fingerprint="f") for i in range(6)] + [tool(10)])
+    return eng.snapshot()
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"not json", b"[]", b"{}", b'{"format": "agentwatch.state", "version": 99, "kind": "engine"}',
+    b'{"format": "agentwatch.state", "version": 1, "kind": "join", "events": [], "state": {}}',
+    b'{"format": "agentwatch.state", "version": 1, "kind": "engine", "events": [], "state": {}}',
+    pickle.dumps({"format": "agentwatch.state"}), b"[" * 100_000,
+])
+def test_unreadable_snapshots_raise_state_error(data):
+    with pytest.raises(StateError):
+        DetectionEngine.restore(parse_policy({}), data)
+    with pytest.raises(StateError):
+        Joiner.restore(parse_policy({}), data)
+    with pytest.raises(StateError):
+        IdentityResolver.restore(30.0, data)
+
+
+def _paths(node: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [at]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, at + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, at + (i,))
+    return out
+
+
+def test_mangled_snapshots_restore_or_raise_state_error_nothing_else():
+    good = orjson.loads(_engine_snapshot())
+    paths = [p for p in _paths(good) if p]
+    rnd = random.Random(7)
+    refused = 0
+    for _ in range(400):
+        doc = orjson.loads(orjson.dumps(good))
+        path = rnd.choice(paths)
+        node = doc
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = rnd.choice([None, "x", -1, 2**62, 1.5, [], {}, True, [[1]], "inf", {"a": [1]}])
+        try:
+            eng = DetectionEngine.restore(parse_policy({"high_risk": {"tools": ["delete_database"]}}),
+                                          orjson.dumps(doc))
+        except StateError:
+            refused += 1
+            continue
+        assert isinstance(eng, DetectionEngine)
+    assert refused > 100
