@@ -44,6 +44,11 @@ def _label_name(key: str) -> str:
     return name if name and not name[0].isdigit() else f"_{name}"
 
 
+
+def runbook_url(base_url: str, detector: str) -> str:
+    """The detector's page: ``<base>/<detector>.md`` (docs/runbooks/ in the repository)."""
+    return f"{base_url.rstrip('/')}/{detector}.md"
+
 class AlertmanagerOutput:
     """Posts alerts to one Alertmanager and keeps active ones alive until resolved."""
 
@@ -53,7 +58,7 @@ class AlertmanagerOutput:
         self,
         url: str,
         *,
-        runbook_base_url: str = "https://github.com/agentwatch/agentwatch/blob/main/docs/runbooks.md",
+        runbook_base_url: str = "https://github.com/agentwatch/agentwatch/blob/main/docs/runbooks",
         resend_interval_s: float = 60.0,
         timeout_s: float = 5.0,
         generator_url: Callable[[Alert], str] | None = None,
@@ -156,7 +161,7 @@ class AlertmanagerOutput:
             "annotations": {
                 "summary": alert.summary,
                 "evidence": self._evidence(alert),
-                "runbook_url": f"{self._runbook_base_url}#{alert.detector}",
+                "runbook_url": runbook_url(self._runbook_base_url, alert.detector),
                 "description": self._description(alert),
             },
             "startsAt": _rfc3339(starts_at),

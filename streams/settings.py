@@ -76,7 +76,8 @@ class Settings(ControlSettings):
         "below it they stay on the alerts topic and in ClickHouse"
     )
     runbook_base_url: str = Field(
-        "https://github.com/agentwatch/agentwatch/blob/main/README.md", description="runbook link in annotations"
+        "https://github.com/agentwatch/agentwatch/blob/main/docs/runbooks",
+        description="where docs/runbooks is served; alerts link to <this>/<detector>.md",
     )
     web_host: str = Field("127.0.0.1", description="bind address of /metrics and the read-only /query endpoint")
     web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics and /query; 0 = pick a free port")

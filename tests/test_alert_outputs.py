@@ -170,7 +170,7 @@ async def test_alert_arrives_in_alertmanager_with_labels_and_annotations(
     notes = got["annotations"]
     assert isinstance(notes, dict)
     assert notes["summary"] == alert.summary
-    assert notes["runbook_url"] == "https://runbooks.example/agentwatch#retry_loop"
+    assert notes["runbook_url"] == "https://runbooks.example/agentwatch/retry_loop.md"
     assert notes["evidence"] == "8 event(s): ev-0, ev-1, ev-2, ev-3, ev-4 (+3 more)"
     assert "agent-7" in notes["description"] and "1.2.0" in notes["description"]
     # Alertmanager keeps milliseconds
