@@ -20,12 +20,16 @@ $(BIN)/agentwatch: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,test]'
 	@touch $@
 
-# Java 17+ and Maven run the real Kafka broker; Alertmanager is a real peer in tests.
+# Java 17+ and Maven run the real Kafka broker; Alertmanager is a real peer in tests;
+# PostgreSQL 15 with pgaudit is the real audited database of the pgaudit tests.
+PG_BIN := /usr/lib/postgresql/15/bin
 system-deps:
 	@need=""; \
 	command -v java >/dev/null 2>&1 || need="$$need openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null 2>&1 || need="$$need maven"; \
 	command -v prometheus-alertmanager >/dev/null 2>&1 || need="$$need prometheus-alertmanager"; \
+	test -x $(PG_BIN)/postgres || need="$$need postgresql-15"; \
+	test -f /usr/lib/postgresql/15/lib/pgaudit.so || need="$$need postgresql-15-pgaudit"; \
 	if [ -n "$$need" ]; then \
 		echo "installing with apt-get:$$need"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \

@@ -104,6 +104,10 @@ VIA_TRACE = "trace_id"
 # partitions a secondary-key bucket can spread over: more than any topic will have
 JOIN_BUCKETS = 64
 
+# the span attribute whose id a (slow) audit source's records carry: a span with it
+# may be confirmed by that source, so it waits that source's allowed lateness
+SOURCE_SPAN_KEYS = {"cloudtrail": KEY_AWS_REQUEST_ID, "ocsf": KEY_AWS_REQUEST_ID}
+
 
 # --------------------------------------------------------------------------- keys
 
@@ -199,6 +203,7 @@ class _Trace:
     # span id -> matched audits waiting for that span's agent to be decided
     waiting: dict[str, list[Event]] = field(default_factory=dict)
     last_ts: float = 0.0
+    extra: float = 0.0  # extra lateness of the slowest audit source a span of this trace expects
 
 
 @dataclass(slots=True)
@@ -243,6 +248,14 @@ class Joiner:
         self.window_s = cfg.window_s
         lateness = cfg.allowed_lateness_s if cfg.allowed_lateness_s is not None else policy.allowed_lateness_s
         self.watermark = Watermark(lateness)
+        # per-source lateness, as extra time past the watermark: only that source's records
+        # (and the spans waiting for them) get it, everything else keeps the base lateness
+        self._source_extra = {src: max(0.0, s - lateness) for src, s in cfg.allowed_lateness_by_source.items()}
+        self._key_extra: dict[str, float] = {}
+        for src, extra in self._source_extra.items():
+            if src in SOURCE_SPAN_KEYS:
+                key = SOURCE_SPAN_KEYS[src]
+                self._key_extra[key] = max(self._key_extra.get(key, 0.0), extra)
         self._identity = [(e.principal, e.agent_id) for e in policy.identity_map]
         self._agent_principals = [e.principal for e in policy.identity_map] + list(cfg.agent_principals)
         self._auditable = list(policy.detectors.unconfirmed_action.tools)
@@ -263,6 +276,9 @@ class Joiner:
         onward: list[Event] = []
         for ev in events:
             on_time = self.watermark.observe(ev.ts_seconds, wall)
+            if not on_time and ev.kind is EventKind.AUDIT and not is_index_copy(ev):
+                extra = self._source_extra.get(ev.source, 0.0)
+                on_time = extra > 0 and ev.ts_seconds >= self.watermark.value - extra
             if not on_time:
                 self.stats.late += 1
             if is_index_copy(ev):
@@ -386,11 +402,18 @@ class Joiner:
         tr.last_ts = max(tr.last_ts, ts)
         is_tool = ev.kind is EventKind.TOOL_CALL
         tr.spans[ev.span_id] = _Span(_start(ev), ts, ev.parent_span_id, ev.event_id, is_tool, ev.tool_call_id)
+        extra = max((self._key_extra.get(name, 0.0) for name, _ in span_secondary_keys(ev)), default=0.0)
+        if extra > tr.extra:
+            # this trace's requests are audited by a slow source: its auditable tool calls wait for it
+            tr.extra = extra
+            for sid, s in tr.spans.items():
+                if self._timers.armed(("confirm", ev.trace_id, sid)):
+                    self._timers.arm(("confirm", ev.trace_id, sid), s.end + self.window_s + extra)
         if is_tool and ev.outcome == "ok" and self._is_auditable(ev.tool_name):
             if on_time:
                 key = (ev.trace_id, ev.span_id)
                 self._confirm.setdefault(key, _Confirm())
-                self._timers.arm(("confirm", *key), ts + self.window_s)
+                self._timers.arm(("confirm", *key), ts + self.window_s + tr.extra)
             else:
                 ev.attributes[JOIN] = LATE  # too late to wait for its audit record: say so
         # audits of this trace that were waiting for a span
@@ -571,7 +594,7 @@ class Joiner:
 
     def _expire(self, wm: float) -> None:
         horizon = wm - self.window_s
-        for tid in [t for t, tr in self._traces.items() if tr.last_ts < horizon or wm == FOREVER]:
+        for tid in [t for t, tr in self._traces.items() if tr.last_ts + tr.extra < horizon or wm == FOREVER]:
             tr = self._traces[tid]
             if wm == FOREVER:
                 for sid, audits in tr.waiting.items():
@@ -583,7 +606,8 @@ class Joiner:
             if not tr.unmatched and not tr.waiting:
                 del self._traces[tid]
         for key in list(self._index):
-            alive = [e for e in self._index[key] if e.end >= horizon and wm != FOREVER]
+            keep = horizon - self._key_extra.get(key[0], 0.0)  # a slow source's index lives longer
+            alive = [e for e in self._index[key] if e.end >= keep and wm != FOREVER]
             if alive:
                 self._index[key] = alive
             else:

@@ -173,6 +173,12 @@ class JoinConfig(_Strict):
     agent_principals: list[str] = Field(
         default_factory=list, description="principal globs that are agents, besides those in identity_map"
     )
+    allowed_lateness_by_source: dict[str, float] = Field(
+        default_factory=lambda: {"cloudtrail": 900.0},
+        description="allowed lateness per audit source (its delivery delay; CloudTrail delivers within ~15 min): "
+        "that source's records count as on time this long behind the newest event, and tool calls whose spans "
+        "carry its key (aws.request_id for cloudtrail) wait as long for their record; other sources never wait",
+    )
 
 
 class Policy(_Strict):

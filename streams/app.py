@@ -46,7 +46,8 @@ from streams.kafka import partition_for
 from streams.metrics import Metrics
 from streams.outputs import build_router
 from streams.settings import Settings
-from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, decoder_for_topics
+from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed,
+                            decoder_for_topics, header_pairs)
 
 log = logging.getLogger("agentwatch.worker")
 R = TypeVar("R")
@@ -98,7 +99,8 @@ class Pipeline:
         self.control = ControlPlane.from_settings(control_settings(s), s.home_dir)
         self.router = build_router(s, self.metrics.registry)
 
-        self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in))
+        self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in, pg=s.pg_log),
+                                  header_identity=s.header_identity)
         self.correlate = CorrelateStage(policy)
         self.detect = DetectStage(policy)
 
@@ -205,20 +207,26 @@ class Pipeline:
         async for batch in self._batches(stream):
             started = time.perf_counter()
             self._track(batch)
-            records = [RawRecord(e.message.topic, e.message.partition, e.message.offset, e.value or b"")
+            records = [RawRecord(e.message.topic, e.message.partition, e.message.offset, e.value or b"",
+                                 e.message.key, header_pairs(e.message.headers), e.message.timestamp)
                        for e in batch]
             for topic, n in Counter(r.topic for r in records).items():
                 self.metrics.messages_in.labels(topic).inc(n)
-            routed = self.ingest.process(records)
-            kinds = Counter((ev.source, ev.kind.value) for evs in (*routed.by_trace.values(),
-                                                                   *routed.by_agent.values()) for ev in evs)
-            for (source, kind), n in kinds.items():
-                self.metrics.events_in.labels(source, kind).inc(n)
-            sends = self._send_keyed(self.by_trace, routed.by_trace)
-            sends += self._send_keyed(self.by_agent, routed.by_agent)
-            sends += [self._send_dead(d) for d in routed.dead]
-            await self._all_delivered(sends)
+            await self._emit_ingested(self.ingest.process(records))
             self.metrics.stage_batch_seconds.labels("ingest").observe(time.perf_counter() - started)
+
+    async def _emit_ingested(self, routed: Routed) -> None:
+        """Send what the ingest stage decoded on (by trace, by agent, dead letters) and count it."""
+        kinds = Counter((ev.source, ev.kind.value) for evs in (*routed.by_trace.values(),
+                                                               *routed.by_agent.values()) for ev in evs)
+        for (source, kind), n in kinds.items():
+            self.metrics.events_in.labels(source, kind).inc(n)
+        sends = self._send_keyed(self.by_trace, routed.by_trace)
+        sends += self._send_keyed(self.by_agent, routed.by_agent)
+        sends += [self._send_dead(d) for d in routed.dead]
+        for topic, n in routed.skipped.items():
+            self.metrics.records_skipped.labels(topic).inc(n)
+        await self._all_delivered(sends)
 
     async def _correlate_agent(self, stream: Any) -> None:
         async for batch in self._batches(stream):
@@ -320,6 +328,7 @@ class Pipeline:
             for alert_id in resolved:
                 # a resolution waits on the output (retries); it must not hold up the tick
                 asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
+        await self._emit_ingested(self.ingest.tick(now))  # PostgreSQL records whose rest never came
         await self._forward_to_agents(self.correlate.tick(now))
         rekeyed = self.correlate.take_rekeyed()
         if rekeyed:

@@ -16,6 +16,7 @@ class Metrics:
     messages_in: Counter
     events_in: Counter
     decode_failures: Counter
+    records_skipped: Counter
     events_detected: Counter
     late_events: Counter
     duplicate_events: Counter
@@ -43,6 +44,11 @@ class Metrics:
             ),
             decode_failures=Counter(
                 "agentwatch_decode_failures_total", "records sent to the DLQ, by input topic", ["topic"], registry=r
+            ),
+            records_skipped=Counter(
+                "agentwatch_records_skipped_total",
+                "valid input records with nothing to monitor (PostgreSQL server lines that are not audit records)",
+                ["topic"], registry=r,
             ),
             events_detected=Counter(
                 "agentwatch_events_detected_total", "events that went through the detectors", registry=r

@@ -3,7 +3,8 @@
 Accepted files: OTLP JSON lines as the OpenTelemetry Collector's file exporter
 writes them (one ExportTraceServiceRequest per line), native JSON events (an
 object, an array, or JSON lines), and audit records (Kubernetes audit JSON
-lines, a CloudTrail ``{"Records": [...]}`` file, OCSF, pgaudit log lines).
+lines, a CloudTrail ``{"Records": [...]}`` file, OCSF, PostgreSQL logs holding
+pgaudit records: stderr text with any known prefix, or jsonlog).
 Each record goes through the same ingest, correlate and detect stages as in
 the worker, in event time; at end of input every window closes and every
 timer fires. Each alert is written once, in its final state, as one JSON line.
@@ -25,12 +26,13 @@ from schemas.decoders import DecodeResult
 from schemas.decoders.audit import decode_audit
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
+from schemas.decoders.pgaudit import looks_like_pg_text, pg_log_records
 from schemas.errors import AgentwatchError
 from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord
 
 _OTLP_MARKERS = (b'"resourceSpans"', b'"resource_spans"')
 _AUDIT_MARKERS = (b'"audit.k8s.io/', b'"Records"', b'"eventSource"', b'"class_uid"', b"AUDIT:", b'"kind":"audit"',
-                  b'"kind": "audit"')
+                  b'"kind": "audit"', b'"error_severity"')
 
 
 def classify(payload: bytes) -> str:
@@ -38,7 +40,8 @@ def classify(payload: bytes) -> str:
     live worker reads them from three topics; a file mixes them)."""
     head = payload.lstrip()[:1]
     if head not in (b"{", b"["):
-        return "audit" if b"AUDIT:" in payload else "otlp"  # binary: an otlp_proto dump
+        # a PostgreSQL server log (any record, by its shape), else binary: an otlp_proto dump
+        return "audit" if _is_pg_text(payload) else "otlp"
     if any(m in payload for m in _OTLP_MARKERS):
         return "otlp"
     if any(m in payload for m in _AUDIT_MARKERS):
@@ -52,6 +55,14 @@ _DECODERS = {"otlp": decode_otlp, "audit": decode_audit, "native": decode_native
 def decode_any(payload: bytes, *, origin: str = "") -> DecodeResult:
     """Pick the decoder for one recorded record by what it contains."""
     return _DECODERS[classify(payload)](payload, origin=origin)
+
+
+def _is_pg_text(payload: bytes) -> bool:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return looks_like_pg_text(text)
 
 
 def read_records(path: Path) -> Iterator[RawRecord]:
@@ -70,6 +81,11 @@ def read_records(path: Path) -> Iterator[RawRecord]:
         else:
             yield RawRecord(name, -1, 0, stripped)
             return
+    if _is_pg_text(stripped.split(b"\n", 1)[0]):
+        # a PostgreSQL log: a record is its line, its continuation lines and its STATEMENT/DETAIL records
+        for n, record in enumerate(pg_log_records(data.decode("utf-8", errors="replace")), start=1):
+            yield RawRecord(name, -1, n, record.encode())
+        return
     for lineno, line in enumerate(data.splitlines(), start=1):
         if line.strip():
             yield RawRecord(name, -1, lineno, line)

@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.alerts import Severity
+from schemas.decoders.pgaudit import AUTO_PREFIX, PG_PREFIX_PRESETS, PgLogConfig, check_timezone
 from schemas.errors import ConfigError
 from streams.control_plane import ControlSettings
 
@@ -81,6 +82,28 @@ class Settings(ControlSettings):
     )
     web_host: str = Field("127.0.0.1", description="bind address of /metrics and the read-only /query endpoint")
     web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics and /query; 0 = pick a free port")
+    # -- audit sources: how PostgreSQL writes its log, identity in Kafka headers (docs/join.md) --
+    pg_log_line_prefix: str = Field(
+        "auto",
+        description="the PostgreSQL server's log_line_prefix (SHOW log_line_prefix), or a preset: postgres "
+        "('%m [%p] '), debian ('%m [%p] %q%u@%d '), rds ('%t:%r:%u@%d:[%p]:'), cloudsql, pgbadger; auto = "
+        "try every preset. Not needed for jsonlog (recommended)",
+    )
+    pg_log_timezone: str = Field(
+        "", description="the PostgreSQL server's log_timezone (IANA name, e.g. Europe/Berlin) to resolve zone "
+        "abbreviations in log times; empty = only UTC/GMT/numeric offsets are accepted, others are rejected"
+    )
+    pg_stitch_s: float = Field(
+        2.0, gt=0, description="longest wait for the rest of a PostgreSQL log record shipped in pieces "
+        "(one line per message, an ERROR and its STATEMENT as two messages)"
+    )
+    header_identity: dict[str, str] = Field(
+        default_factory=dict,
+        description="Kafka header -> identity for events that carry none, as JSON: "
+        '{"x-tenant-id": "tenant", "x-agent-id": "agent_id", "x-team": "team"} (any other target is an '
+        "attribute); pair with the Collector kafka exporter's include_metadata_keys",
+    )
+
     log_level: str = Field("warning", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
 
@@ -97,6 +120,19 @@ class Settings(ControlSettings):
     def _fmt(cls, v: str) -> str:
         if v not in {"json", "text"}:
             raise ValueError("must be json or text")
+        return v
+
+    @field_validator("pg_log_timezone")
+    @classmethod
+    def _pg_tz(cls, v: str) -> str:
+        return check_timezone(v)
+
+    @field_validator("pg_log_line_prefix")
+    @classmethod
+    def _pg_prefix(cls, v: str) -> str:
+        if v != AUTO_PREFIX and v not in PG_PREFIX_PRESETS and "%" not in v:
+            raise ValueError(f"{v!r} is neither a log_line_prefix (with % escapes) nor one of "
+                             f"{', '.join([AUTO_PREFIX, *PG_PREFIX_PRESETS])}")
         return v
 
     @field_validator("clickhouse_dsn")
@@ -128,6 +164,10 @@ class Settings(ControlSettings):
     @property
     def dsn(self) -> str:
         return self.clickhouse_dsn or f"chdb://{self.home_dir / 'clickhouse'}"
+
+    @property
+    def pg_log(self) -> PgLogConfig:
+        return PgLogConfig(self.pg_log_line_prefix, self.pg_log_timezone, self.pg_stitch_s)
 
     @property
     def worker_file(self) -> Path:

@@ -19,9 +19,11 @@ confirmation are decided in one place.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from detectors.engine import DetectionEngine
 from detectors.identity import IdentityResolver
@@ -30,10 +32,10 @@ from detectors.policy import Policy
 from detectors.windows import FOREVER
 from schemas.alerts import Alert
 from schemas.decoders import DecodeResult, Failure
-from schemas.decoders.audit import decode_audit
+from schemas.decoders.audit import AuditDecoder, PgLogConfig
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
-from schemas.events import Event
+from schemas.events import Event, IdentitySource
 
 Decoder = Callable[..., DecodeResult]
 
@@ -45,6 +47,19 @@ class RawRecord:
     offset: int
     value: bytes
     key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: float | None = None  # the Kafka record's timestamp, seconds since the epoch
+
+    @property
+    def received_at(self) -> datetime | None:
+        return None if self.timestamp is None else datetime.fromtimestamp(self.timestamp, tz=timezone.utc)
+
+
+def header_pairs(headers: object) -> tuple[tuple[str, bytes], ...]:
+    """Kafka headers as (name, value) pairs, from a list of pairs or a mapping (faust gives either)."""
+    items = headers.items() if isinstance(headers, Mapping) else (headers or ())
+    return tuple((k.decode() if isinstance(k, bytes) else str(k), v if isinstance(v, bytes) else str(v).encode())
+                 for k, v in items)  # type: ignore[union-attr]
 
 
 @dataclass(slots=True)
@@ -74,10 +89,35 @@ class Routed:
     by_agent: dict[str, list[Event]] = field(default_factory=lambda: defaultdict(list))
     dead: list[DeadLetter] = field(default_factory=list)
     events: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # topic -> records skipped
 
 
-def decoder_for_topics(otlp: str, native: str, audit: str) -> dict[str, Decoder]:
-    return {otlp: decode_otlp, native: decode_native, audit: decode_audit}
+def decoder_for_topics(otlp: str, native: str, audit: str, *, pg: PgLogConfig | None = None) -> dict[str, Decoder]:
+    return {otlp: decode_otlp, native: decode_native, audit: AuditDecoder(pg)}
+
+
+# header identity targets besides attribute names
+HEADER_TENANT = "tenant"
+HEADER_AGENT_ID = "agent_id"
+
+
+def apply_header_identity(events: Iterable[Event], headers: Iterable[tuple[str, bytes]],
+                          mapping: Mapping[str, str]) -> None:
+    """Identity a Kafka producer put in headers (the Collector's kafka exporter with
+    ``include_metadata_keys``), used only where the event itself carries none:
+    ``mapping`` is header name (lower case) -> "tenant", "agent_id" or an attribute name."""
+    values = {mapping[k.lower()]: v.decode("utf-8", errors="replace")
+              for k, v in headers if k.lower() in mapping and v}
+    if not values:
+        return
+    tenant, agent = values.pop(HEADER_TENANT, ""), values.pop(HEADER_AGENT_ID, "")
+    for ev in events:
+        if tenant and ev.tenant == "default":
+            ev.tenant = tenant
+        if agent and not ev.agent_id:
+            ev.agent_id, ev.identity = agent, IdentitySource.ATTRIBUTE
+        for name, value in values.items():
+            ev.attributes.setdefault(name, value)
 
 
 def route(events: Iterable[Event], out: Routed) -> None:
@@ -98,11 +138,37 @@ def route(events: Iterable[Event], out: Routed) -> None:
 
 
 class IngestStage:
-    def __init__(self, decoders: dict[str, Decoder], default: Decoder | None = None) -> None:
+    """Raw records -> routed events. A decoder with ``feed``/``flush`` (the audit
+    decoder's stitching of PostgreSQL logs shipped in pieces) sees each message with
+    its stream (topic, partition, key) and may decode a record a later message or
+    ``tick`` completes; its events keep the offset of the message they started in."""
+
+    def __init__(self, decoders: dict[str, Decoder], default: Decoder | None = None, *,
+                 header_identity: Mapping[str, str] | None = None) -> None:
         self.decoders = decoders
         self.default = default
+        self.header_identity = {k.lower(): v for k, v in (header_identity or {}).items()}
 
-    def process(self, records: Iterable[RawRecord]) -> Routed:
+    def tick(self, wall_now: float | None = None) -> Routed:
+        """Decode records whose remaining pieces did not arrive in time."""
+        out = Routed()
+        wall = time.time() if wall_now is None else wall_now
+        for decoder in {id(d): d for d in (*self.decoders.values(), self.default) if hasattr(d, "flush")}.values():
+            for (topic, partition, _key), part in decoder.flush(wall):  # type: ignore[union-attr]
+                self._emit(part.result, RawRecord(topic, partition, part.offset, b""), out)
+        return out
+
+    def _emit(self, result: DecodeResult, rec: RawRecord, out: Routed) -> None:
+        for ev in result.events:
+            ev.topic, ev.partition, ev.offset = rec.topic, rec.partition, rec.offset
+        if self.header_identity and rec.headers:
+            apply_header_identity(result.events, rec.headers, self.header_identity)
+        route(result.events, out)
+        out.dead.extend(_dead(f, rec) for f in result.failures)
+        if result.skipped:
+            out.skipped[rec.topic] += result.skipped
+
+    def process(self, records: Iterable[RawRecord], *, wall: float | None = None) -> Routed:
         out = Routed()
         for rec in records:
             decoder = self.decoders.get(rec.topic, self.default)
@@ -113,11 +179,16 @@ class IngestStage:
             if not rec.value:
                 out.dead.append(DeadLetter(rec.value, "empty message", "", rec.topic, rec.partition, rec.offset))
                 continue
-            result = decoder(rec.value, origin=rec.topic)
-            for ev in result.events:
-                ev.topic, ev.partition, ev.offset = rec.topic, rec.partition, rec.offset
-            route(result.events, out)
-            out.dead.extend(_dead(f, rec) for f in result.failures)
+            feed = getattr(decoder, "feed", None)
+            if feed is None:
+                self._emit(decoder(rec.value, origin=rec.topic), rec, out)
+                continue
+            for part in feed(rec.value, stream=(rec.topic, rec.partition, rec.key), offset=rec.offset,
+                             origin=rec.topic, received_at=rec.received_at,
+                             wall=time.time() if wall is None else wall):
+                at = rec if part.offset == rec.offset else RawRecord(rec.topic, rec.partition, part.offset, b"",
+                                                                      rec.key, rec.headers)
+                self._emit(part.result, at, out)
         return out
 
 

@@ -45,7 +45,8 @@ EXPECTED: list[tuple[str, int, dict[str, object]]] = [
         dict(
             principal="system:serviceaccount:agents:ops-agent",
             action="update",
-            resource="deployments.apps/prod/payments/scale",
+            resource="deployments.apps/prod/payments",  # the subresource has its own field
+            name="update deployments.apps/prod/payments/scale",
             outcome="allow",
             trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
             span_id="00f067aa0ba902b7",
@@ -54,7 +55,7 @@ EXPECTED: list[tuple[str, int, dict[str, object]]] = [
     ("k8s_audit.log", 3, dict(resource="roles.rbac.authorization.k8s.io/wareville", outcome="allow")),
     ("k8s_audit.log", 4, dict(principal="alice@example.com", action="patch", outcome="error")),
     ("k8s_eventlist.json", 0, dict(principal="system:kube-scheduler", resource="nodes", outcome="deny")),
-    ("k8s_eventlist.json", 1, dict(action="create", resource="pods/default/nginx/exec", outcome="allow")),
+    ("k8s_eventlist.json", 1, dict(action="create", resource="pods/default/nginx", name="create pods/default/nginx/exec", outcome="allow")),
     (
         "cloudtrail_records.json",
         0,
@@ -121,7 +122,7 @@ EXPECTED: list[tuple[str, int, dict[str, object]]] = [
     (
         "pgaudit.log",
         3,
-        dict(principal="mallory", action="SELECT", resource="payroll", outcome="deny", trace_id="1" * 32),
+        dict(principal="mallory", action="SELECT", resource="public.payroll", outcome="deny", trace_id="1" * 32),
     ),
     ("pgaudit.log", 4, dict(action="DISCARD", resource="MISC", outcome="allow")),
     (
@@ -302,9 +303,12 @@ def test_pgaudit_prefixless_and_custom_prefix() -> None:
     assert bare.attributes["ts_source"] == "received"
 
     line = b"2024-05-01 14:00:00 CEST carol appdb [99]: LOG:  AUDIT: SESSION,1,1,READ,SELECT,,,select now(),<not logged>"
-    [event] = decode_audit(line, log_line_prefix="%t %u %d [%p]: ").events
+    [event] = decode_audit(line, log_line_prefix="%t %u %d [%p]: ", log_timezone="Europe/Berlin").events
     assert (event.principal, event.resource, event.attributes["pg.database"]) == ("carol", "READ", "appdb")
-    assert event.attributes["pg.timezone"] == "CEST"
+    assert event.ts == datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)  # CEST is UTC+2
+    # without the server's log_timezone the abbreviation is refused, never read as UTC
+    [failure] = decode_audit(line, log_line_prefix="%t %u %d [%p]: ").failures
+    assert "AGENTWATCH_PG_LOG_TIMEZONE" in failure.reason and "'CEST'" in failure.reason
     assert pg_prefix_regex("%m [%p] %q%u@%d ").match(fixture("pgaudit.log").decode().splitlines()[0])
 
 
@@ -444,7 +448,6 @@ PG = b"2024-05-01 12:00:00.123 UTC [1] a@b "
         (PG + b"LOG:  AUDIT: SESSION,x,1,READ,SELECT,,,s,<none>", "STATEMENT_ID", "pgaudit"),
         (PG + b"LOG:  AUDIT: SESSION,1,1", "expected at least 7", "pgaudit"),
         (PG + b"LOG:  AUDIT: BOGUS,1,1,READ,SELECT,,,s,<none>", "AUDIT_TYPE", "pgaudit"),
-        (PG + b"LOG:  connection authorized: user=a", "neither", "pgaudit"),
     ],
 )
 def test_garbage_becomes_failure_with_reason(payload: bytes, reason: str, source: str) -> None:
@@ -454,6 +457,11 @@ def test_garbage_becomes_failure_with_reason(payload: bytes, reason: str, source
     assert reason in failure.reason
     assert failure.source == source
     assert failure.raw == payload  # the DLQ gets the original bytes
+
+
+def test_server_records_that_are_not_audit_are_skipped_not_failures() -> None:
+    result = decode_audit(PG + b"LOG:  connection authorized: user=a")
+    assert (result.events, result.failures, result.skipped) == ([], [], 1)
 
 
 def test_json_lines_chunk_mixes_formats_and_failures() -> None:

@@ -237,3 +237,34 @@ def test_real_k8s_line_and_cloudtrail_record_are_attributed_to_the_agent(name: s
     assert audits[0].tool_call_id == tool
     (tool_ev,) = [e for e in out if e.kind is EventKind.TOOL_CALL]
     assert tool_ev.attributes[JOIN] == "matched" and tool_ev.correlation["join.audit_event_id"] == audits[0].event_id
+
+
+def _cloudtrail(at: float, request_id: str) -> Event:
+    a = audit(at, principal="arn:aws:sts::1:assumed-role/ops/agent", corr={"aws.request_id": request_id}, eid="ct-1")
+    a.source = "cloudtrail"
+    return a
+
+
+@pytest.mark.parametrize("cloudtrail_lateness", [900.0, 10.0])
+def test_cloudtrail_waits_its_own_delivery_delay_and_no_other_source_waits(cloudtrail_lateness: float):
+    stage = CorrelateStage(policy(allowed_lateness_by_source={"cloudtrail": cloudtrail_lateness}))
+    tool_id = stable_id("span", TRACE, TOOL_SPAN)
+    out = feed(stage, run(at=(5.0, 2.0), tool="aws_put_object", attrs={"aws.request_id": "REQ-7"}), finish=False)
+    assert tool_id not in out  # auditable: held for its record
+    # a traced record of another source whose span never comes, then ten minutes of other traffic
+    out = feed(stage, [audit(20.0, trace="f" * 32, sid=HTTP_SPAN, eid="k8s-1")], finish=False)
+    for t in (100.0, 300.0, 600.0):
+        out.update(feed(stage, [span("d000000000000004", "", t, kind=EventKind.AGENT, agent="x", trace="e" * 32)],
+                        finish=False))
+    # the other source's record was decided after its window and the base lateness, not CloudTrail's
+    assert out["k8s-1"].attributes[JOIN] == "unattributed"
+    # CloudTrail delivers the call's record ten minutes late
+    out.update(feed(stage, [_cloudtrail(4.5, "REQ-7")], finish=False))
+    if cloudtrail_lateness > 600:
+        assert tool_id not in {k for k, e in out.items() if e.attributes.get(JOIN) == "unconfirmed"}
+        assert_joined(out["ct-1"], "aws.request_id")
+        assert out[tool_id].attributes[JOIN] == "matched"
+        assert stage.joiner.stats.late == 0
+    else:  # one lateness for every source: the call was given up on, the record is late
+        assert out[tool_id].attributes[JOIN] == "unconfirmed"
+        assert out["ct-1"].attributes[JOIN] == "late"

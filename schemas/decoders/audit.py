@@ -34,167 +34,70 @@ a Failure, so feeding a whole server log puts its non-audit lines in the DLQ.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import datetime
 from typing import Any
-from urllib.parse import unquote
 
 import orjson
-from pydantic import ValidationError
 
-from schemas.decoders import DecodeResult, Failure
+from schemas.decoders import DecodeResult
 from schemas.errors import DecodeError
-from schemas.events import AUDIT_OUTCOMES, Event, EventKind, IdentitySource, stable_id
+from schemas.events import AUDIT_OUTCOMES, Event, IdentitySource, stable_id
 
-SOURCE_K8S = "k8s_audit"
-SOURCE_CLOUDTRAIL = "cloudtrail"
-SOURCE_OCSF = "ocsf"
-SOURCE_PGAUDIT = "pgaudit"
-SOURCE_NATIVE = "native_audit"
-SOURCE_UNKNOWN = "audit"  # Failure.source when no format matched
-
-# Correlation keys. Where a span attribute carries the same id the key IS that
-# attribute's name, so the join is a plain key lookup on both sides.
-CORR_AWS_REQUEST_ID = "aws.request_id"  # CloudTrail requestID == span attribute aws.request_id
-CORR_AWS_ACCESS_KEY_ID = "aws.access_key_id"
-CORR_CLOUDTRAIL_EVENT_ID = "cloudtrail.event_id"
-CORR_CLOUDTRAIL_SHARED_EVENT_ID = "cloudtrail.shared_event_id"
-CORR_K8S_AUDIT_ID = "k8s.audit_id"
-CORR_K8S_USER_UID = "k8s.user.uid"
-CORR_K8S_OBJECT_UID = "k8s.object.uid"
-CORR_K8S_POD_NAME = "k8s.pod.name"  # OTel resource attribute of the caller's pod
-CORR_K8S_POD_UID = "k8s.pod.uid"
-CORR_K8S_CREDENTIAL_ID = "k8s.credential_id"
-CORR_REQUEST_ID = "request_id"  # OCSF api.request.uid (any provider)
-CORR_OCSF_UID = "ocsf.uid"
-CORR_OCSF_CORRELATION_UID = "ocsf.correlation_uid"
-CORR_SESSION_ID = "session_id"
-CORR_TOOL_CALL_ID = "gen_ai.tool.call.id"  # the GenAI span attribute of the tool call
-CORR_PG_PID = "db.postgresql.pid"
-CORR_PG_SESSION_ID = "db.postgresql.session_id"
-CORR_PG_STATEMENT_ID = "db.postgresql.statement_id"
-
-_K8S_FINAL_STAGES = frozenset({"ResponseComplete", "Panic"})
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True, slots=True)
-class _Ctx:
-    origin: str
-    tenant: str
-
-
-def _get(obj: Any, path: str) -> Any:
-    """``obj["a"]["b"]`` for ``"a.b"``; None when any level is missing or not an object."""
-    for key in path.split("."):
-        if not isinstance(obj, Mapping):
-            return None
-        obj = obj.get(key)
-    return obj
-
-
-def _str(obj: Any, *paths: str) -> str:
-    """The first of ``paths`` holding a non-empty scalar, as text ("" if none)."""
-    for path in paths:
-        value = _get(obj, path)
-        if value is not None and value != "" and not isinstance(value, (Mapping, list)):
-            return str(value)
-    return ""
-
-
-def _require(obj: Any, path: str, fmt: str) -> str:
-    value = _str(obj, path)
-    if not value:
-        raise DecodeError(f"{fmt}: missing required field '{path}'")
-    return value
-
-
-def _compact(items: Iterable[tuple[str, Any]]) -> dict[str, str]:
-    """A str->str dict without empty values (Event attributes and correlation are str->str)."""
-    return {k: str(v) for k, v in items if v is not None and v != "" and v != []}
-
-
-_TRACEPARENT = re.compile(r"(?<![0-9a-f])([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?![0-9a-f])", re.I)
-
-
-def find_traceparent(text: str) -> tuple[str, str] | None:
-    """``(trace_id, span_id)`` of the first valid W3C traceparent inside ``text``.
-
-    The id may be embedded (an Audit-ID that is or contains a traceparent, a SQL
-    comment), so this searches rather than matches; version ff and all-zero ids
-    are invalid per the W3C spec and are skipped.
-    """
-    for m in _TRACEPARENT.finditer(text or ""):
-        version, trace_id, span_id = m.group(1).lower(), m.group(2).lower(), m.group(3).lower()
-        if version != "ff" and trace_id.strip("0") and span_id.strip("0"):
-            return trace_id, span_id
-    return None
-
-
-_FRACTION = re.compile(r"(\.\d{6})\d+")
-
-
-def _parse_ts(value: Any, field: str, fmt: str) -> datetime:
-    """ISO-8601 text or a Unix epoch number (s, ms, us or ns, told apart by magnitude)."""
-    if isinstance(value, bool) or value is None or value == "":
-        raise DecodeError(f"{fmt}: missing required field '{field}'")
-    if isinstance(value, (int, float)):
-        magnitude = abs(value)
-        # 1e11 s is the year 5138, so anything larger is ms, us or ns
-        divisor = 1e9 if magnitude >= 1e17 else 1e6 if magnitude >= 1e14 else 1e3 if magnitude >= 1e11 else 1
-        return datetime.fromtimestamp(value / divisor, tz=timezone.utc)
-    if isinstance(value, str):
-        try:
-            # fromisoformat of 3.11 takes "Z" but not more than 6 fractional digits
-            ts = datetime.fromisoformat(_FRACTION.sub(r"\1", value.strip()))
-        except ValueError:
-            raise DecodeError(f"{fmt}: field '{field}' is not an ISO-8601 time: {value!r}") from None
-        return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-    raise DecodeError(f"{fmt}: field '{field}' is not a time: {value!r}")
-
-
-def _content_id(record: Any) -> str:
-    """A stable id for a record whose source has no id: hash of its canonical JSON."""
-    canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS, default=str)
-    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
-
-
-def _audit_event(ctx: _Ctx, source: str, **fields: Any) -> Event:
-    fields.setdefault("tenant", ctx.tenant)
-    return Event(kind=EventKind.AUDIT, source=source, origin=ctx.origin, **fields)
-
-
-def _failure(raw: bytes, reason: str, source: str) -> DecodeResult:
-    return DecodeResult(failures=[Failure(raw=raw, reason=reason, source=source)])
-
-
-def _guarded(raw: bytes, source: str, build: Callable[[], list[Event]]) -> DecodeResult:
-    """Run one record's decoding; any problem becomes that record's Failure, never an exception."""
-    try:
-        return DecodeResult(events=build())
-    except DecodeError as e:
-        return _failure(raw, e.reason, source)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        return _failure(raw, f"{source}: decoded event invalid at '{loc}': {first['msg']}", source)
-    except Exception as e:  # a shape no check foresaw (a string where an object belongs ...)
-        return _failure(raw, f"{source}: malformed record ({type(e).__name__}: {e})", source)
-
-
-def _raw_of(record: Any) -> bytes:
-    try:
-        return orjson.dumps(record)
-    except TypeError:
-        return repr(record).encode()
+from schemas.decoders.audit_base import (  # noqa: F401 - re-exported: the audit decoders' public names
+    _K8S_FINAL_STAGES,
+    CORR_AWS_ACCESS_KEY_ID,
+    CORR_AWS_REQUEST_ID,
+    CORR_CLOUDTRAIL_EVENT_ID,
+    CORR_CLOUDTRAIL_SHARED_EVENT_ID,
+    CORR_K8S_AUDIT_ID,
+    CORR_K8S_CREDENTIAL_ID,
+    CORR_K8S_OBJECT_UID,
+    CORR_K8S_POD_NAME,
+    CORR_K8S_POD_UID,
+    CORR_K8S_USER_UID,
+    CORR_OCSF_CORRELATION_UID,
+    CORR_OCSF_UID,
+    CORR_PG_PID,
+    CORR_PG_SESSION_ID,
+    CORR_PG_STATEMENT_ID,
+    CORR_REQUEST_ID,
+    CORR_SESSION_ID,
+    CORR_TOOL_CALL_ID,
+    SOURCE_CLOUDTRAIL,
+    SOURCE_K8S,
+    SOURCE_NATIVE,
+    SOURCE_OCSF,
+    SOURCE_PGAUDIT,
+    SOURCE_UNKNOWN,
+    _audit_event,
+    _compact,
+    _content_id,
+    _Ctx,
+    _failure,
+    _get,
+    _guarded,
+    _parse_ts,
+    _raw_of,
+    _require,
+    _str,
+    find_traceparent,
+)
+from schemas.decoders.pgaudit import (  # noqa: F401 - re-exported
+    AUTO_PREFIX,
+    DEFAULT_PG_LOG_LINE_PREFIX,
+    PG_PREFIX_PRESETS,
+    PgLogConfig,
+    PgStitcher,
+    Stitched,
+    decode_pgaudit,
+    looks_like_pg_text,
+    pg_jsonlog_event,
+    pg_prefix_regex,
+    sql_tables,
+)
 
 
 # --------------------------------------------------------------------------- Kubernetes
@@ -216,13 +119,15 @@ def _k8s_outcome(code: int | None, decision: str, stage: str) -> str:
 
 
 def _k8s_resource(event: Mapping[str, Any]) -> str:
-    """``resource[.group]/namespace/name[/subresource]`` (empty parts left out);
-    the requestURI path for non-resource requests such as /healthz."""
+    """``resource[.group]/namespace/name`` (empty parts left out); the subresource
+    (``scale``, ``status``, ``exec`` ...) is ``attributes["k8s.subresource"]``, so one
+    object has one name whatever part of it a request touched. The requestURI path
+    for non-resource requests such as /healthz."""
     ref = event.get("objectRef")
     if not isinstance(ref, Mapping) or not ref.get("resource"):
         return str(event.get("requestURI") or "").split("?", 1)[0]
     kind = str(ref["resource"]) + (f".{ref['apiGroup']}" if ref.get("apiGroup") else "")
-    parts = [kind, _str(ref, "namespace"), _str(ref, "name"), _str(ref, "subresource")]
+    parts = [kind, _str(ref, "namespace"), _str(ref, "name")]
     return "/".join(p for p in parts if p)
 
 
@@ -281,15 +186,17 @@ def _k8s_event(event: Mapping[str, Any], ctx: _Ctx) -> Event:
         ]
         + [(f"annotation.{k}", v) for k, v in annotations.items()]
     )
+    resource = _k8s_resource(event)
+    subresource = _str(event, "objectRef.subresource")
     return _audit_event(
         ctx,
         SOURCE_K8S,
         event_id=stable_id(SOURCE_K8S, audit_id, stage),
         ts=ts,
-        name=f"{verb} {_k8s_resource(event)}",
+        name=f"{verb} {resource}" + (f"/{subresource}" if subresource else ""),
         principal=username,
         action=verb,
-        resource=_k8s_resource(event),
+        resource=resource,
         outcome=_k8s_outcome(code if isinstance(code, int) else None, decision, stage),
         trace_id=trace_id,
         span_id=span_id,
@@ -543,362 +450,6 @@ def _ocsf_event(event: Mapping[str, Any], ctx: _Ctx) -> Event:
     )
 
 
-# --------------------------------------------------------------------------- pgaudit
-
-# log_line_prefix escapes -> regex. Text fields are lazy so the literal text
-# around them (" ", "@", "[") decides where they end.
-_PG_TS = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?(?: [A-Za-z][A-Za-z0-9/_+-]*|[+-]\d{2}(?::?\d{2})?)?"
-_PG_ESCAPES: dict[str, tuple[str, str]] = {
-    "m": ("ts", _PG_TS),
-    "t": ("ts", _PG_TS),
-    "n": ("epoch", r"\d+(?:\.\d+)?"),
-    "p": ("pid", r"\d+"),
-    "u": ("user", r".*?"),
-    "d": ("db", r".*?"),
-    "a": ("app", r".*?"),
-    "h": ("host", r".*?"),
-    "r": ("remote", r".*?"),
-    "c": ("session", r"[0-9a-f]+\.[0-9a-f]+"),
-    "l": ("line", r"\d+"),
-    "s": ("session_start", _PG_TS),
-    "v": ("vxid", r"[-\d/]*"),
-    "x": ("xid", r"\d*"),
-    "e": ("sqlstate", r"[0-9A-Z]{5}"),
-    "i": ("tag", r".*?"),
-    "b": ("backend", r".*?"),
-    "Q": ("query_id", r"-?\d+"),
-    "L": ("local", r".*?"),
-    "P": ("leader", r"\d*"),
-}
-_PG_SEVERITY = r"(?P<severity>DEBUG[1-5]?|INFO|NOTICE|WARNING|ERROR|LOG|FATAL|PANIC|STATEMENT|DETAIL|HINT|CONTEXT|QUERY|LOCATION):\s+"
-_PG_BARE = re.compile(_PG_SEVERITY + r"(?P<message>.*)\Z", re.S)
-DEFAULT_PG_LOG_LINE_PREFIX = "%m [%p] %q%u@%d "
-
-
-@lru_cache(maxsize=32)  # called per record with the same setting
-def pg_prefix_regex(log_line_prefix: str = DEFAULT_PG_LOG_LINE_PREFIX) -> re.Pattern[str]:
-    """A regex for whole PostgreSQL log records written with ``log_line_prefix``.
-
-    Takes the server's own setting (``SHOW log_line_prefix``) so operators do
-    not write regexes; groups: ts/epoch, pid, user, db, app, host, session ...,
-    severity and message. ``%q`` only matters for non-session processes, which
-    never write audit records, so it is dropped.
-    """
-    out, seen, i = ["^"], set(), 0
-    while i < len(log_line_prefix):
-        ch = log_line_prefix[i]
-        if ch == "%" and i + 1 < len(log_line_prefix):
-            i += 1
-            esc = log_line_prefix[i]
-            while esc.isdigit() or esc == "-":  # padding such as %-10u
-                i += 1
-                esc = log_line_prefix[i]
-            if esc == "%":
-                out.append("%")
-            elif esc in _PG_ESCAPES:
-                group, pattern = _PG_ESCAPES[esc]
-                out.append(f"(?P<{group}>{pattern})" if group not in seen else f"(?:{pattern})")
-                seen.add(group)
-        else:
-            out.append(re.escape(ch))
-        i += 1
-    return re.compile("".join(out) + r"\s*" + _PG_SEVERITY + r"(?P<message>.*)\Z", re.S)
-
-
-_PG_AUDIT_FIELDS = ("audit_type", "statement_id", "substatement_id", "class", "command", "object_type", "object_name")
-_PG_ERROR_SEVERITIES = frozenset({"ERROR", "FATAL", "PANIC"})
-_PG_FOLLOWERS = frozenset({"STATEMENT", "DETAIL", "HINT", "CONTEXT", "QUERY", "LOCATION"})
-_PG_DENIED = re.compile(
-    r"permission denied for (?:table|relation|view|sequence|schema|database|function|column|materialized view) (\S+)"
-)
-_SQL_COMMENT = re.compile(r"/\*(.*?)\*/", re.S)
-_SQLCOMMENTER_PAIR = re.compile(r"([\w.-]+)\s*=\s*'([^']*)'")
-_SQL_VERB = re.compile(r"^\s*(?:/\*.*?\*/\s*)*([A-Za-z]+(?: TABLE| INDEX| VIEW| ROLE| SCHEMA| FUNCTION)?)", re.S)
-
-
-@dataclass(slots=True)
-class _PgRecord:
-    """One log record: its fields from the prefix, severity, message, and follow-up lines."""
-
-    raw: str
-    fields: dict[str, str]
-    severity: str
-    message: str
-    statement: str = ""  # STATEMENT: line that followed an ERROR
-
-
-def _pg_ts(fields: Mapping[str, str]) -> tuple[datetime | None, str]:
-    """Time from %m/%t (zone abbreviations other than UTC/GMT are kept, not resolved) or %n."""
-    if fields.get("epoch"):
-        return datetime.fromtimestamp(float(fields["epoch"]), tz=timezone.utc), ""
-    text = fields.get("ts") or ""
-    if not text:
-        return None, ""
-    m = re.match(r"(\S+ [\d:.]+)\s*(.*)$", text)
-    if not m:
-        return None, ""
-    base = datetime.fromisoformat(m.group(1)).replace(tzinfo=timezone.utc)
-    zone = m.group(2)
-    offset = re.fullmatch(r"([+-])(\d{2}):?(\d{2})?", zone)
-    if offset:
-        sign = -1 if offset.group(1) == "-" else 1
-        delta = timedelta(hours=int(offset.group(2)), minutes=int(offset.group(3) or 0))
-        return base - sign * delta, ""
-    return base, "" if zone in ("", "UTC", "GMT", "Z") else zone
-
-
-def _sqlcommenter(statement: str) -> dict[str, str]:
-    """key='value' pairs of SQL comments (sqlcommenter style, values URL-encoded)."""
-    pairs: dict[str, str] = {}
-    for comment in _SQL_COMMENT.findall(statement):
-        for key, value in _SQLCOMMENTER_PAIR.findall(comment):
-            pairs[key] = unquote(value)
-    return pairs
-
-
-def _pg_statement_context(statement: str) -> tuple[str, str, str, dict[str, str]]:
-    """(trace_id, span_id, tool_call_id, sqlcommenter attributes) carried by a statement."""
-    comment = _sqlcommenter(statement)
-    trace = find_traceparent(comment.get("traceparent", "")) or find_traceparent(
-        " ".join(_SQL_COMMENT.findall(statement))
-    )
-    tool_call_id = comment.get(CORR_TOOL_CALL_ID) or comment.get("tool_call_id", "")
-    attrs = {f"sqlcommenter.{k}": v for k, v in comment.items() if k not in ("traceparent", "tracestate")}
-    return (*(trace or ("", "")), tool_call_id, attrs)
-
-
-def _parse_pgaudit_csv(text: str) -> dict[str, str]:
-    """The AUDIT CSV: 7 fixed fields, then STATEMENT, PARAMETER and (log_rows) ROWS.
-
-    pgaudit quotes a field only when it holds a comma, quote or newline, doubling
-    inner quotes: exactly what the csv module reads, embedded newlines included.
-    """
-    row = next(csv.reader(io.StringIO(text, newline="")), [])
-    if len(row) < len(_PG_AUDIT_FIELDS):
-        raise DecodeError(
-            f"pgaudit: AUDIT record has {len(row)} fields, expected at least 7 "
-            "(AUDIT_TYPE,STATEMENT_ID,SUBSTATEMENT_ID,CLASS,COMMAND,OBJECT_TYPE,OBJECT_NAME)"
-        )
-    fields = dict(zip(_PG_AUDIT_FIELDS, row))
-    if fields["audit_type"] not in ("SESSION", "OBJECT"):
-        raise DecodeError(f"pgaudit: AUDIT_TYPE is {fields['audit_type']!r}, expected SESSION or OBJECT")
-    for key in ("statement_id", "substatement_id"):
-        if not fields[key].isdigit():
-            raise DecodeError(f"pgaudit: {key.upper()} is {fields[key]!r}, expected an integer")
-    if not fields["command"]:
-        raise DecodeError("pgaudit: COMMAND field is empty")
-    rest = row[len(_PG_AUDIT_FIELDS) :]
-    fields["statement"] = rest[0] if rest else ""
-    fields["parameter"] = rest[1] if len(rest) > 1 else ""
-    fields["rows"] = rest[2] if len(rest) > 2 else ""
-    return fields
-
-
-def _pg_common(rec: _PgRecord, ctx: _Ctx, received_at: datetime | None) -> dict[str, Any]:
-    """Event fields every pg record shares: principal, time, correlation from the prefix."""
-    ts, zone = _pg_ts(rec.fields)
-    if ts is None:
-        if received_at is None:
-            raise DecodeError("pgaudit: record has no timestamp (log_line_prefix without %m/%t/%n) and no receive time")
-        ts = received_at
-    user = rec.fields.get("user", "")
-    return {
-        "ts": ts,
-        "principal": "" if user == "[unknown]" else user,
-        "correlation": _compact(
-            [(CORR_PG_PID, rec.fields.get("pid")), (CORR_PG_SESSION_ID, rec.fields.get("session"))]
-        ),
-        "attributes": _compact(
-            [
-                ("pg.database", rec.fields.get("db")),
-                ("pg.application", rec.fields.get("app")),
-                ("pg.client", rec.fields.get("host") or rec.fields.get("remote")),
-                ("pg.severity", rec.severity),
-                ("pg.timezone", zone),
-                ("ts_source", "received" if not (rec.fields.get("ts") or rec.fields.get("epoch")) else ""),
-            ]
-        ),
-    }
-
-
-def _line_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-def _pg_audit_event(rec: _PgRecord, ctx: _Ctx, received_at: datetime | None) -> Event:
-    audit = _parse_pgaudit_csv(rec.message[len("AUDIT:") :].lstrip())
-    common = _pg_common(rec, ctx, received_at)
-    trace_id, span_id, tool_call_id, comment_attrs = _pg_statement_context(audit["statement"])
-    correlation = common["correlation"] | _compact(
-        [(CORR_PG_STATEMENT_ID, f"{audit['statement_id']}.{audit['substatement_id']}"), (CORR_TOOL_CALL_ID, tool_call_id)]
-    )
-    attributes = common["attributes"] | comment_attrs | _compact(
-        [
-            ("pg.audit_type", audit["audit_type"]),
-            ("pg.class", audit["class"]),
-            ("pg.object_type", audit["object_type"]),
-            ("pg.rows", audit["rows"]),
-            ("statement", audit["statement"][:2048]),
-        ]
-    )
-    return _audit_event(
-        ctx,
-        SOURCE_PGAUDIT,
-        # statement ids are per backend: the line hash (timestamp, pid, text) makes them global
-        event_id=stable_id(SOURCE_PGAUDIT, audit["statement_id"], audit["substatement_id"], _line_hash(rec.raw)),
-        ts=common["ts"],
-        name=audit["command"],
-        principal=common["principal"],
-        action=audit["command"],
-        resource=audit["object_name"] or audit["object_type"] or audit["class"],
-        # pgaudit logs statements it let run; a record at error severity is the exception
-        outcome="error" if rec.severity in _PG_ERROR_SEVERITIES else "allow",
-        trace_id=trace_id,
-        span_id=span_id,
-        tool_call_id=tool_call_id,
-        correlation=correlation,
-        attributes=attributes,
-    )
-
-
-def _pg_error_event(rec: _PgRecord, ctx: _Ctx, received_at: datetime | None) -> Event:
-    """A statement PostgreSQL refused (ERROR + its STATEMENT line): deny for missing privilege."""
-    common = _pg_common(rec, ctx, received_at)
-    denied = _PG_DENIED.search(rec.message)
-    verb = _SQL_VERB.match(rec.statement)
-    trace_id, span_id, tool_call_id, comment_attrs = _pg_statement_context(rec.statement)
-    denial = denied or rec.message.startswith(("permission denied", "must be owner"))
-    return _audit_event(
-        ctx,
-        SOURCE_PGAUDIT,
-        event_id=stable_id(SOURCE_PGAUDIT, "error", _line_hash(rec.raw)),
-        ts=common["ts"],
-        name=rec.message[:200],
-        principal=common["principal"],
-        action=verb.group(1).upper() if verb else rec.severity,
-        resource=denied.group(1).strip('"') if denied else "",
-        outcome="deny" if denial else "error",
-        error_type=rec.fields.get("sqlstate", ""),
-        trace_id=trace_id,
-        span_id=span_id,
-        tool_call_id=tool_call_id,
-        correlation=common["correlation"] | _compact([(CORR_TOOL_CALL_ID, tool_call_id)]),
-        attributes=common["attributes"] | comment_attrs | _compact([("error", rec.message), ("statement", rec.statement[:2048])]),
-    )
-
-
-def _pg_parse(text: str, line: re.Pattern[str]) -> _PgRecord | None:
-    m = line.match(text)
-    if m:
-        groups = {k: v for k, v in m.groupdict().items() if v is not None and k not in ("severity", "message")}
-        return _PgRecord(text, groups, m.group("severity"), m.group("message"))
-    if text.startswith("AUDIT:"):  # prefixless, as pgaudit's README shows it
-        return _PgRecord(text, {}, "LOG", text)
-    m = _PG_BARE.match(text)
-    return _PgRecord(text, {}, m.group("severity"), m.group("message")) if m else None
-
-
-def _pg_records(text: str, line: re.Pattern[str]) -> list[_PgRecord | str]:
-    """Split a log chunk into records; a line that starts no record continues the previous
-    one (multi-line statements). Unparseable leading text is returned as a plain string."""
-    out: list[_PgRecord | str] = []
-    for physical in text.splitlines():
-        rec = _pg_parse(physical, line)
-        if rec is not None:
-            out.append(rec)
-        elif out and isinstance(out[-1], _PgRecord):
-            prev = out[-1]
-            prev.raw += "\n" + physical
-            prev.message += "\n" + physical
-        elif physical.strip():
-            out.append(physical)
-    return out
-
-
-def _attach_followers(records: list[_PgRecord | str]) -> list[_PgRecord | str]:
-    """Fold STATEMENT/DETAIL/... lines into the ERROR they explain (same backend)."""
-    out: list[_PgRecord | str] = []
-    for rec in records:
-        prev = out[-1] if out else None
-        if (
-            isinstance(rec, _PgRecord)
-            and rec.severity in _PG_FOLLOWERS
-            and isinstance(prev, _PgRecord)
-            and prev.severity in _PG_ERROR_SEVERITIES
-            and prev.fields.get("pid") == rec.fields.get("pid")
-        ):
-            if rec.severity == "STATEMENT":
-                prev.statement = rec.message
-            prev.raw += "\n" + rec.raw
-            continue
-        out.append(rec)
-    return out
-
-
-def _decode_pg_record(rec: _PgRecord | str, ctx: _Ctx, received_at: datetime | None) -> DecodeResult:
-    if isinstance(rec, str):
-        return _failure(rec.encode(), "pgaudit: line does not match log_line_prefix and is not an AUDIT: record", SOURCE_PGAUDIT)
-    raw = rec.raw.encode()
-    if rec.message.startswith("AUDIT:"):
-        return _guarded(raw, SOURCE_PGAUDIT, lambda: [_pg_audit_event(rec, ctx, received_at)])
-    if rec.severity in _PG_ERROR_SEVERITIES:
-        return _guarded(raw, SOURCE_PGAUDIT, lambda: [_pg_error_event(rec, ctx, received_at)])
-    return _failure(raw, f"pgaudit: {rec.severity} record is neither a pgaudit AUDIT record nor an error", SOURCE_PGAUDIT)
-
-
-def decode_pgaudit(
-    payload: bytes | str,
-    *,
-    origin: str = "",
-    tenant: str = "default",
-    log_line_prefix: str | re.Pattern[str] = DEFAULT_PG_LOG_LINE_PREFIX,
-    received_at: datetime | None = None,
-) -> DecodeResult:
-    """PostgreSQL log text holding pgaudit records (one line or a chunk of a log file).
-
-    ``log_line_prefix`` is the server setting (translated by ``pg_prefix_regex``)
-    or a compiled regex with the same group names. Records with no time in their
-    prefix take ``received_at`` (the Kafka timestamp, say).
-    """
-    text = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else payload
-    line = log_line_prefix if isinstance(log_line_prefix, re.Pattern) else pg_prefix_regex(log_line_prefix)
-    ctx = _Ctx(origin, tenant)
-    result = DecodeResult()
-    for rec in _attach_followers(_pg_records(text, line)):
-        result.extend(_decode_pg_record(rec, ctx, received_at))
-    if not result.events and not result.failures:
-        return _failure(text.encode(), "pgaudit: empty record", SOURCE_PGAUDIT)
-    return result
-
-
-def _pg_jsonlog_event(doc: Mapping[str, Any], ctx: _Ctx) -> Event:
-    """PostgreSQL 15+ ``log_destination = jsonlog``: the prefix fields are JSON keys."""
-    fields = _compact(
-        [
-            ("ts", _str(doc, "timestamp")),
-            ("pid", _str(doc, "pid")),
-            ("user", _str(doc, "user")),
-            ("db", _str(doc, "dbname")),
-            ("app", _str(doc, "application_name")),
-            ("host", _str(doc, "remote_host")),
-            ("session", _str(doc, "session_id")),
-            ("sqlstate", _str(doc, "state_code")),
-        ]
-    )
-    rec = _PgRecord(
-        raw=orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode(),
-        fields=fields,
-        severity=_str(doc, "error_severity"),
-        message=_str(doc, "message"),
-        statement=_str(doc, "statement"),
-    )
-    if rec.message.startswith("AUDIT:"):
-        return _pg_audit_event(rec, ctx, None)
-    if rec.severity in _PG_ERROR_SEVERITIES:
-        return _pg_error_event(rec, ctx, None)
-    raise DecodeError(f"pgaudit: jsonlog {rec.severity} record is neither a pgaudit AUDIT record nor an error")
-
-
 # --------------------------------------------------------------------------- native
 
 _NATIVE_ID_FIELDS = ("ts", "principal", "action", "resource", "outcome", "trace_id", "span_id", "tool_call_id")
@@ -955,7 +506,7 @@ class _JsonFormat:
     source: str
     matches: Callable[[Mapping[str, Any]], bool]
     records: Callable[[Mapping[str, Any]], list[Any]]
-    to_event: Callable[[Mapping[str, Any], _Ctx], Event]
+    to_event: Callable[[Mapping[str, Any], _Ctx], Event | None]  # None: a valid record to skip
 
 
 def _single(doc: Mapping[str, Any]) -> list[Any]:
@@ -976,7 +527,10 @@ _CLOUDTRAIL = _JsonFormat(
 )
 _OCSF = _JsonFormat(SOURCE_OCSF, lambda d: "class_uid" in d, _single, _ocsf_event)
 _PG_JSONLOG = _JsonFormat(
-    SOURCE_PGAUDIT, lambda d: "error_severity" in d and isinstance(d.get("message"), str), _single, _pg_jsonlog_event
+    SOURCE_PGAUDIT,
+    lambda d: "error_severity" in d and isinstance(d.get("message"), str),
+    _single,
+    lambda d, ctx: pg_jsonlog_event(d, ctx, ctx.pg or PgLogConfig()),
 )
 _NATIVE = _JsonFormat(SOURCE_NATIVE, lambda d: d.get("kind") == "audit", _single, _native_event)
 
@@ -1080,36 +634,74 @@ def decode_native_audit(payload: bytes | Mapping[str, Any], *, origin: str = "",
     return _decode_format(_NATIVE, payload, origin, tenant)
 
 
-def _looks_like_pg(text: str, line: re.Pattern[str]) -> bool:
-    return "AUDIT:" in text or bool(line.match(text)) or bool(_PG_BARE.match(text))
-
-
 def decode_audit(
     payload: bytes,
     *,
     origin: str = "",
     tenant: str = "default",
-    log_line_prefix: str | re.Pattern[str] = DEFAULT_PG_LOG_LINE_PREFIX,
+    log_line_prefix: str = AUTO_PREFIX,
+    log_timezone: str = "",
     received_at: datetime | None = None,
+    pg: PgLogConfig | None = None,
 ) -> DecodeResult:
     """Detect the format of one audit record (or file) and decode it; never raises.
 
-    ``tenant`` is used when the record names none; ``log_line_prefix`` and
-    ``received_at`` only matter for PostgreSQL log text (see ``decode_pgaudit``).
+    ``tenant`` is used when the record names none. ``pg`` (or ``log_line_prefix``
+    and ``log_timezone``) and ``received_at`` only matter for PostgreSQL logs (see
+    ``schemas.decoders.pgaudit``). Stateless: PostgreSQL records sent in pieces
+    need ``AuditDecoder.feed``.
     """
+    cfg = pg or PgLogConfig(log_line_prefix, log_timezone)
     try:
         stripped = payload.strip()
         if not stripped:
             return _failure(payload, "empty record", SOURCE_UNKNOWN)
         if stripped[:1] in (b"{", b"["):
-            return _decode_json(payload, _Ctx(origin, tenant))
+            return _decode_json(payload, _Ctx(origin, tenant, cfg))
         text = stripped.decode("utf-8", errors="replace")
-        line = log_line_prefix if isinstance(log_line_prefix, re.Pattern) else pg_prefix_regex(log_line_prefix)
-        if _looks_like_pg(text, line):
-            return decode_pgaudit(text, origin=origin, tenant=tenant, log_line_prefix=line, received_at=received_at)
+        if looks_like_pg_text(text, cfg):
+            return decode_pgaudit(text, origin=origin, tenant=tenant, received_at=received_at, config=cfg)
         return _failure(
             payload, "unrecognised audit record: not JSON and not a PostgreSQL log line with an AUDIT: record", SOURCE_UNKNOWN
         )
     except Exception as e:  # the contract: a bad record never stops the pipeline
         return _failure(payload, f"audit decoder error ({type(e).__name__}: {e})", SOURCE_UNKNOWN)
 
+
+class AuditDecoder:
+    """``decode_audit`` with the deployment's configuration, and the stitching buffer
+    for PostgreSQL text logs shipped in pieces (one line, or one record, per message).
+
+    ``__call__`` is the stateless decoder. ``feed`` takes one Kafka message of a
+    stream (partition and key) and returns what could be decoded so far, each
+    with the offset of the message it started in; ``flush`` decodes records whose
+    rest did not come within ``pg.stitch_s``. JSON and other formats pass straight
+    through ``feed``.
+    """
+
+    def __init__(self, pg: PgLogConfig | None = None) -> None:
+        self.pg = pg or PgLogConfig()
+        self.stitcher = PgStitcher(self.pg)
+
+    def __call__(self, payload: bytes, *, origin: str = "", tenant: str = "default",
+                 received_at: datetime | None = None) -> DecodeResult:
+        return decode_audit(payload, origin=origin, tenant=tenant, received_at=received_at, pg=self.pg)
+
+    def feed(self, payload: bytes, *, stream: Hashable, offset: int, origin: str = "", tenant: str = "default",
+             received_at: datetime | None = None, wall: float = 0.0) -> list[Stitched]:
+        head = payload.lstrip()[:1]
+        if head in (b"{", b"[") or not head:
+            return [Stitched(self(payload, origin=origin, tenant=tenant, received_at=received_at), offset)]
+        text = payload.decode("utf-8", errors="replace")
+        # continuation lines (TAB first) only make sense after an open record: let the stitcher judge
+        if not (text[:1] == "\t" or looks_like_pg_text(text, self.pg)):
+            return [Stitched(self(payload, origin=origin, tenant=tenant, received_at=received_at), offset)]
+        try:
+            return self.stitcher.feed(stream, text.rstrip("\n"), offset=offset, origin=origin, tenant=tenant,
+                                      wall=wall, received_at=received_at)
+        except Exception as e:  # never raise, whatever the input
+            return [Stitched(_failure(payload, f"pgaudit: stitching error ({type(e).__name__}: {e})",
+                                      SOURCE_PGAUDIT), offset)]
+
+    def flush(self, wall: float, *, force: bool = False) -> list[tuple[Hashable, Stitched]]:
+        return self.stitcher.flush(wall, force=force)
