@@ -32,27 +32,25 @@ from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 import faust
-import orjson
 from faust.types import EventT
 from faust.web import View
 
 from detectors.policy import Policy, PolicyWatcher
 from schemas.alerts import Alert, Mode
-from schemas.errors import AgentwatchError, StoreError
+from schemas.errors import StoreError
 from schemas.events import Event, events_from_json, events_to_json
 from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, KillSwitchSink, open_store
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
 from streams.metrics import Metrics
 from streams.outputs import build_router
+from streams.query_api import QueryApi, health
 from streams.settings import Settings
 from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed,
                             decoder_for_topics, header_pairs)
 
 log = logging.getLogger("agentwatch.worker")
 R = TypeVar("R")
-
-READ_ONLY_PREFIXES = ("select", "with", "show", "describe", "desc", "explain", "exists")
 
 
 def _now() -> float:
@@ -98,6 +96,7 @@ class Pipeline:
         self.acks_topic = self.app.topic(s.topic_acks, **raw)
         self.control = ControlPlane.from_settings(control_settings(s), s.home_dir)
         self.router = build_router(s, self.metrics.registry)
+        self.query_api = QueryApi(s)  # analyst SQL: authenticated, read-only, off the loop and the writer
 
         self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in, pg=s.pg_log),
                                   header_identity=s.header_identity)
@@ -133,6 +132,7 @@ class Pipeline:
         self.killswitch_sink = KillSwitchSink(self.store)
 
     def close(self) -> None:
+        self.query_api.close()
         if self.store is not None:
             self._db.submit(self.store.close).result()
         self._db.shutdown(wait=True)
@@ -465,25 +465,12 @@ class Pipeline:
         return view.bytes(self.metrics.exposition(), content_type="text/plain; version=0.0.4")
 
     async def _health_view(self, view: Any, request: Any) -> Any:
-        return view.json({"ok": True, "pid": os.getpid(), "dsn": self.settings.dsn})
+        return view.json(health(self.settings))
 
     async def _query_view(self, view: Any, request: Any) -> Any:
-        """Read-only SQL for `agentwatch query` while this worker owns the embedded store."""
-        assert self.store is not None
-        try:
-            body = orjson.loads(await request.read())
-            sql = str(body["sql"]).strip()
-        except Exception:
-            return view.json({"error": "body must be JSON {\"sql\": \"SELECT ...\"}"}, status=400)
-        if not sql.lower().startswith(READ_ONLY_PREFIXES):
-            return view.json({"error": "only read-only statements (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN)"},
-                             status=400)
-        try:
-            result = await self._in_db(self.store.query, sql)
-        except AgentwatchError as exc:
-            return view.json({"error": str(exc)}, status=400)
-        rows = [[_jsonable(v) for v in row] for row in result.rows]
-        return view.json({"columns": result.columns, "rows": rows})
+        """Analyst SQL for `agentwatch query` (see streams/query_api.py)."""
+        answer = await self.query_api.handle(request)
+        return view.json(answer.body, status=answer.status)
 
 
 def _view(**handlers: Callable[[Any, Any], Any]) -> type[View]:
@@ -496,17 +483,3 @@ def _view(**handlers: Callable[[Any, Any], Any]) -> type[View]:
         return call
 
     return type("PipelineView", (View,), {name: method(h) for name, h in handlers.items()})
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, datetime):
-        return v.isoformat()
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return str(v)

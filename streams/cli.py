@@ -74,6 +74,13 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _query_token(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.query_api import query_token
+
+    print(query_token(settings))
+    return 0
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
 
@@ -145,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="run read-only SQL against the configured ClickHouse")
     q.add_argument("sql")
     q.set_defaults(fn=_query)
+
+    qt = sub.add_parser("query-token", help="print the bearer token the worker's /query endpoint requires")
+    qt.set_defaults(fn=_query_token)
 
     d = sub.add_parser("demo", help="broker, worker and a simulated fleet of agents, end to end")
     d.add_argument("--duration", type=float, default=75.0, help="seconds of simulated traffic (default 75)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -109,6 +109,36 @@ def control_settings(settings: object | None = None) -> ControlSettings:
 DEV_KEY_FILE = "keys/control_ed25519.key"
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` created if missing and made 0700: keys and tokens live there."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_once(path: Path, content: Callable[[], str]) -> bool:
+    """Create ``path`` (mode 0600, in a 0700 directory) with ``content()`` unless it exists;
+    True if this call created it.
+
+    Written to a private temp file and linked into place: a process racing us (the demo
+    and its worker) either creates the file or reads a complete one, never half.
+    """
+    private_dir(path.parent)
+    if path.exists():
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False  # another process made it first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def signing_key(control: ControlSettings, home: Path) -> Ed25519PrivateKey:
     """The key that signs commands; a development key under ``home`` when none is configured.
 
@@ -119,23 +149,9 @@ def signing_key(control: ControlSettings, home: Path) -> Ed25519PrivateKey:
     if configured.strip():
         return load_private_key(configured)
     path = home / DEV_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        private, _ = generate_keypair()
-        # written to a private temp file and linked into place: a process racing us (the
-        # demo and its worker) either creates the key or reads a complete one, never half
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(private + "\n")
-            os.link(tmp, path)
-            log.warning("no AGENTWATCH_CONTROL_PRIVATE_KEY: generated a development signing key",
-                        extra={"path": str(path)})
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-        finally:
-            tmp.unlink(missing_ok=True)
+    if write_once(path, lambda: generate_keypair()[0] + "\n"):
+        log.warning("no AGENTWATCH_CONTROL_PRIVATE_KEY: generated a development signing key",
+                    extra={"path": str(path)})
     return load_private_key(str(path), what=f"development key {path}")
 
 

@@ -1,8 +1,9 @@
-"""``agentwatch query``: SQL against the configured ClickHouse.
+"""``agentwatch query``: read-only SQL against the configured ClickHouse.
 
 While a worker owns the embedded store (chDB opens a directory in one process
-only), the query goes through that worker's loopback ``/query`` endpoint;
-otherwise the store is opened directly.
+only), the query goes through that worker's loopback ``/query`` endpoint with
+the bearer token; otherwise it runs here. Either way it runs on
+:class:`sinks.analyst.AnalystEngine`: one SELECT, readonly, bounded.
 """
 
 from __future__ import annotations
@@ -14,27 +15,30 @@ from typing import Any
 import orjson
 
 from schemas.errors import StoreError
-from sinks.clickhouse import QueryResult, open_store
+from schemas.redact import mask_secrets
+from sinks.analyst import AnalystEngine
+from sinks.clickhouse import QueryResult
+from streams.query_api import limits, query_token
 from streams.settings import Settings
 from streams.worker import running_worker
 
 
 def run_query(settings: Settings, sql: str) -> QueryResult:
     worker = running_worker(settings)
-    if worker is not None and worker.dsn == settings.dsn:
-        return _via_worker(worker.url, sql)
-    store = open_store(settings.dsn)
+    if worker is not None and worker.dsn == mask_secrets(settings.dsn):
+        return _via_worker(worker.url, sql, query_token(settings), settings.query_max_seconds + 30)
+    engine = AnalystEngine(settings.dsn, limits(settings))
     try:
-        return store.query(sql)
+        return engine.run(sql)
     finally:
-        store.close()
+        engine.close()
 
 
-def _via_worker(url: str, sql: str) -> QueryResult:
-    req = urllib.request.Request(url + "/query", data=orjson.dumps({"sql": sql}),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+def _via_worker(url: str, sql: str, token: str, timeout_s: float) -> QueryResult:
+    req = urllib.request.Request(url + "/query", data=orjson.dumps({"sql": sql}), method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
             body = orjson.loads(r.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -42,6 +46,8 @@ def _via_worker(url: str, sql: str) -> QueryResult:
         except Exception:
             message = str(exc)
         raise StoreError(f"query through the worker at {url}: {message}") from None
+    except TimeoutError:
+        raise StoreError(f"the worker at {url} did not answer within {timeout_s:.0f}s") from None
     except urllib.error.URLError as exc:
         raise StoreError(f"the worker at {url} did not answer: {exc.reason}") from None
     return QueryResult(columns=body["columns"], rows=[tuple(r) for r in body["rows"]])

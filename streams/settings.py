@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from schemas.alerts import Severity
 from schemas.decoders.pgaudit import AUTO_PREFIX, PG_PREFIX_PRESETS, PgLogConfig, check_timezone
 from schemas.errors import ConfigError
+from schemas.redact import mask_secrets
 from streams.control_plane import ControlSettings
 
 ENV_PREFIX = "AGENTWATCH_"
@@ -104,6 +105,19 @@ class Settings(ControlSettings):
         "attribute); pair with the Collector kafka exporter's include_metadata_keys",
     )
 
+    query_token: SecretStr = Field(
+        SecretStr(""),
+        description="bearer token /query requires; empty = one generated once into <home>/keys/query_token "
+        "(mode 0600; `agentwatch query-token` prints it)",
+    )
+    query_allowed_hosts: str = Field(
+        "",
+        description="extra host[:port] names /query answers to (comma-separated) besides localhost, "
+        "127.0.0.1, [::1] and the bind address: the Host header is checked against DNS rebinding",
+    )
+    query_max_seconds: float = Field(30.0, gt=0, description="an analyst query is stopped after this long")
+    query_max_rows: int = Field(100_000, ge=1, description="most rows an analyst query may return")
+    query_max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="most bytes an analyst query may return")
     log_level: str = Field("warning", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
 
@@ -188,8 +202,9 @@ def load_settings(**overrides: object) -> Settings:
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:
-    """(variable, current value, description) of every setting."""
+    """(variable, current value, description) of every setting; passwords and tokens
+    inside values (DSNs, URLs) show as ``****`` and secret settings as ``**********``."""
     rows = []
     for name, field in Settings.model_fields.items():
-        rows.append((ENV_PREFIX + name.upper(), str(getattr(settings, name)), field.description or ""))
+        rows.append((ENV_PREFIX + name.upper(), mask_secrets(str(getattr(settings, name))), field.description or ""))
     return rows

@@ -15,6 +15,7 @@ import faust
 
 from detectors.policy import PolicyWatcher, load_policy
 from schemas.errors import AgentwatchError
+from schemas.redact import mask_secrets
 from streams.app import Pipeline
 from streams.kafka import all_topics, ensure_topics, resolve_bootstrap
 from streams.logs import setup_logging
@@ -62,7 +63,7 @@ def run_worker(settings: Settings) -> None:
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())
     existing = running_worker(settings)
-    if existing is not None and settings.dsn.startswith("chdb://") and existing.dsn == settings.dsn:
+    if existing is not None and settings.dsn.startswith("chdb://") and existing.dsn == mask_secrets(settings.dsn):
         raise AgentwatchError(
             f"another worker (pid {existing.pid}) already owns the embedded ClickHouse store "
             f"{settings.dsn}; running more than one worker needs a ClickHouse server "
@@ -76,7 +77,9 @@ def run_worker(settings: Settings) -> None:
         horizon_s=settings.state_rebuild_s,
     ))
     settings.home_dir.mkdir(parents=True, exist_ok=True)
-    record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", settings.dsn, bootstrap)
+    # the record is readable by anyone who can read the home: no credential goes in it
+    record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", mask_secrets(settings.dsn),
+                        mask_secrets(bootstrap))
     settings.worker_file.write_text(json.dumps(record.__dict__))
     # mode's Worker creates its loop lazily; faust needs one set before it starts
     asyncio.set_event_loop(asyncio.new_event_loop())

@@ -1,0 +1,119 @@
+"""Secrets out of telemetry and out of anything printed: one compiled pass per string.
+
+:class:`Redactor` replaces the secret part of a string with ``****`` and keeps
+the rest, so a detection that matches a resource (``postgres://db/payroll``,
+``s3://bucket/key``) still matches the redacted text:
+
+* ``Authorization``-style credentials: ``Bearer``/``Basic``/``Token`` + value;
+* API keys by their format: OpenAI ``sk-``, AWS ``AKIA``/``ASIA``, GitHub
+  ``ghp_``/``gho_``/``ghu_``/``ghs_``/``ghr_``/``github_pat_``, Slack ``xox?-``;
+* JWTs (three base64url parts starting ``eyJ``) and PEM private key blocks;
+* the password of a URL or DSN (``scheme://user:PASSWORD@host``);
+* ``password=``/``token=``/``secret=``/``api_key=`` ... parameters, in query
+  strings, connection strings (``Password=...;``) and ``key: value`` text;
+* the whole value of an attribute whose *name* says it is a credential
+  (``http.request.header.authorization``, ``...cookie``, ``...api_key``).
+
+Extensible by the policy (``redaction.patterns``): each extra regex's match
+(or its first group, when it has one) becomes ``****``.
+
+Pure: no I/O. The worker applies it once per event at ingest, before anything
+is stored or forwarded; logs and printed settings go through
+:func:`mask_secrets`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+MASK = "****"
+
+_SECRET_KEY = r"[A-Za-z0-9_.\-]*(?:passw(?:or)?d|pwd|secret|token(?!s)|api[_\-]?key|apikey|access[_\-]?key|credential)[A-Za-z0-9_.\-]*"
+
+# (name, triggers, pattern, replacement): a rule runs only on strings containing one of its
+# triggers (lower case), so the common clean string costs a few substring tests, not nine
+# regex scans. Private key blocks go first: their base64 looks like anything.
+_DEFAULT_RULES: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    ("private_key", ("private key",),
+     r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
+     r"-----BEGIN \1PRIVATE KEY-----" + MASK + r"-----END \1PRIVATE KEY-----"),
+    ("auth_header", ("bearer", "basic", "token", "digest"),
+     r"(?i)\b(bearer|basic|token|digest)(\s+)[A-Za-z0-9._~+/=\-]{6,}", r"\1\2" + MASK),
+    ("jwt", ("eyj",), r"\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*", MASK),
+    ("openai_key", ("sk-",), r"\bsk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_\-]{16,}", MASK),
+    ("aws_key", ("akia", "asia"), r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", MASK),
+    ("github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+     r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", MASK),
+    ("slack_token", ("xox",), r"\bxox[abposr]-[A-Za-z0-9\-]{10,}", MASK),
+    ("url_password", ("://",), r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:)([^\s@/?#]+)(@)", r"\1" + MASK + r"\3"),
+    ("secret_param", ("pass", "pwd", "secret", "token", "key", "credential"),
+     r"(?i)(\b" + _SECRET_KEY + r"[\"']?\s*[=:]\s*[\"']?)([^\s&;,\"'}]+)", r"\1" + MASK),
+)
+
+_SECRET_NAME = re.compile(
+    r"(?i)(?:^|[._\-])(?:authorization|proxy-authorization|cookie|set-cookie|x-api-key|"
+    r"passw(?:or)?d|secret|api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key|credentials?|token(?!s))(?:$|[._\-])"
+)
+
+
+class Redactor:
+    """The default rules plus any extra patterns; compiled once, applied per string."""
+
+    def __init__(self, extra_patterns: Iterable[str] = ()) -> None:
+        self.extra = tuple(re.compile(p) for p in extra_patterns)
+        self._rules = tuple((triggers, re.compile(p), r) for _, triggers, p, r in _DEFAULT_RULES)
+        self._any = re.compile("|".join(re.escape(t) for _, ts, _, _ in _DEFAULT_RULES for t in ts))
+
+    def text(self, s: str) -> str:
+        """``s`` with every secret it carries replaced by ``****``."""
+        if not s:
+            return s
+        low = s.lower()
+        if self._any.search(low):
+            for triggers, rx, repl in self._rules:
+                for t in triggers:
+                    if t in low:
+                        s = rx.sub(repl, s)
+                        break
+        for rx in self.extra:
+            s = rx.sub(_extra_repl, s)
+        return s
+
+    def value(self, name: str, value: str) -> str:
+        """An attribute value: entirely masked when its name says it is a credential."""
+        if value and _SECRET_NAME.search(name):
+            return MASK
+        return self.text(value)
+
+    def mapping(self, attrs: Mapping[str, str]) -> dict[str, str]:
+        return {k: self.value(k, v) for k, v in attrs.items()}
+
+    def any(self, v: Any) -> Any:
+        """Strings, and the strings inside lists, tuples and dicts (JSON-like payloads)."""
+        if isinstance(v, str):
+            return self.text(v)
+        if isinstance(v, dict):
+            return {k: (self.value(k, x) if isinstance(x, str) and isinstance(k, str) else self.any(x))
+                    for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(self.any(x) for x in v)
+        return v
+
+
+def _extra_repl(m: re.Match[str]) -> str:
+    if m.re.groups:
+        start, end = m.span(1)
+        if start >= 0:
+            whole = m.group(0)
+            return whole[: start - m.start()] + MASK + whole[end - m.start():]
+    return MASK
+
+
+DEFAULT = Redactor()
+
+
+def mask_secrets(text: str) -> str:
+    """Passwords and tokens inside a DSN, URL or log line as ``****`` (the default rules)."""
+    return DEFAULT.text(text)

@@ -1,0 +1,307 @@
+"""Analyst SQL cannot turn the monitor against itself.
+
+Every attack of issue #8, and variants (comments, case, whitespace, FORMAT,
+SETTINGS), is sent to a running worker's ``/query``, through ``agentwatch
+query`` while that worker runs, and through ``agentwatch query`` with no worker
+(the embedded store opened by the command itself). Each is refused with one
+line; afterwards the tables are all there, no file was written, the local HTTP
+server saw no request and the kill-switch private key never came back.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas.errors import StoreError
+from streams.query import run_query
+from streams.query_api import query_token
+from streams.worker import WorkerInfo, running_worker
+from tests.live import REPO, LiveWorker
+from tests.test_pipeline_live import native_retry
+
+pytestmark = pytest.mark.kafka
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.hits.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"fetched\n")
+
+    do_POST = do_PUT = do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_probe() -> Iterator[str]:
+    """A local HTTP server that records every request made to it."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def attacks(key: Path, out: Path, url: str) -> list[str]:
+    port = url.rsplit(":", 1)[1]
+    return [
+        # more than one statement
+        "SELECT 1; DROP TABLE agentwatch.dlq",
+        "select 1 ;\n\n  drop table agentwatch.dlq",
+        "SELECT 1; /* hidden */ DROP TABLE agentwatch.dlq -- trailing",
+        "SELECT 1 -- comment\n; DROP TABLE agentwatch.events",
+        f"SELECT 1; INSERT INTO FUNCTION file('{out}/a.csv') SELECT 1",
+        # writes
+        "DROP TABLE agentwatch.dlq",
+        "  drop   TABLE   agentwatch.dlq  ",
+        "TRUNCATE TABLE agentwatch.events",
+        "ALTER TABLE agentwatch.events DELETE WHERE 1",
+        "INSERT INTO agentwatch.dlq (topic) VALUES ('x')",
+        "CREATE DATABASE probe_rw",
+        "create database /* c */ probe_rw",
+        "SYSTEM DROP MARK CACHE",
+        "KILL QUERY WHERE 1",
+        f"INSERT INTO FUNCTION file('{out}/b.csv') SELECT 1",
+        f"SELECT 1 INTO OUTFILE '{out}/c.txt'",
+        f"select 1 into outfile '{out}/d.txt' FORMAT CSV",
+        f"SELECT 1 /* x */ INTO\n   OUTFILE '{out}/e.txt' TRUNCATE",
+        # files, URLs, other servers, processes
+        f"SELECT * FROM file('{key}', 'LineAsString')",
+        f"select * from FILE('{key}','LineAsString')",
+        f"SELECT file('{key}')",
+        f"SELECT * FROM (SELECT FiLe('{key}') AS k)",
+        f"WITH file('{key}') AS k SELECT k",
+        f"SELECT * FROM url('{url}/x', 'LineAsString')",
+        f"select * FROM URL('{url}/y','LineAsString') FORMAT JSON",
+        f"SELECT * FROM s3('{url}/bucket/z.csv', 'CSV', 'x String')",
+        f"SELECT * FROM remote('127.0.0.1:{port}', system.one)",
+        "SELECT * FROM executable('id', 'TSV', 'x String')",
+        f"SELECT * FROM mysql('127.0.0.1:{port}', 'd', 't', 'u', 'p')",
+        f"SELECT * FROM postgresql('127.0.0.1:{port}', 'd', 't', 'u', 'p')",
+        # settings
+        "SELECT 1 SETTINGS readonly=0",
+        "SELECT getSetting('readonly') SETTINGS readonly = 0, max_execution_time = 1000",
+        f"SELECT * FROM url('{url}/w', 'LineAsString') SETTINGS readonly=0",
+        "SET readonly = 0",
+        "SELECT 1 FORMAT JSON",
+    ]
+
+
+def _refused_one_line(message: str) -> None:
+    assert message and "\n" not in message.strip(), message
+    assert message.startswith(("refused", "query through the worker")) or "refused" in message, message
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/query", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _agentwatch(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def _info(w: LiveWorker) -> WorkerInfo:
+    info = running_worker(w.settings)
+    assert info is not None, w.log_tail()
+    return info
+
+
+def _tables(w: LiveWorker) -> set[str]:
+    return {r[0] for r in run_query(w.settings, "SELECT name FROM system.tables WHERE database = 'agentwatch'").rows}
+
+
+def _databases(w: LiveWorker) -> set[str]:
+    return {r[0] for r in run_query(w.settings, "SELECT name FROM system.databases").rows}
+
+
+@pytest.fixture(scope="module")
+def worker(kafka_bootstrap, tmp_path_factory) -> Iterator[LiveWorker]:
+    home = tmp_path_factory.mktemp("qsec")
+    with LiveWorker(kafka_bootstrap, home, env={"AGENTWATCH_QUERY_MAX_SECONDS": "12"}) as w:
+        yield w
+
+
+def test_keys_and_token_are_private(worker: LiveWorker):
+    keys = worker.home / "keys"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    for f in ("control_ed25519.key", "query_token"):
+        assert stat.S_IMODE((keys / f).stat().st_mode) == 0o600
+
+
+def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_probe: str, tmp_path: Path):
+    info = _info(worker)
+    key = worker.home / "keys" / "control_ed25519.key"
+    secret = key.read_text().strip()
+    before = _tables(worker)
+    assert {"events", "alerts", "dlq"} <= before
+    token = query_token(worker.settings)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    for sql in attacks(key, tmp_path, http_probe):
+        status, body = _post(info.url, json.dumps({"sql": sql}).encode(), headers)
+        assert status == 400, (sql, status, body)
+        _refused_one_line(body["error"])
+        assert secret not in json.dumps(body)
+        # the same through `agentwatch query`'s code path (it finds the running worker)
+        with pytest.raises(StoreError) as exc:
+            run_query(worker.settings, sql)
+        _refused_one_line(str(exc.value))
+    assert _tables(worker) == before
+    assert not {"probe_rw"} & _databases(worker)
+    assert list(tmp_path.iterdir()) == []
+    assert _Recorder.hits == []
+    # a plain SELECT still works
+    status, body = _post(info.url, json.dumps({"sql": "SELECT count() AS n FROM agentwatch.events"}).encode(),
+                         headers)
+    assert status == 200 and body["columns"] == ["n"], body
+
+
+def test_cli_query_refuses_and_prints_one_line(worker: LiveWorker, tmp_path: Path, http_probe: str):
+    key = worker.home / "keys" / "control_ed25519.key"
+    for sql in (f"SELECT * FROM file('{key}', 'LineAsString')", "SELECT 1; DROP TABLE agentwatch.dlq",
+                f"SELECT 1 INTO OUTFILE '{tmp_path}/f.txt'"):
+        done = _agentwatch(worker.env, "query", sql)
+        assert done.returncode == 2, done
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "refused" in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_query_endpoint_authentication(worker: LiveWorker):
+    info = _info(worker)
+    body = json.dumps({"sql": "SELECT 1"}).encode()
+    token = query_token(worker.settings)
+    ok = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    assert _post(info.url, body, ok)[0] == 200
+    assert _post(info.url, body, {"Content-Type": "application/json"})[0] == 401
+    assert _post(info.url, body, {**ok, "Authorization": "Bearer wrong"})[0] == 401
+    assert _post(info.url, body, {**ok, "Authorization": f"Basic {token}"})[0] == 401
+    # what a web page can send without a preflight: text/plain, and from a foreign origin
+    assert _post(info.url, body, {**ok, "Content-Type": "text/plain"})[0] == 415
+    assert _post(info.url, body, {**ok, "Content-Type": "text/plain", "Origin": "https://evil.example"})[0] == 403
+    assert _post(info.url, body, {**ok, "Origin": "https://evil.example"})[0] == 403
+    # DNS rebinding: the page's own host name in the Host header
+    assert _post(info.url, body, {**ok, "Host": f"evil.example:{info.url.rsplit(':', 1)[1]}"})[0] == 421
+    assert _post(info.url, b"SELECT 1", ok)[0] == 400
+
+
+def test_health_does_not_need_a_token_and_shows_no_credential(worker: LiveWorker):
+    info = _info(worker)
+    with urllib.request.urlopen(info.url + "/healthz", timeout=10) as r:
+        assert json.loads(r.read())["ok"] is True
+
+
+def _count_running(w: LiveWorker, marker: str) -> int:
+    # the pattern is split so this query's own text does not match it
+    a, b = marker[: len(marker) // 2], marker[len(marker) // 2:]
+    sql = f"SELECT count() FROM system.processes WHERE query LIKE concat('%', '{a}', '{b}', '%')"
+    return int(run_query(w.settings, sql).rows[0][0])
+
+
+def test_long_query_does_not_hold_up_detection_and_is_bounded(worker: LiveWorker):
+    """A query bounded to 12 s (AGENTWATCH_QUERY_MAX_SECONDS) runs while events keep
+    being detected and stored; it is then stopped by ClickHouse with a one-line error."""
+    info = _info(worker)
+    token = query_token(worker.settings)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    result: dict[str, object] = {}
+
+    def long_query() -> None:
+        started = time.monotonic()
+        sql = "SELECT count() AS long_probe_1 FROM numbers(1e12)"
+        result["answer"] = _post(info.url, json.dumps({"sql": sql}).encode(), headers, timeout=120)
+        result["seconds"] = time.monotonic() - started
+
+    t = threading.Thread(target=long_query)
+    t.start()
+    deadline = time.monotonic() + 30
+    while _count_running(worker, "long_probe_1") == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert t.is_alive(), result
+    worker.produce(worker.settings.topic_events_in, [native_retry("agent-during-query")])
+    alerts = worker.wait_alerts(lambda a: any(x.agent_id == "agent-during-query" for x in a), timeout=60)
+    assert any(a.agent_id == "agent-during-query" for a in alerts), worker.log_tail()
+    rows = worker.wait_rows("SELECT count() FROM agentwatch.events WHERE agent_id = 'agent-during-query'",
+                            lambda r: r[0][0] >= 6, timeout=30)
+    detected_while_running = t.is_alive()
+    t.join(timeout=90)
+    assert rows[0][0] >= 6
+    assert detected_while_running, f"the query ended before detection was checked: {result}"
+    status, body = result["answer"]  # type: ignore[misc]
+    assert status == 422 and "time limit" in body["error"], body
+    assert 10 <= float(result["seconds"]) < 40, result  # type: ignore[arg-type]
+
+
+def test_a_query_whose_client_goes_away_is_killed(worker: LiveWorker):
+    info = _info(worker)
+    token = query_token(worker.settings)
+    sql = "SELECT count() AS long_probe_2 FROM numbers(2e12)"
+    req = urllib.request.Request(
+        info.url + "/query", data=json.dumps({"sql": sql}).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with pytest.raises((TimeoutError, urllib.error.URLError, socket.timeout)):
+        urllib.request.urlopen(req, timeout=3)
+    # gone well before its 12 s limit would have stopped it
+    deadline = time.monotonic() + 6
+    while _count_running(worker, "long_probe_2") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _count_running(worker, "long_probe_2") == 0
+
+
+def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_probe: str, tmp_path: Path):
+    """`agentwatch query` opening the embedded store itself (no worker running)."""
+    worker.stop()
+    key = worker.home / "keys" / "control_ed25519.key"
+    script = (
+        "import json, sys\n"
+        "from streams.query import run_query\n"
+        "from streams.settings import load_settings\n"
+        "out = []\n"
+        "for sql in json.load(sys.stdin):\n"
+        "    try:\n"
+        "        run_query(load_settings(), sql); out.append(None)\n"
+        "    except Exception as exc:\n"
+        "        out.append(str(exc))\n"
+        "out.append(run_query(load_settings(), \"SELECT name FROM system.tables WHERE database = 'agentwatch' "
+        "ORDER BY name\").rows)\n"
+        "print(json.dumps(out))\n"
+    )
+    payloads = attacks(key, tmp_path, http_probe)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=worker.env, input=json.dumps(payloads),
+                          text=True, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    *errors, tables = json.loads(done.stdout)
+    for sql, err in zip(payloads, errors):
+        assert err is not None, f"accepted: {sql}"
+        _refused_one_line(err)
+    assert {"events", "alerts", "dlq"} <= {t[0] for t in tables}
+    one = _agentwatch(worker.env, "query", "CREATE DATABASE probe_rw")
+    assert one.returncode == 2 and len(one.stderr.strip().splitlines()) == 1, one
+    check = _agentwatch(worker.env, "query", "SELECT count() FROM system.databases WHERE name = 'probe_rw'")
+    assert check.returncode == 0 and check.stdout.splitlines()[2].strip() == "0", check
+    assert list(tmp_path.iterdir()) == []
+    assert _Recorder.hits == []
+    assert os.path.exists(key)

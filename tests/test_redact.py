@@ -1,0 +1,104 @@
+"""Secret redaction (schemas/redact.py) and credentials masked wherever settings are printed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from schemas.redact import DEFAULT, MASK, Redactor, mask_secrets
+from streams.settings import describe_settings, load_settings
+from tests.live import REPO
+
+# (text carrying a secret, the secret, what must survive the redaction)
+CASES = [
+    ("https://api.openai.example/v1/chat?api_key=sk-proj-Ab3dEf6hIj9kLm2nOp5q&model=x",
+     "sk-proj-Ab3dEf6hIj9kLm2nOp5q", "https://api.openai.example/v1/chat?api_key="),
+    ("https://svc.example/data?token=s3cr3tvalue123&page=2", "s3cr3tvalue123", "&page=2"),
+    ("postgres://admin:Hunter2pw@db.internal:5432/payroll", "Hunter2pw", "db.internal:5432/payroll"),
+    ("SELECT * FROM dblink('host=db user=app password=Sup3rS3cret', 'select 1')", "Sup3rS3cret", "host=db user=app"),
+    ("Server=tcp:db,1433;Database=hr;User ID=sa;Password=P@ssw0rd!;", "P@ssw0rd!", "Database=hr"),
+    ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJl", "c2lnbmF0dXJl",
+     "Authorization: Bearer"),
+    ("Authorization: Basic YWRtaW46aHVudGVyMg==", "YWRtaW46aHVudGVyMg==", "Authorization: Basic"),
+    ("aws s3 cp --key AKIAIOSFODNN7EXAMPLE s3://bucket/key", "AKIAIOSFODNN7EXAMPLE", "s3://bucket/key"),
+    ("git clone with ghp_0123456789abcdefghijABCDEFGHIJ012345", "ghp_0123456789abcdefghijABCDEFGHIJ012345", "git clone"),
+    ("slack xoxb-123456789012-abcdefghijkl posted", "xoxb-123456789012-abcdefghijkl", "posted"),
+    ("jwt=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.sIgNaTuRe_-x", "eyJpc3MiOiJ4In0", ""),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA\n-----END OPENSSH PRIVATE KEY-----",
+     "b3BlbnNzaC1rZXktdjEAAAA", "BEGIN OPENSSH PRIVATE KEY"),
+    ('{"user": "bob", "password": "correct-horse"}', "correct-horse", '"user": "bob"'),
+    ("export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY", "export"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret", "kept"), CASES)
+def test_each_kind_of_secret_is_masked_and_the_rest_kept(text: str, secret: str, kept: str):
+    out = DEFAULT.text(text)
+    assert secret not in out, out
+    assert MASK in out
+    assert kept in out
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT * FROM payroll.salaries WHERE employee_id = 42",
+    "http://127.0.0.1:9093/api/v2/alerts",
+    "chdb:///var/lib/agentwatch/clickhouse",
+    "gen_ai.usage.input_tokens=512 max_tokens=1024",
+    "s3://finance-reports/2026/q1.csv",
+    "kubectl delete deployment agent-b -n prod",
+])
+def test_ordinary_text_is_untouched(text: str):
+    assert DEFAULT.text(text) == text
+
+
+def test_attribute_named_as_a_credential_is_masked_whole():
+    attrs = {"http.request.header.authorization": "opaque-value", "http.request.header.x-api-key": "k1",
+             "http.request.header.cookie": "session=abc", "gen_ai.usage.input_tokens": "12",
+             "db.statement": "select 1"}
+    out = DEFAULT.mapping(attrs)
+    assert out["http.request.header.authorization"] == MASK
+    assert out["http.request.header.x-api-key"] == MASK
+    assert out["http.request.header.cookie"] == MASK
+    assert out["gen_ai.usage.input_tokens"] == "12" and out["db.statement"] == "select 1"
+
+
+def test_policy_patterns_extend_the_rules():
+    r = Redactor([r"EMP-\d{6}", r"ssn:(\d{3}-\d{2}-\d{4})"])
+    assert r.text("employee EMP-123456 ssn:123-45-6789") == f"employee {MASK} ssn:{MASK}"
+
+
+def test_cost_per_string_is_small():
+    clean = "SELECT name, amount FROM payroll.salaries WHERE employee_id = 42"
+    dirty = "https://api.example/v1?api_key=sk-proj-Ab3dEf6hIj9kLm2nOp5q"
+    n = 20_000
+    for label, s in (("clean", clean), ("secret", dirty)):
+        t = time.perf_counter()
+        for _ in range(n):
+            DEFAULT.text(s)
+        us = (time.perf_counter() - t) / n * 1e6
+        print(f"redaction: {us:.1f} us per {label} string")
+        assert us < 500  # a loose bound for a loaded 2-core machine; the figure is what matters
+
+
+def test_settings_never_show_credentials(tmp_path):
+    s = load_settings(home=tmp_path, clickhouse_dsn="http://analyst:Pw0rdX@ch.internal:8123/db",
+                      alertmanager_url="https://am:AmSecret9@am.internal:9093",
+                      webhook_url="https://hooks.example/in?token=HookTok3n", query_token="QueryTok3nValue")
+    printed = "\n".join(f"{k}={v}" for k, v, _ in describe_settings(s))
+    for secret in ("Pw0rdX", "AmSecret9", "HookTok3n", "QueryTok3nValue"):
+        assert secret not in printed
+    assert "http://analyst:****@ch.internal:8123/db" in printed
+    assert mask_secrets("https://u:p4ss@h/x") == "https://u:****@h/x"
+
+
+def test_settings_command_masks(tmp_path):
+    env = {"AGENTWATCH_HOME": str(tmp_path), "AGENTWATCH_CLICKHOUSE_DSN": "https://u:Pw0rdX@ch:8443/",
+           "AGENTWATCH_WEBHOOK_URL": "https://hooks.example/in?token=HookTok3n", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "settings"], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Pw0rdX" not in done.stdout and "HookTok3n" not in done.stdout
+    assert "https://u:****@ch:8443/" in done.stdout
