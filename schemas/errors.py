@@ -27,7 +27,29 @@ class PolicyError(ConfigError):
 
 
 class StoreError(AgentwatchError):
-    """ClickHouse could not be opened, written or queried."""
+    """ClickHouse could not be opened, written or queried.
+
+    ``retriable`` says whether the same write can succeed later unchanged: a
+    connection refused or an overloaded server can, a row the table will never
+    accept cannot. A bare StoreError is treated as retriable (do not commit,
+    try again), the safe default for a failure nobody classified.
+    """
+
+    retriable: bool = True
+
+
+class StoreUnavailable(StoreError):
+    """The store is down, unreachable, overloaded or timed out: retry with backoff."""
+
+    retriable = True
+
+
+class StoreRejected(StoreError):
+    """The store refused the data itself (a value out of a column's range, too many
+    partitions in one block, a type it cannot convert): retrying the same rows can
+    never succeed, so the writer isolates the offending rows and dead-letters them."""
+
+    retriable = False
 
 
 class StateError(AgentwatchError):

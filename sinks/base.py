@@ -13,6 +13,14 @@ record for the next attempt; nothing is dropped on the error path. A batch that
 failed is retried first and unchanged, so a deduplication token derived from
 it matches the failed attempt and a write that did land server-side before the
 error is not stored twice.
+
+Only transient failures (:class:`~schemas.errors.StoreUnavailable`) keep a
+batch for retry. A batch the store rejects for its content
+(:class:`~schemas.errors.StoreRejected`: a negative number into a UInt64, rows
+spanning more partitions than one insert block may) is split in halves until
+the rows that cannot be written are alone; the rest is written and those rows
+are handed to the caller (:meth:`take_rejected`) for the DLQ, so one bad row
+never stalls the stream behind it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from schemas.errors import StoreError
+from schemas.errors import StoreError, StoreRejected
 
 T = TypeVar("T")
 
@@ -78,6 +86,7 @@ class BatchingSink(ABC, Generic[T]):
         self._batches_written = 0
         self._failed_flushes = 0
         self._last_flush_seconds = 0.0
+        self._rejected: list[tuple[T, str]] = []
 
     @abstractmethod
     def write(self, batch: Sequence[T]) -> None:
@@ -122,12 +131,36 @@ class BatchingSink(ABC, Generic[T]):
 
     def _write_retry(self) -> int:
         """Write the batch held in ``_retry``; it stays there if the write fails."""
-        written = self._write_batch(self._retry)
+        rejected_before = len(self._rejected)
+        try:
+            written = self._write_batch(self._retry)
+        except BaseException:
+            # the whole batch is retried, so rows rejected on this attempt will be again
+            del self._rejected[rejected_before:]
+            raise
         with self._buffer_lock:
             self._retry = []
         return written
 
+    def take_rejected(self) -> list[tuple[T, str]]:
+        """Rows the store refused for their content, with the reason; for the DLQ."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
+
     def _write_batch(self, batch: list[T]) -> int:
+        try:
+            return self._write_once(batch)
+        except StoreRejected as exc:
+            if len(batch) == 1:
+                self._rejected.append((batch[0], str(exc)))
+                return 0
+        # bisect: both halves are written (or bisected further) before this returns,
+        # and a transient failure in either raises with the whole batch kept for retry;
+        # halves that did land are deduplicated on the retry by their insert tokens
+        mid = len(batch) // 2
+        return self._write_batch(batch[:mid]) + self._write_batch(batch[mid:])
+
+    def _write_once(self, batch: list[T]) -> int:
         started = time.perf_counter()
         try:
             self.write(batch)

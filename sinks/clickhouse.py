@@ -57,11 +57,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
 
 from schemas.alerts import Alert
 from schemas.control import KillSwitchCommand
-from schemas.errors import StoreError
+from schemas.errors import StoreError, StoreRejected, StoreUnavailable
 from schemas.events import Event
 from sinks.base import BatchingSink, T
 
@@ -347,10 +347,48 @@ class ClickHouseStore:
             return call()
         except StoreError:
             raise
-        except (ClickHouseError, RuntimeError, OSError, ValueError, TypeError) as exc:
+        except (ClickHouseError, RuntimeError, OSError, ValueError, TypeError, OverflowError) as exc:
             # RuntimeError: chdb's own errors; ValueError/TypeError: a value
             # the driver could not serialise into the column type
-            raise StoreError(f"ClickHouse at {self.location}: {what}: {_one_line(exc)}") from exc
+            kind = StoreRejected if rejects_data(exc) else StoreUnavailable
+            raise kind(f"ClickHouse at {self.location}: {what}: {_one_line(exc)}") from exc
+
+
+# Server error codes that mean "these rows can never be inserted as they are"
+# (ClickHouse src/Common/ErrorCodes.cpp): parse and conversion failures, values
+# out of a type's range. Anything else (network, memory, too many parts, a
+# timeout) may succeed later and is retried.
+_DATA_ERROR_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,   # CANNOT_PARSE_DATE
+    41,   # CANNOT_PARSE_DATETIME
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    407,  # DECIMAL_OVERFLOW
+})
+_TOO_MANY_PARTS = 252  # both "too many parts" (back off) and "too many partitions for one block" (bad data)
+
+
+def rejects_data(exc: BaseException) -> bool:
+    """Whether a driver error says the rows themselves are unacceptable (permanent)
+    rather than the store being unavailable (transient). A rejected batch is split
+    to find the offending rows; an unavailable store is retried with backoff."""
+    if isinstance(exc, (DataError, ValueError, TypeError, OverflowError)):
+        # client side: a value the driver could not serialise into the column type
+        return True
+    code = getattr(exc, "code", None)
+    if code is None and isinstance(exc, (DatabaseError, RuntimeError)):
+        match = re.search(r"Code: (\d+)\.", str(exc))
+        code = int(match.group(1)) if match else None
+    if code == _TOO_MANY_PARTS:
+        return "partitions for single INSERT block" in str(exc)
+    return code in _DATA_ERROR_CODES
 
 
 def _one_line(exc: BaseException) -> str:
