@@ -232,6 +232,10 @@ class ControlPlane:
         # acks that arrive before their command is read back from the control topic
         self._early_acks: dict[str, list[ControlAck]] = {}
         self._issued_for_alerts: set[str] = set()
+        # agent -> expiry of the halt we issued for it: one runaway agent trips several
+        # enforce detectors (the same call repeated, then the failure streak) before it
+        # obeys, and it must get one halt, not one per alert
+        self._halted_until: dict[str, datetime] = {}
         # commands already settled and forgotten (insertion-ordered, bounded): reading one
         # back from the control topic again must not track it afresh and escalate it
         self._settled: dict[str, None] = {}
@@ -266,7 +270,11 @@ class ControlPlane:
             command_id = command_id_for_alert(a.alert_id)
             if command_id in self._issued_for_alerts or command_id in self._tracked:
                 continue
+            halted_until = self._halted_until.get(a.agent_id)
+            if halted_until is not None and halted_until > issued_at:
+                continue  # already halted by us; the alert itself still goes to on-call
             self._issued_for_alerts.add(command_id)
+            self._halted_until[a.agent_id] = issued_at + self.ttl
             cmd = sign(
                 KillSwitchCommand(
                     command_id=command_id,
@@ -300,6 +308,8 @@ class ControlPlane:
         (keyed by ``target_agent_id``) and ClickHouse.
         """
         at = _as_dt(now)
+        if cmd.action is CommandAction.RESUME and cmd.target.kind is TargetKind.AGENT:
+            self._halted_until.pop(cmd.target.value, None)  # a new incident gets a new halt
         if cmd.command_id not in self._tracked and cmd.command_id not in self._settled and cmd.expires_at > at:
             # the deadline runs from when we first saw it: after a worker restart the acks
             # topic is re-read too, and its acks get a full deadline to arrive
