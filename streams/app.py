@@ -26,12 +26,14 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.types import EventT
 from faust.web import View
 
@@ -40,10 +42,12 @@ from schemas.alerts import Alert, Mode
 from schemas.errors import StoreError
 from schemas.events import Event, events_from_json, events_to_json
 from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, KillSwitchSink, open_store
+from streams import faults
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
 from streams.metrics import Metrics
 from streams.outputs import build_router
+from streams.progress import StageProgress
 from streams.query_api import QueryApi, health
 from streams.settings import Settings
 from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed,
@@ -110,7 +114,21 @@ class Pipeline:
         self.alert_sink: AlertSink | None = None
         self.dlq_sink: DlqSink | None = None
         self.killswitch_sink: KillSwitchSink | None = None
-        self._positions: dict[tuple[str, int], int] = {}
+        self.progress = {
+            name: StageProgress(name, topics) for name, topics in (
+                ("ingest", (s.topic_otlp, s.topic_events_in, s.topic_audit_in)),
+                ("correlate", (s.topic_by_trace,)),
+                ("detect", (s.topic_by_agent,)),
+                ("dlq", (s.topic_dlq,)),
+                ("control", (s.topic_control,)),
+                ("acks", (s.topic_acks,)),
+            )
+        }
+        # events in the batch a stage holds, for lag in events (set by each stage)
+        self._batch_events = 0
+        # one alert's updates are made and enqueued under this lock (detect batches
+        # and ticks both update alerts), so the topic receives them in order
+        self._alert_order = asyncio.Lock()
         self.crashed: BaseException | None = None
 
         self._register()
@@ -155,6 +173,7 @@ class Pipeline:
         if self.router is not None:
             app.task(self._start_outputs)
         app.timer(interval=5.0)(self._measure_lag)
+        app.on_before_shutdown.connect(self._on_before_shutdown)
         app.page("/metrics")(_view(get=self._metrics_view))
         app.page("/query")(_view(post=self._query_view))
         app.page("/healthz")(_view(get=self._health_view))
@@ -192,28 +211,72 @@ class Pipeline:
         tick.__name__ = "_tick"
         await self._fail_fast(tick)(None)
 
+    async def _on_before_shutdown(self, app: Any, **kwargs: Any) -> None:
+        await self._drain_outputs()
+
     def _stop_worker(self) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _batches(self, stream: Any) -> Any:
-        return stream.take_events(self.settings.batch_max_messages, within=self.settings.batch_within_s)
+    # -- checkpointed batches ----------------------------------------------------------------
 
-    def _track(self, events: list[EventT]) -> None:
-        for e in events:
-            m = e.message
-            self._positions[(m.topic, m.partition)] = m.offset
+    async def _batches(self, stage: str, stream: Any) -> AsyncIterator[list[EventT]]:
+        """Batches of one stage, each acked only after the caller's body finished.
+
+        ``noack_take`` hands out events unacked (faust's ``take_events`` acks in a
+        ``finally``, so a batch that raised would be committed). The body makes
+        every output of the batch durable (internal topics, alerts, commands,
+        store rows); only when it returns are the batch's messages acked, so the
+        committed offset never passes an input whose outputs could be lost. A
+        body that raises leaves the batch unacked and the stage crashes the
+        worker (``_fail_fast``): the restarted worker takes the batch again.
+        """
+        progress = self.progress[stage]
+        async for batch in stream.noack_take(self.settings.batch_max_messages,
+                                             within=self.settings.batch_within_s):
+            started = time.perf_counter()
+            progress.begin(batch)
+            self._batch_events = 0
+            yield batch
+            for e in batch:
+                await stream.ack(e)
+            progress.done(batch, self._batch_events)
+            self.metrics.stage_batch_seconds.labels(stage).observe(time.perf_counter() - started)
+
+    def _isolated(self, stage: str, fn: Callable[[list[Any]], list[R]], items: list[Any],
+                  dead: list[DeadLetter], describe: Callable[[Any], DeadLetter]) -> list[R]:
+        """``fn(items)``; if it raises, ``fn`` on each item alone, and the items that
+        still raise go to ``dead`` with the reason: one poison record must not stop
+        its neighbours (nor, by crashing the worker at every restart, everything)."""
+        try:
+            faults.hit(stage)
+            return fn(items)
+        except Exception as exc:
+            log.error("stage raised on a batch; retrying its records one by one",
+                      extra={"stage": stage, "records": len(items), "error": repr(exc)[:500]})
+        out: list[R] = []
+        for item in items:
+            try:
+                out.extend(fn([item]))
+            except Exception as exc:
+                d = describe(item)
+                d.reason = f"{stage} stage raised {type(exc).__name__}: {exc}"[:1000]
+                dead.append(d)
+        return out
 
     async def _ingest_agent(self, stream: Any) -> None:
-        async for batch in self._batches(stream):
-            started = time.perf_counter()
-            self._track(batch)
+        async for batch in self._batches("ingest", stream):
             records = [RawRecord(e.message.topic, e.message.partition, e.message.offset, e.value or b"",
                                  e.message.key, header_pairs(e.message.headers), e.message.timestamp)
                        for e in batch]
             for topic, n in Counter(r.topic for r in records).items():
                 self.metrics.messages_in.labels(topic).inc(n)
-            await self._emit_ingested(self.ingest.process(records))
-            self.metrics.stage_batch_seconds.labels("ingest").observe(time.perf_counter() - started)
+            dead: list[DeadLetter] = []
+            parts = self._isolated("ingest", lambda rs: [self.ingest.process(rs)], records, dead,
+                                   lambda r: DeadLetter(r.value, "", "", r.topic, r.partition, r.offset))
+            routed = parts[0] if len(parts) == 1 else _merge_routed(parts)
+            routed.dead.extend(dead)
+            self._batch_events = routed.events
+            await self._emit_ingested(routed)
 
     async def _emit_ingested(self, routed: Routed) -> None:
         """Send what the ingest stage decoded on (by trace, by agent, dead letters) and count it."""
@@ -221,47 +284,50 @@ class Pipeline:
                                                                *routed.by_agent.values()) for ev in evs)
         for (source, kind), n in kinds.items():
             self.metrics.events_in.labels(source, kind).inc(n)
-        sends = self._send_keyed(self.by_trace, routed.by_trace)
-        sends += self._send_keyed(self.by_agent, routed.by_agent)
-        sends += [self._send_dead(d) for d in routed.dead]
+        outs = self._pack(self.by_trace, routed.by_trace, routed.dead)
+        outs += self._pack(self.by_agent, routed.by_agent, routed.dead)
+        outs += [self._dead_out(d, "decode") for d in routed.dead]
         for topic, n in routed.skipped.items():
             self.metrics.records_skipped.labels(topic).inc(n)
-        await self._all_delivered(sends)
+        await self._deliver(outs)
 
     async def _correlate_agent(self, stream: Any) -> None:
-        async for batch in self._batches(stream):
-            started = time.perf_counter()
-            self._track(batch)
-            events = self._unpack(batch)
+        async for batch in self._batches("correlate", stream):
+            dead: list[DeadLetter] = []
+            events = self._unpack(batch, dead)
+            self._batch_events = len(events)
             late_before = self.correlate.late_events
-            attributed = self.correlate.process(events, wall=_now())
+            attributed = self._isolated("correlate", lambda evs: self.correlate.process(evs, wall=_now()),
+                                        events, dead, _event_dead_letter)
             self.metrics.late_events.labels("correlate").inc(self.correlate.late_events - late_before)
-            await self._forward_to_agents(attributed)
+            outs = self._forward(attributed, dead)
             # audit records matched through a secondary key (CloudTrail requestID ...) go
             # round once more keyed by their trace, before this batch is acked
-            await self._all_delivered(self._send_keyed(self.by_trace, self.correlate.take_rekeyed()))
+            outs += self._pack(self.by_trace, self.correlate.take_rekeyed(), dead)
+            outs += [self._dead_out(d, "correlate") for d in dead]
+            await self._deliver(outs)
             self.metrics.identity_pending.set(self.correlate.resolver.pending_count)
-            self.metrics.stage_batch_seconds.labels("correlate").observe(time.perf_counter() - started)
 
     async def _detect_agent(self, stream: Any) -> None:
         assert self.event_sink is not None
-        async for batch in self._batches(stream):
-            started = time.perf_counter()
-            self._track(batch)
-            events = self._unpack(batch)
+        async for batch in self._batches("detect", stream):
+            dead: list[DeadLetter] = []
+            events = self._unpack(batch, dead)
+            self._batch_events = len(events)
             engine = self.detect.engine
-            dup_before, late_before = engine.duplicates_skipped, engine.watermark.late_events
-            alerts = self.detect.process(events, wall=_now())
-            self.metrics.events_detected.inc(len(events))
-            self.metrics.duplicate_events.inc(engine.duplicates_skipped - dup_before)
-            self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
-            self.event_sink.extend(events)
-            await self._publish_alerts(alerts)  # also flushes the sinks
-            self.metrics.stage_batch_seconds.labels("detect").observe(time.perf_counter() - started)
+            async with self._alert_order:
+                dup_before, late_before = engine.duplicates_skipped, engine.watermark.late_events
+                alerts = self._isolated("detect", lambda evs: self.detect.process(evs, wall=_now()),
+                                        events, dead, _event_dead_letter)
+                self.metrics.events_detected.inc(len(events))
+                self.metrics.duplicate_events.inc(engine.duplicates_skipped - dup_before)
+                self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
+                self.event_sink.extend(events)
+                await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead])
 
     async def _dlq_agent(self, stream: Any) -> None:
         assert self.dlq_sink is not None
-        async for batch in self._batches(stream):
+        async for batch in self._batches("dlq", stream):
             now = datetime.now(timezone.utc)
             for e in batch:
                 h = {k: (v.decode(errors="replace") if isinstance(v, bytes) else str(v))
@@ -269,36 +335,41 @@ class Pipeline:
                 self.dlq_sink.add(
                     DlqRecord(
                         topic=h.get("agentwatch.dlq.topic", ""),
-                        partition=int(h.get("agentwatch.dlq.partition", "-1")),
-                        offset=int(h.get("agentwatch.dlq.offset", "-1")),
+                        partition=_int(h.get("agentwatch.dlq.partition"), -1),
+                        offset=_int(h.get("agentwatch.dlq.offset"), -1),
                         source=h.get("agentwatch.dlq.source", ""),
                         reason=h.get("agentwatch.dlq.reason", ""),
                         raw=e.value or b"",
                         received_at=now,
                     )
                 )
+            self._batch_events = len(batch)
             await self._flush(self.dlq_sink, "dlq")
 
     async def _control_agent(self, stream: Any) -> None:
         """Every command on the control topic (ours and people's): verified, recorded,
         tracked for acknowledgement, and shown to the detectors as events."""
         assert self.killswitch_sink is not None
-        async for batch in self._batches(stream):
+        async for batch in self._batches("control", stream):
             events: list[Event] = []
             for e in batch:
                 cmd, evs = self.control.on_control_record(e.value or b"", _now())
                 if cmd is not None:
                     self.killswitch_sink.add(cmd)
                 events.extend(evs)
+            self._batch_events = len(batch)
             await self._flush(self.killswitch_sink, "killswitches")
-            await self._forward_to_agents(events, broadcast_unknown=True)
+            dead: list[DeadLetter] = []
+            outs = self._forward(events, dead, broadcast_unknown=True)
+            await self._deliver(outs + [self._dead_out(d, "control") for d in dead])
 
     async def _acks_agent(self, stream: Any) -> None:
-        async for batch in self._batches(stream):
+        async for batch in self._batches("acks", stream):
             for e in batch:
                 ack = ControlPlane.parse_ack(e.value or b"")
                 if ack is not None:
                     self.control.on_ack(ack)
+            self._batch_events = len(batch)
 
     def _check_policy(self) -> None:
         """Hot reload: a changed policy file takes effect; a bad one keeps the last good policy."""
@@ -318,24 +389,37 @@ class Pipeline:
     async def _start_outputs(self) -> None:
         assert self.router is not None
         await self.router.start()
+        # alerts still open when the previous worker stopped: on-call outputs keep no
+        # state of ours, so announce them again, or they could never be resolved
+        for alert in self.detect.engine.open_alerts:
+            self.router.submit(alert.model_copy(deep=True))
+
+    async def _drain_outputs(self) -> None:
+        """At shutdown: what the on-call outputs still queue is delivered, within a bound."""
+        if self.router is not None:
+            undelivered = await self.router.close(drain_timeout_s=min(10.0, self.settings.shutdown_timeout_s / 2))
+            if any(undelivered.values()):
+                log.error("alerts not delivered to on-call outputs at shutdown",
+                          extra={o: [a.alert_id for a in alerts] for o, alerts in undelivered.items() if alerts})
 
     async def _tick(self) -> None:
         """Event time goes on while traffic is quiet: close windows, fire timers."""
         now = _now()
         self._check_policy()
-        resolved, self.detect.engine.resolved = self.detect.engine.resolved, []
-        if self.router is not None:
-            for alert_id in resolved:
-                # a resolution waits on the output (retries); it must not hold up the tick
-                asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
         await self._emit_ingested(self.ingest.tick(now))  # PostgreSQL records whose rest never came
-        await self._forward_to_agents(self.correlate.tick(now))
-        rekeyed = self.correlate.take_rekeyed()
-        if rekeyed:
-            await self._all_delivered(self._send_keyed(self.by_trace, rekeyed))
-        alerts = self.detect.tick(now) + self.control.tick(now)
-        if alerts:
-            await self._publish_alerts(alerts)
+        dead: list[DeadLetter] = []
+        outs = self._forward(self.correlate.tick(now), dead)
+        outs += self._pack(self.by_trace, self.correlate.take_rekeyed(), dead)
+        await self._deliver(outs + [self._dead_out(d, "correlate") for d in dead])
+        async with self._alert_order:
+            resolved, self.detect.engine.resolved = self.detect.engine.resolved, []
+            if self.router is not None:
+                for alert_id in resolved:
+                    # a resolution waits on the output (retries); it must not hold up the tick
+                    asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
+            alerts = self.detect.tick(now) + self.control.tick(now)
+            if alerts:
+                await self._publish_alerts(alerts, [])
         self.metrics.open_alerts.set(len(self.detect.engine.open_alerts))
 
     async def _measure_lag(self) -> None:
@@ -344,30 +428,51 @@ class Pipeline:
             assignment = consumer.assignment()
         except Exception:  # not assigned yet (rebalancing)
             return
+        for progress in self.progress.values():
+            progress.behind.clear()
+        by_topic = {t: p for p in self.progress.values() for t in p.topics}
+        events_behind: Counter[str] = Counter()
         for tp in assignment:
+            progress = by_topic.get(tp.topic)
             try:
                 high = consumer.highwater(tp)
             except Exception:
                 continue
-            if high is None:
+            if high is None or progress is None:
                 continue
-            done = self._positions.get((tp.topic, tp.partition), -1) + 1
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - done))
+            done = progress.positions.get((tp.topic, tp.partition), -1) + 1
+            if done == 0:
+                # nothing finished here since this worker started: the committed offset
+                # is where it stands (a restarted worker is not behind by all history)
+                try:
+                    committed = await consumer.committed(tp)
+                except Exception:
+                    committed = None
+                done = committed or 0
+            behind = max(0, high - done)
+            progress.behind[(tp.topic, tp.partition)] = behind
+            events_behind[tp.topic] += round(behind * progress.events_per_message)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(behind)
+        for topic, n in events_behind.items():
+            self.metrics.consumer_lag_events.labels(topic).set(n)
+        for progress in self.progress.values():
+            self.metrics.stage_lag_seconds.labels(progress.name).set(round(progress.lag_seconds(), 3))
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _unpack(self, batch: list[EventT]) -> list[Event]:
+    def _unpack(self, batch: list[EventT], dead: list[DeadLetter]) -> list[Event]:
         events: list[Event] = []
         for e in batch:
+            m = e.message
             try:
                 events.extend(events_from_json(e.value))
             except Exception as exc:  # our own topic: only a bug or a foreign producer gets here
-                log.error("undecodable internal message", extra={"topic": e.message.topic,
-                                                                  "offset": e.message.offset,
-                                                                  "error": str(exc)})
+                dead.append(DeadLetter(e.value or b"", f"undecodable internal message: {exc}"[:1000], "internal",
+                                       m.topic, m.partition, m.offset))
         return events
 
-    async def _forward_to_agents(self, events: Iterable[Event], *, broadcast_unknown: bool = False) -> None:
+    def _forward(self, events: Iterable[Event], dead: list[DeadLetter], *,
+                 broadcast_unknown: bool = False) -> list[Out]:
         """Events to the detect stage keyed by agent. With ``broadcast_unknown``, events
         that name no single agent (tenant- or fleet-wide halts) go to every partition."""
         groups: dict[str, list[Event]] = {}
@@ -377,19 +482,21 @@ class Pipeline:
                 broadcast.append(ev)
             else:
                 groups.setdefault(ev.agent_id or "unknown", []).append(ev)
-        sends = self._send_keyed(self.by_agent, groups)
+        outs = self._pack(self.by_agent, groups, dead)
         if broadcast:
             n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.partitions)
-            sends += [self._send(self.by_agent, None, events_to_json(broadcast), partition=p) for p in range(n)]
-        await self._all_delivered(sends)
+            value = events_to_json(broadcast)
+            outs += [Out(self.by_agent, None, value, partition=p) for p in range(n)]
+        return outs
 
-    def _send_keyed(self, topic: Any, groups: dict[str, list[Event]]) -> list[Any]:
+    def _pack(self, topic: Any, groups: dict[str, list[Event]], dead: list[DeadLetter]) -> list[Out]:
         """One message per destination partition, not per key.
 
         Every key's events land on the partition Kafka's default partitioner
         would pick for that key, so co-partitioning holds, while a batch with
         thousands of traces still costs only a few Kafka messages downstream
-        (faust's cost is per message).
+        (faust's cost is per message). An event that cannot be serialised goes
+        to ``dead`` instead of failing its whole message.
         """
         name = topic.get_topic_name()
         n = self.partitions.get(name, self.settings.partitions)
@@ -397,67 +504,109 @@ class Pipeline:
         for key, evs in groups.items():
             packed.setdefault(partition_for(key, n), []).extend(evs)
         size = self.settings.max_events_per_message  # stay under the broker's message size limit
-        return [
-            self._send(topic, None, events_to_json(evs[i : i + size]), partition=p)
-            for p, evs in packed.items()
-            for i in range(0, len(evs), size)
-        ]
+        outs: list[Out] = []
+        for p, evs in packed.items():
+            for i in range(0, len(evs), size):
+                chunk = evs[i : i + size]
+                try:
+                    value = events_to_json(chunk)
+                except Exception:
+                    value = events_to_json(_serialisable(chunk, dead))
+                outs.append(Out(topic, None, value, partition=p))
+        return outs
 
-    async def _publish_alerts(self, alerts: list[Alert]) -> None:
+    async def _publish_alerts(self, alerts: list[Alert], extra: list[Out]) -> None:
+        """Store rows, then the alerts and commands in the order they were made.
+
+        Called under ``_alert_order``: updates of one alert reach the topic in the
+        order the engine produced them (Kafka keeps the order of one producer's
+        sends to one partition, and ``_deliver`` enqueues sequentially)."""
         assert self.alert_sink is not None and self.event_sink is not None
-        sends = []
+        outs = list(extra)
         for a in alerts:
             self.metrics.alerts.labels(a.detector, a.severity.value, a.mode.value).inc()
             topic = self.shadow_alerts if a.mode is Mode.SHADOW else self.alerts
-            sends.append(self._send(topic, a.alert_id, a.to_json()))
+            outs.append(Out(topic, a.alert_id.encode(), a.to_json()))
             log.warning("alert", extra={"alert_id": a.alert_id, "detector": a.detector,
                                         "agent_id": a.agent_id, "severity": a.severity.value,
                                         "count": a.count})
-        if self.router is not None:
-            for a in alerts:
-                self.router.submit(a)  # queued per output; never waits (shadow alerts are withheld)
         for cmd in self.control.on_alerts(alerts, _now()):
-            sends.append(self._send(self.control_topic, cmd.target.key, cmd.to_json()))
+            outs.append(Out(self.control_topic, cmd.target.key.encode(), cmd.to_json()))
             log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,
                                                      "alert_id": cmd.alert_id})
         self.alert_sink.extend(alerts)
         await self._flush(self.event_sink, "events")
         await self._flush(self.alert_sink, "alerts")
-        await self._all_delivered(sends)
+        await self._deliver(outs)
+        if self.router is not None:
+            for a in alerts:
+                self.router.submit(a)  # queued per output; never waits (shadow alerts are withheld)
 
     async def _flush(self, sink: Any, table: str) -> None:
+        """Make a sink's rows durable before the batch is acked.
+
+        Transient failures (store down, overloaded, injected) are retried with
+        backoff for as long as it takes: the batch is not acked meanwhile, and
+        ``/healthz`` reports the stall. Rows the store rejects for their content
+        are isolated by the sink and sent to the DLQ with the store's reason."""
         if not sink.pending:
             return
         rows = sink.pending
         started = time.perf_counter()
-        delay = 0.5
+        delay = 0.2
         while True:
             try:
+                faults.hit("store")
                 await self._in_db(sink.flush)
                 break
             except StoreError as exc:
-                # do not move on (and so do not commit) until the rows are durable
                 self.metrics.sink_failures.labels(table).inc()
-                log.error("clickhouse write failed; retrying", extra={"table": table, "error": str(exc)})
+                log.error("clickhouse write failed; retrying", extra={"table": table, "error": str(exc)[:500],
+                                                                      "retry_in_s": delay})
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
+                delay = min(delay * 2, 10)
+        rejected = sink.take_rejected()
+        if rejected:
+            if table == "dlq":
+                # nowhere further to send them: say so loudly, with the reason
+                for row, reason in rejected:
+                    log.error("DLQ row rejected by the store", extra={"reason": reason[:500], "row": repr(row)[:500]})
+            else:
+                await self._deliver([self._dead_out(_row_dead_letter(row, reason, table), "store")
+                                     for row, reason in rejected])
         self.metrics.sink_batch_rows.labels(table).observe(rows)
         self.metrics.sink_write_seconds.labels(table).observe(time.perf_counter() - started)
 
-    async def _send(self, topic: Any, key: str | None, value: bytes, headers: dict[str, bytes] | None = None,
-                    partition: int | None = None) -> Any:
-        return await topic.send(key=key.encode() if key is not None else None, value=value, headers=headers,
-                                partition=partition)
+    def _dead_out(self, d: DeadLetter, where: str) -> Out:
+        self.metrics.dead_letters.labels(where).inc()
+        if where == "decode":
+            self.metrics.decode_failures.labels(d.topic).inc()
+        return Out(self.dlq, d.topic.encode(), d.raw, d.headers())
 
-    async def _send_dead(self, d: DeadLetter) -> Any:
-        self.metrics.decode_failures.labels(d.topic).inc()
-        return await self._send(self.dlq, d.topic, d.raw, d.headers())
+    async def _deliver(self, outs: list[Out]) -> None:
+        """Every message of a batch acknowledged by the broker (acks=all), in order.
 
-    @staticmethod
-    async def _all_delivered(sends: list[Any]) -> None:
-        """Wait until the broker acknowledged every message this batch produced."""
-        futures = await asyncio.gather(*sends)
-        await asyncio.gather(*futures)
+        Messages are handed to the producer one after the other, so two updates
+        of one alert (same key, same partition) keep their order; then all
+        acknowledgements are awaited together. A failed delivery is retried as a
+        whole with backoff (duplicates downstream are harmless: event ids,
+        deterministic alert ids, idempotent inserts), never skipped."""
+        if not outs:
+            return
+        delay = 0.2
+        while True:
+            try:
+                faults.hit("producer")
+                futures = [await o.topic.send(key=o.key, value=o.value, headers=o.headers, partition=o.partition)
+                           for o in outs]
+                await asyncio.gather(*futures)
+                return
+            except (KafkaError, OSError, asyncio.TimeoutError, faults.InjectedFault) as exc:
+                self.metrics.output_retries.inc()
+                log.error("delivering outputs to Kafka failed; retrying",
+                          extra={"messages": len(outs), "error": repr(exc)[:500], "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
 
     # -- web -------------------------------------------------------------------------------
 
@@ -465,12 +614,83 @@ class Pipeline:
         return view.bytes(self.metrics.exposition(), content_type="text/plain; version=0.0.4")
 
     async def _health_view(self, view: Any, request: Any) -> Any:
-        return view.json(health(self.settings))
+        problems = [p for p in (s.stalled(self.settings.stall_s) for s in self.progress.values()) if p]
+        body = {**health(self.settings), "ok": not problems, "problems": problems}
+        return view.json(body, status=503 if problems else 200)
 
     async def _query_view(self, view: Any, request: Any) -> Any:
         """Analyst SQL for `agentwatch query` (see streams/query_api.py)."""
         answer = await self.query_api.handle(request)
         return view.json(answer.body, status=answer.status)
+
+
+@dataclass(slots=True)
+class Out:
+    """One message a batch produces; delivered (and acknowledged) before the batch is acked."""
+
+    topic: Any
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes] | None = None
+    partition: int | None = None
+
+
+def _merge_routed(parts: list[Routed]) -> Routed:
+    out = Routed()
+    for r in parts:
+        for k, evs in r.by_trace.items():
+            out.by_trace[k].extend(evs)
+        for k, evs in r.by_agent.items():
+            out.by_agent[k].extend(evs)
+        out.dead.extend(r.dead)
+        out.events += r.events
+        for topic, n in r.skipped.items():
+            out.skipped[topic] += n
+    return out
+
+
+def _event_bytes(ev: Event) -> bytes:
+    """An event as JSON for the DLQ; its repr when even that fails (the reason it is there)."""
+    try:
+        return events_to_json([ev])
+    except Exception:
+        return repr(ev).encode(errors="replace")[:100_000]
+
+
+def _event_dead_letter(ev: Event) -> DeadLetter:
+    return DeadLetter(_event_bytes(ev), "", ev.source, ev.topic or "", _int(ev.partition, -1), _int(ev.offset, -1))
+
+
+def _row_dead_letter(row: Any, reason: str, table: str) -> DeadLetter:
+    if isinstance(row, Event):
+        d = _event_dead_letter(row)
+    else:
+        raw = row.to_json() if hasattr(row, "to_json") else repr(row).encode(errors="replace")
+        d = DeadLetter(raw, "", "", "", -1, -1)
+    d.reason = f"store rejected the row for {table}: {reason}"[:1000]
+    return d
+
+
+def _serialisable(events: list[Event], dead: list[DeadLetter]) -> list[Event]:
+    """The events that serialise alone; the others to ``dead`` with the encoder's reason."""
+    ok: list[Event] = []
+    for ev in events:
+        try:
+            events_to_json([ev])
+        except Exception as exc:
+            d = _event_dead_letter(ev)
+            d.reason = f"event cannot be serialised: {type(exc).__name__}: {exc}"[:1000]
+            dead.append(d)
+        else:
+            ok.append(ev)
+    return ok
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _view(**handlers: Callable[[Any, Any], Any]) -> type[View]:

@@ -29,6 +29,10 @@ class Metrics:
     consumer_lag: Gauge
     open_alerts: Gauge
     policy_reloads: Counter
+    consumer_lag_events: Gauge
+    stage_lag_seconds: Gauge
+    dead_letters: Counter
+    output_retries: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -89,6 +93,25 @@ class Metrics:
             open_alerts=Gauge("agentwatch_open_alerts", "alert episodes still open", registry=r),
             policy_reloads=Counter("agentwatch_policy_reloads_total", "policy file reloads, by result",
                                    ["result"], registry=r),
+            consumer_lag_events=Gauge(
+                "agentwatch_consumer_lag_events",
+                "events not yet processed by a stage (messages behind x events per message), by topic",
+                ["topic"], registry=r,
+            ),
+            stage_lag_seconds=Gauge(
+                "agentwatch_stage_lag_seconds",
+                "age of the oldest input a stage has not finished (0 when caught up), by stage",
+                ["stage"], registry=r,
+            ),
+            dead_letters=Counter(
+                "agentwatch_dead_letters_total",
+                "records and rows sent to the DLQ, by where they failed (decode, a stage, the store)",
+                ["where"], registry=r,
+            ),
+            output_retries=Counter(
+                "agentwatch_output_retries_total", "failed deliveries of a batch's outputs to Kafka (retried)",
+                registry=r,
+            ),
         )
 
     def exposition(self) -> bytes:

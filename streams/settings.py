@@ -70,6 +70,14 @@ class Settings(ControlSettings):
         "(windows, timers, waiting spans) up to its committed offsets; 0 = start empty",
     )
     tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
+    stall_s: float = Field(
+        120.0, gt=0,
+        description="/healthz answers 503 when a stage holds one batch this long, or makes no progress "
+        "this long while its input waits",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="SIGTERM stops the worker within this many seconds, even with a stuck output",
+    )
 
     alertmanager_url: str = Field("", description="Prometheus Alertmanager base URL (http://host:9093); empty = off")
     webhook_url: str = Field("", description="generic webhook receiving {\"alerts\": [...]} POSTs; empty = off")

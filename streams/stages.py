@@ -179,16 +179,23 @@ class IngestStage:
             if not rec.value:
                 out.dead.append(DeadLetter(rec.value, "empty message", "", rec.topic, rec.partition, rec.offset))
                 continue
-            feed = getattr(decoder, "feed", None)
-            if feed is None:
-                self._emit(decoder(rec.value, origin=rec.topic), rec, out)
-                continue
-            for part in feed(rec.value, stream=(rec.topic, rec.partition, rec.key), offset=rec.offset,
-                             origin=rec.topic, received_at=rec.received_at,
-                             wall=time.time() if wall is None else wall):
-                at = rec if part.offset == rec.offset else RawRecord(rec.topic, rec.partition, part.offset, b"",
-                                                                      rec.key, rec.headers)
-                self._emit(part.result, at, out)
+            try:
+                feed = getattr(decoder, "feed", None)
+                if feed is None:
+                    self._emit(decoder(rec.value, origin=rec.topic), rec, out)
+                    continue
+                for part in feed(rec.value, stream=(rec.topic, rec.partition, rec.key), offset=rec.offset,
+                                 origin=rec.topic, received_at=rec.received_at,
+                                 wall=time.time() if wall is None else wall):
+                    at = rec if part.offset == rec.offset else RawRecord(rec.topic, rec.partition, part.offset, b"",
+                                                                          rec.key, rec.headers)
+                    self._emit(part.result, at, out)
+            except Exception as exc:
+                # a decoder bug or a value no check anticipated (a timestamp past year 9999,
+                # nesting deeper than the JSON encoder allows): this record is poison,
+                # its neighbours are not
+                out.dead.append(DeadLetter(rec.value, f"decoder raised {type(exc).__name__}: {exc}"[:1000],
+                                           "", rec.topic, rec.partition, rec.offset))
         return out
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import logging
 import socket
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ def running_worker(settings: Settings) -> WorkerInfo | None:
         os.kill(info.pid, 0)
         with urllib.request.urlopen(info.url + "/healthz", timeout=2) as r:
             r.read()
+    except urllib.error.HTTPError:
+        pass  # it answered: alive, if unhealthy (503 names the stalled stage)
     except (OSError, urllib.error.URLError):
         return None
     return info
@@ -81,10 +85,12 @@ def run_worker(settings: Settings) -> None:
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", mask_secrets(settings.dsn),
                         mask_secrets(bootstrap))
     settings.worker_file.write_text(json.dumps(record.__dict__))
+    _worker_file[os.getpid()] = settings.worker_file
     # mode's Worker creates its loop lazily; faust needs one set before it starts
     asyncio.set_event_loop(asyncio.new_event_loop())
-    worker = faust.Worker(
+    worker = BoundedShutdownWorker(
         pipeline.app,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
         loglevel=settings.log_level.upper(),
         quiet=True,
         override_logging=False,
@@ -99,6 +105,49 @@ def run_worker(settings: Settings) -> None:
     finally:
         _remove_if_ours(settings.worker_file)
         pipeline.close()
+
+
+class BoundedShutdownWorker(faust.Worker):
+    """A faust worker whose SIGTERM/SIGINT always ends the process within a bound.
+
+    A clean stop waits for the stages to finish their batch, drains the on-call
+    outputs and commits what was acked; a stage stuck on a store or broker that
+    does not answer would hold that stop forever. A watchdog started by the
+    signal ends the process after ``shutdown_timeout_s``. Nothing is lost
+    either way: what was not acked is not committed and is processed again.
+    """
+
+    def __init__(self, *args: object, shutdown_timeout_s: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._watchdog: threading.Timer | None = None
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            return
+
+        def expire() -> None:
+            logging.getLogger("agentwatch.worker").critical(
+                "shutdown did not finish in time; exiting without a clean stop",
+                extra={"shutdown_timeout_s": self._shutdown_timeout_s})
+            _remove_if_ours(_worker_file.get(os.getpid(), Path("/nonexistent")))
+            os._exit(3)
+
+        self._watchdog = threading.Timer(self._shutdown_timeout_s, expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _on_sigterm(self) -> None:
+        self._arm_watchdog()
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._arm_watchdog()
+        super()._on_sigint()
+
+
+# the worker file of this process, removed by the shutdown watchdog too
+_worker_file: dict[int, Path] = {}
 
 
 def _remove_if_ours(path: Path) -> None:
