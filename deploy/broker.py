@@ -23,7 +23,7 @@ Public API (the ``agentwatch broker up|down|status`` commands call these)::
     ensure_jars(cache_dir: Path | None = None) -> Path
         The directory holding the broker's jars, resolving them on first use.
     default_cache_dir() -> Path
-        ``$AGENTWATCH_HOME/cache``, else ``~/.cache/agentwatch``.
+        ``$AGENTWATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/agentwatch`` or ``~/.cache/agentwatch``.
 
 Every failure a user can cause or fix (no java, no mvn, port in use, broker
 died at start) raises ``BrokerError`` with a message that says what to do.
@@ -91,10 +91,16 @@ class BrokerInfo:
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("AGENTWATCH_HOME")
-    if home:
-        return Path(home).expanduser() / "cache"
-    return Path.home() / ".cache" / "agentwatch"
+    """Once per user, not per AGENTWATCH_HOME: every checkout and test run shares one download.
+
+    ``AGENTWATCH_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/agentwatch``, else
+    ``~/.cache/agentwatch``.
+    """
+    explicit = os.environ.get("AGENTWATCH_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "agentwatch"
 
 
 def ensure_jars(cache_dir: Path | None = None) -> Path:
@@ -122,20 +128,16 @@ def ensure_jars(cache_dir: Path | None = None) -> Path:
         pom = root / "pom.xml"
         shutil.copyfile(_POM, pom)
         mvn_log = root / "mvn.log"
+        # transfer progress stays on (in batch mode, one line per file): it is what we count
         cmd = [
-            mvn, "-B", "--no-transfer-progress", "-f", str(pom),
+            mvn, "-B", "-f", str(pom),
             "dependency:copy-dependencies",
             f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
         ]
         started = time.monotonic()
         try:
             with mvn_log.open("wb") as out:
-                rc = subprocess.run(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    cwd=root, timeout=900, check=False,
-                ).returncode
-        except subprocess.TimeoutExpired:
-            rc = -1
+                rc = _run_with_progress(cmd, out, mvn_log, cwd=root, timeout_s=900)
         except OSError as exc:
             raise BrokerError(f"could not run Maven ({mvn}): {exc}") from exc
         if rc != 0 or not any(staging.glob("kafka_2.13-*.jar")):
@@ -148,6 +150,29 @@ def ensure_jars(cache_dir: Path | None = None) -> Path:
         marker.write_text(f"{KAFKA_VERSION}\n")
         log.info("Kafka jars ready in %s (%.0fs)", jars, time.monotonic() - started)
     return jars
+
+
+def _run_with_progress(cmd: list[str], out: Any, log_path: Path, *, cwd: Path, timeout_s: float,
+                       every_s: float = 10.0) -> int:
+    """Run Maven, saying every ``every_s`` how far it got: a first download can take
+    minutes and must not look like a hang. Returns the exit status (-1 on timeout)."""
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
+    started = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=every_s)
+        except subprocess.TimeoutExpired:
+            elapsed = time.monotonic() - started
+            if elapsed > timeout_s:
+                proc.kill()
+                proc.wait()
+                return -1
+            try:
+                downloaded = log_path.read_bytes().count(b"Downloaded from")
+            except OSError:
+                downloaded = 0
+            _announce(f"still resolving Kafka jars: {downloaded} files downloaded, {elapsed:.0f}s "
+                      f"(log: {log_path})")
 
 
 # ------------------------------------------------------------------ public API

@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -188,11 +189,23 @@ def _lock_owner(path: str) -> str | None:
 
 def _open_server(dsn: str) -> ClickHouseStore:
     location = _redact(dsn)
+    driver_log = logging.getLogger("clickhouse_connect")
+    level = driver_log.level
+    # the driver logs its own warning with a traceback before raising: the error below says it in one line
+    driver_log.setLevel(logging.ERROR)
     try:
         client = clickhouse_connect.get_client(dsn=dsn, tz_mode="aware")
     except Exception as exc:  # connection refused, auth, TLS ...
-        raise StoreError(f"cannot connect to ClickHouse at {location}: {_one_line(exc)}") from exc
+        raise StoreError(f"cannot connect to ClickHouse at {location}: {_connect_problem(exc)}") from None
+    finally:
+        driver_log.setLevel(level)
     return ClickHouseStore(client, location=location)
+
+
+def _connect_problem(exc: BaseException) -> str:
+    """The socket-level cause (``Connection refused``) when there is one, else the driver's message."""
+    match = re.search(r"\[Errno -?\d+\] ([^\"')\]]+)", str(exc))
+    return match.group(1).strip() if match else _one_line(exc)
 
 
 def _redact(dsn: str) -> str:
@@ -311,7 +324,20 @@ class ClickHouseStore:
             f"query failed ({' '.join(sql.split())[:120]})",
             lambda: self.client.query(sql, parameters=dict(parameters or {}), column_formats=formats),
         )
-        return QueryResult(columns=list(result.column_names), rows=[tuple(row) for row in result.result_rows])
+        columns = list(result.column_names)
+        if not columns and not result.result_rows:
+            columns = self._describe(sql, parameters)
+        return QueryResult(columns=columns, rows=[tuple(row) for row in result.result_rows])
+
+    def _describe(self, sql: str, parameters: Mapping[str, Any] | None) -> list[str]:
+        """Column names of a query that returned no rows: chDB's driver reports none then,
+        and a header-less empty result reads as "the query printed nothing"."""
+        try:
+            described = self._run("describe failed", lambda: self.client.query(
+                f"DESCRIBE ({sql})", parameters=dict(parameters or {})))
+        except StoreError:  # not a SELECT (SHOW, EXPLAIN ...): no header then
+            return []
+        return [str(row[0]) for row in described.result_rows]
 
     def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> None:
         """Run a statement that returns no rows (OPTIMIZE, ALTER, SYSTEM ...)."""

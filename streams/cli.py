@@ -7,9 +7,12 @@ is printed as one line on stderr with exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
+import socket
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from schemas.errors import AgentwatchError
 
@@ -43,20 +46,49 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.policy:
         settings = settings.with_overrides(policy_file=args.policy)
+    _check_port_free(settings.web_host, settings.web_port)
     run_worker(settings)
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line before anything starts, not with a web server's traceback later."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds: TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AgentwatchError(f"port {port} on {host} is already in use (another worker?); "
+                                      "set AGENTWATCH_WEB_PORT to a free port, or 0 to pick one") from None
+            raise AgentwatchError(f"cannot listen on {host}:{port} (AGENTWATCH_WEB_HOST/_PORT): "
+                                  f"{exc.strerror}") from None
+
+
+ALERT_COLUMNS = ("first_seen", "detector", "severity", "mode", "agent_id", "count", "summary")
+
+
+def _alert_row(alert: Any) -> tuple[Any, ...]:
+    return (alert.first_seen, alert.detector, alert.severity.value, alert.mode.value, alert.agent_id, alert.count,
+            alert.summary)
+
+
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from detectors.policy import load_policy
+    from streams.query import format_table
     from streams.replay import replay
 
     policy = load_policy(args.policy or settings.policy_file)
     result = replay([Path(p) for p in args.paths], policy)
-    out = sys.stdout.buffer
-    for alert in result.alerts:
-        out.write(alert.to_json() + b"\n")
-    out.flush()
+    if args.format == "table":
+        print(format_table(list(ALERT_COLUMNS), [_alert_row(a) for a in result.alerts]))
+    else:
+        out = sys.stdout.buffer
+        for alert in result.alerts:
+            out.write(alert.to_json() + b"\n")
+        out.flush()
     print(
         f"replay: {result.events} events, {len(result.alerts)} alerts, {len(result.dead)} undecodable records",
         file=sys.stderr,
@@ -67,10 +99,10 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _query(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.query import format_table, run_query
+    from streams.query import format_result, run_query
 
     result = run_query(settings, args.sql)
-    print(format_table(result.columns, result.rows))
+    sys.stdout.write(format_result(result.columns, result.rows, args.format))
     return 0
 
 
@@ -132,8 +164,16 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("agentwatch")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentwatch", description="Real-time safety monitor for AI agents")
+    p.add_argument("--version", action="version", version=f"agentwatch {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("broker", help="the local Kafka broker (started from Maven Central jars)")
@@ -146,11 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", help="run the detectors offline over recorded events; alerts as JSON lines")
     r.add_argument("--policy", help="detector policy file (YAML)")
+    r.add_argument("--format", choices=["json", "table"], default="json",
+                   help="json: one alert per line (default); table: one row per alert")
     r.add_argument("paths", nargs="+", metavar="PATH", help="OTLP JSON lines, native JSON / JSON lines, audit logs")
     r.set_defaults(fn=_replay)
 
     q = sub.add_parser("query", help="run read-only SQL against the configured ClickHouse")
     q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (default); json: one object per row, one per line; csv: with a header row")
     q.set_defaults(fn=_query)
 
     qt = sub.add_parser("query-token", help="print the bearer token the worker's /query endpoint requires")

@@ -27,7 +27,7 @@ from schemas.control import KillSwitchCommand
 from streams.control_plane import control_settings, trusted_keys_text
 from streams.fleet import default_fleet, run_fleet
 from streams.killswitch import format_active, list_active
-from streams.kafka import ensure_topics
+from streams.kafka import ensure_topics, input_topics
 from streams.query import format_table, run_query
 from streams.settings import Settings
 from streams.worker import WorkerInfo, running_worker
@@ -83,8 +83,6 @@ def _print_alert(a: Alert) -> None:
 
 
 async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
-    await ensure_topics(bootstrap, [settings.topic_otlp, settings.topic_events_in, settings.topic_alerts],
-                        settings.partitions)
     consumer = AIOKafkaConsumer(settings.topic_alerts, bootstrap_servers=bootstrap, auto_offset_reset="latest")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     fleet = default_fleet()
@@ -160,6 +158,9 @@ def run_demo(settings: Settings, *, duration_s: float, keep_running: bool) -> in
 
     worker_proc = None
     n_alerts = 0
+    # the demo plays the producers' side: it creates the input topics (the worker creates only its own),
+    # before the worker starts so that it subscribes to topics that exist
+    asyncio.run(ensure_topics(bootstrap, [*input_topics(settings), settings.topic_alerts], settings.partitions))
     try:
         worker = running_worker(settings)
         if worker is None:

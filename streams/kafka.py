@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -43,6 +44,50 @@ def all_topics(settings: Settings) -> list[str]:
         settings.topic_by_trace,
         settings.topic_by_agent,
     ]
+
+
+def input_topics(settings: Settings) -> dict[str, str]:
+    """The topics others write and agentwatch only reads, each with the variable that names it.
+
+    agentwatch never creates these: a misspelt name would otherwise become a new,
+    empty topic that the worker reads forever while the real one goes unwatched.
+    """
+    return {
+        settings.topic_otlp: "AGENTWATCH_TOPIC_OTLP",
+        settings.topic_events_in: "AGENTWATCH_TOPIC_EVENTS_IN",
+        settings.topic_audit_in: "AGENTWATCH_TOPIC_AUDIT_IN",
+    }
+
+
+def owned_topics(settings: Settings) -> list[str]:
+    """The internal and output topics agentwatch creates when they are missing."""
+    inputs = input_topics(settings)
+    return [t for t in all_topics(settings) if t not in inputs]
+
+
+async def missing_topics(bootstrap: str, topics: list[str], *, timeout_s: float = 15) -> list[str]:
+    """Which of ``topics`` do not exist on the broker (a BrokerError if it does not answer)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        existing = set(await admin.list_topics())
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        raise BrokerError(f"Kafka broker unreachable at {bootstrap}: {exc or type(exc).__name__}") from None
+    finally:
+        await _close(admin)
+    return [t for t in topics if t not in existing]
+
+
+def warn_missing_inputs(bootstrap: str, settings: Settings) -> list[str]:
+    """Say on stderr, one line each, which input topics do not exist (and return them)."""
+    names = input_topics(settings)
+    missing = asyncio.run(missing_topics(bootstrap, list(names)))
+    for topic in missing:
+        print(f"agentwatch: warning: input topic {topic!r} ({names[topic]}) does not exist on {bootstrap}; "
+              "nothing is read from it until it is created (agentwatch creates only its own topics)",
+              file=sys.stderr, flush=True)
+        log.warning("input topic missing", extra={"topic": topic, "setting": names[topic]})
+    return missing
 
 
 def partition_for(key: str, partitions: int) -> int:

@@ -8,6 +8,8 @@ the bearer token; otherwise it runs here. Either way it runs on
 
 from __future__ import annotations
 
+import csv
+import io
 import urllib.error
 import urllib.request
 from typing import Any
@@ -67,3 +69,30 @@ def format_table(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out)
+
+
+def _plain(v: Any) -> Any:
+    """A cell as JSON/CSV carry it: times in ISO 8601, bytes as text, the rest as is."""
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    return v
+
+
+def format_result(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
+    """``table`` (for people), ``json`` (one object per row per line) or ``csv`` (header first).
+
+    The table and CSV have their header even with no rows: a script can tell
+    "nothing matched" from "the query printed nothing".
+    """
+    if fmt == "json":
+        return "".join(orjson.dumps(dict(zip(columns, map(_plain, row))), default=str).decode() + "\n"
+                       for row in rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[_plain(v) for v in row] for row in rows])
+        return buf.getvalue()
+    return format_table(columns, rows) + "\n"

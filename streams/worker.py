@@ -19,7 +19,7 @@ from detectors.policy import PolicyWatcher, load_policy
 from schemas.errors import AgentwatchError
 from schemas.redact import mask_secrets
 from streams.app import Pipeline
-from streams.kafka import all_topics, ensure_topics, resolve_bootstrap
+from streams.kafka import ensure_topics, owned_topics, resolve_bootstrap, warn_missing_inputs
 from streams.logs import setup_logging
 from streams.settings import Settings
 from streams.warmup import rebuild_state
@@ -62,7 +62,8 @@ def run_worker(settings: Settings) -> None:
     watcher = PolicyWatcher(settings.policy_file) if settings.policy_file else None
     policy = watcher.current if watcher else load_policy(None)
     bootstrap = resolve_bootstrap(settings)
-    partitions = asyncio.run(ensure_topics(bootstrap, all_topics(settings), settings.partitions,
+    warn_missing_inputs(bootstrap, settings)
+    partitions = asyncio.run(ensure_topics(bootstrap, owned_topics(settings), settings.partitions,
                                            overrides={settings.topic_by_agent: settings.detect_partitions}))
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())

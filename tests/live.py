@@ -15,6 +15,7 @@ loopback endpoint (the worker owns the embedded store).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.alerts import Alert
 from sinks.clickhouse import QueryResult
+from streams.kafka import ensure_topics, input_topics
 from streams.query import run_query
 from streams.settings import Settings, load_settings
 from streams.worker import running_worker
@@ -77,6 +79,11 @@ class LiveWorker:
 
     def start(self, timeout: float = 120) -> "LiveWorker":
         self.home.mkdir(parents=True, exist_ok=True)
+        # the producers' side: agentwatch creates only its own topics, never its inputs.
+        # In a thread: start() may be called from a test that runs an event loop.
+        inputs = list(input_topics(self.settings))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, ensure_topics(self.bootstrap, inputs, self.settings.partitions)).result()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker"], cwd=REPO, env=self.env,

@@ -140,3 +140,26 @@ def test_start_timeout_kills_the_jvm_and_quotes_the_log(tmp_path: Path) -> None:
     assert not (tmp_path / "broker.json").exists()
     assert not any(_jvm_running(int(p)) for p in os.listdir("/proc") if p.isdigit()
                    and str(tmp_path).encode() in Path(f"/proc/{p}/cmdline").read_bytes())
+
+
+def test_jar_cache_is_per_user_not_per_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("AGENTWATCH_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert broker.default_cache_dir() == tmp_path / "xdg" / "agentwatch"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert broker.default_cache_dir() == Path.home() / ".cache" / "agentwatch"
+    monkeypatch.setenv("AGENTWATCH_CACHE_DIR", str(tmp_path / "jars"))
+    assert broker.default_cache_dir() == tmp_path / "jars"
+
+
+def test_a_slow_maven_run_reports_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log_path = tmp_path / "mvn.log"
+    script = ("for i in 1 2 3; do echo \"Downloaded from central: https://repo/a$i.jar (1 kB at 1 kB/s)\"; done; "
+              "sleep 1.5; exit 0")
+    with log_path.open("wb") as out:
+        rc = broker._run_with_progress(["sh", "-c", script], out, log_path, cwd=tmp_path, timeout_s=60,
+                                       every_s=0.3)
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "still resolving Kafka jars: 3 files downloaded" in err
