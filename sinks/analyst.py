@@ -58,7 +58,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from schemas.errors import StoreError
-from sinks.clickhouse import DSN_KEY, QueryResult, _chdb_path, _lock_owner, _one_line, _redact
+from sinks.clickhouse import DSN_KEY, QueryResult, _chdb_path, _lock_owner, _one_line, server_client
 
 # functions that reach outside ClickHouse's access control in the embedded engine (see 4. above)
 FORBIDDEN_FUNCTIONS = frozenset({"file", "python"})
@@ -134,12 +134,7 @@ class _ServerConnection:
     """A clickhouse-connect HTTP client; limits and readonly go with every request."""
 
     def __init__(self, dsn: str, settings: dict[str, Any] | None) -> None:
-        import clickhouse_connect
-
-        try:
-            self._client = clickhouse_connect.get_client(dsn=dsn)
-        except Exception as exc:
-            raise StoreError(f"cannot connect to ClickHouse at {_redact(dsn)}: {_one_line(exc)}") from exc
+        self._client = server_client(dsn)
         self._settings = None if settings is None else {**settings, "readonly": 1,
                                                          "cancel_http_readonly_queries_on_client_close": 1}
 

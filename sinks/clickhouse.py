@@ -188,18 +188,21 @@ def _lock_owner(path: str) -> str | None:
 
 
 def _open_server(dsn: str) -> ClickHouseStore:
-    location = _redact(dsn)
+    return ClickHouseStore(server_client(dsn, tz_mode="aware"), location=_redact(dsn))
+
+
+def server_client(dsn: str, **options: Any) -> Client:
+    """A clickhouse-connect HTTP client, or a one-line StoreError saying why there is none."""
     driver_log = logging.getLogger("clickhouse_connect")
     level = driver_log.level
     # the driver logs its own warning with a traceback before raising: the error below says it in one line
     driver_log.setLevel(logging.ERROR)
     try:
-        client = clickhouse_connect.get_client(dsn=dsn, tz_mode="aware")
+        return clickhouse_connect.get_client(dsn=dsn, **options)
     except Exception as exc:  # connection refused, auth, TLS ...
-        raise StoreError(f"cannot connect to ClickHouse at {location}: {_connect_problem(exc)}") from None
+        raise StoreError(f"cannot connect to ClickHouse at {_redact(dsn)}: {_connect_problem(exc)}") from None
     finally:
         driver_log.setLevel(level)
-    return ClickHouseStore(client, location=location)
 
 
 def _connect_problem(exc: BaseException) -> str:
