@@ -200,7 +200,7 @@ def server_client(dsn: str, **options: Any) -> Client:
     try:
         return clickhouse_connect.get_client(dsn=dsn, **options)
     except Exception as exc:  # connection refused, auth, TLS ...
-        raise StoreError(f"cannot connect to ClickHouse at {_redact(dsn)}: {_connect_problem(exc)}") from None
+        raise StoreUnavailable(f"cannot connect to ClickHouse at {_redact(dsn)}: {_connect_problem(exc)}") from None
     finally:
         driver_log.setLevel(level)
 
