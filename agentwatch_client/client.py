@@ -49,11 +49,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
 from agentwatch_client.errors import BrokerError, ConfigError, SignatureError
 from agentwatch_client.wire import (
+    agent_key,
     DEFAULT_CLOCK_SKEW_S,
     DEFAULT_MAX_AGE_S,
     AckStatus,
@@ -99,6 +100,8 @@ class AgentClient:
         max_age_s: float = DEFAULT_MAX_AGE_S,
         clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
         service: str = "",
+        ack_key: str | Ed25519PrivateKey | None = None,
+        kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not agent_id:
             raise ConfigError("agent_id", "required: it is who the events are from and who commands target")
@@ -121,6 +124,11 @@ class AgentClient:
         self.max_age_s = max_age_s
         self.clock_skew_s = clock_skew_s
         self.origin = service or agent_id
+        # acks are signed with the agent's own key (its public half registered with the control
+        # plane): an ack someone else writes to the acks topic does not count
+        self.ack_key = agent_key(ack_key) if isinstance(ack_key, str) else ack_key
+        # SASL/TLS settings for aiokafka (security_protocol, sasl_*, ssl_context)
+        self.kafka_options = dict(kafka_options or {})
 
         self._buffer: list[dict[str, Any]] = []
         self._wake = asyncio.Event()
@@ -143,13 +151,14 @@ class AgentClient:
         command published from then on will be seen.
         """
         self._started_ms = int(time.time() * 1000)
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
+                                          **self.kafka_options)
         # no consumer group: aiokafka then assigns this consumer every partition of the topic,
         # which is what we need (any partition may hold a command for us, and every instance
         # of an agent must see every command)
         self._consumer = AIOKafkaConsumer(
             self.control_topic, bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="earliest", **self.kafka_options,
         )
         try:
             await self._producer.start()
@@ -431,6 +440,8 @@ class AgentClient:
     async def _ack(self, command_id: str, status: AckStatus, reason: str, action: str) -> None:
         ack = ControlAck(command_id=command_id, agent_id=self.agent_id, tenant=self.tenant, status=status,
                          reason=reason, action=action, ts=_now())
+        if self.ack_key is not None:
+            ack = ack.signed(self.ack_key)
         self.acks.append(ack)
         del self.acks[:-1000]
         # the event goes with the telemetry (ClickHouse, detectors); the ack goes out at once:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import secrets
 from collections.abc import Container, Mapping
 from datetime import datetime, timedelta, timezone
@@ -241,6 +242,31 @@ def load_private_key(value: str, *, what: str = "AGENTWATCH_CONTROL_PRIVATE_KEY"
     return Ed25519PrivateKey.from_private_bytes(raw)
 
 
+def agent_key(value: str, *, what: str = "ack_key") -> Ed25519PrivateKey:
+    """An agent's own signing key: a key (PEM or base64), or a key file path, created (mode
+    0600, directory 0700) with a new key when it does not exist yet. Its public half is
+    written next to it as ``<path>.pub``: that is what to register with the control plane."""
+    text = value.strip()
+    if text.startswith("-----BEGIN") or _is_b64(text):
+        return load_private_key(text, what=what)
+    path = Path(text).expanduser()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private, public = generate_keypair()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(private + "\n")
+            os.link(tmp, path)  # a racing process either made it first (we use theirs) or we did
+            path.with_name(path.name + ".pub").write_text(public + "\n")
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return load_private_key(str(path), what=what)
+
+
 def load_public_key(value: str, *, what: str = "AGENTWATCH_CONTROL_PUBLIC_KEYS") -> Ed25519PublicKey:
     data = _material(value, what)
     if data.startswith(b"-----BEGIN"):
@@ -365,11 +391,37 @@ class ControlAck(BaseModel):
     reason: str = ""  # why refused (verify's first word and detail), or what was done
     action: str = ""  # the command's action as the agent read it (unverified when refused)
     ts: datetime
+    # the agent's own Ed25519 key: the control plane counts an ack only when it verifies with
+    # the public key registered for agent_id (anyone can write to the acks topic)
+    key_id: str = ""
+    signature: str = ""
 
     @field_validator("ts")
     @classmethod
     def _utc(cls, v: datetime) -> datetime:
         return utc(v)
+
+    def signing_bytes(self) -> bytes:
+        """What the signature covers: every field but the signature, as sorted-key JSON."""
+        return orjson.dumps(self.model_dump(mode="json", exclude={"signature"}), option=orjson.OPT_SORT_KEYS)
+
+    def signed(self, private_key: Ed25519PrivateKey) -> ControlAck:
+        """A copy signed with the agent's key."""
+        unsigned = self.model_copy(update={"key_id": key_id(private_key.public_key()), "signature": ""})
+        signature = private_key.sign(unsigned.signing_bytes())
+        return unsigned.model_copy(update={"signature": base64.b64encode(signature).decode()})
+
+    def verify(self, public_key: Ed25519PublicKey | None) -> None:
+        """Raise ``SignatureError`` (``unsigned``, ``unknown_agent``, ``forged``) unless the
+        agent it names signed it with the key registered for it."""
+        if not self.signature:
+            raise SignatureError(f"unsigned: ack for {self.command_id[:32]!r} carries no signature")
+        if public_key is None:
+            raise SignatureError(f"unknown_agent: no public key registered for agent {self.agent_id[:64]!r}")
+        try:
+            public_key.verify(base64.b64decode(self.signature, validate=True), self.signing_bytes())
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise SignatureError(f"forged: the signature does not match agent {self.agent_id[:64]!r}'s key") from None
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))

@@ -85,6 +85,22 @@ class BrokerInfo:
     pid: int
     state_dir: Path
     log_path: Path
+    secure_bootstrap: str = ""  # the SASL_SSL listener's "127.0.0.1:PORT", when one was asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureListener:
+    """A SASL_SSL listener next to the PLAINTEXT one: TLS with the broker's PKCS12 keystore,
+    SASL PLAIN and SCRAM-SHA-256/512 for ``users`` (SCRAM credentials are written when the
+    storage is formatted, so they apply to a fresh state directory). With a truststore the
+    broker requires client certificates signed by it (mutual TLS)."""
+
+    port: int
+    keystore: Path
+    keystore_password: str
+    users: dict[str, str]  # user -> password
+    truststore: Path | None = None
+    truststore_password: str = ""
 
 
 # --------------------------------------------------------------------------- jars
@@ -185,6 +201,7 @@ def up(
     controller_port: int | None = None,
     cache_dir: Path | None = None,
     timeout: float = 60.0,
+    secure: SecureListener | None = None,
 ) -> BrokerInfo:
     """Start the broker for ``state_dir`` and wait until it serves clients.
 
@@ -209,12 +226,13 @@ def up(
         port, controller_port = _choose_ports(state_dir, port, controller_port)
         props = state_dir / _PROPS
         data = state_dir / "data"
-        props.write_text(_server_properties(port, controller_port, data))
+        props.write_text(_server_properties(port, controller_port, data)
+                         + _secure_properties(secure, port, controller_port))
         classpath = f"{jars}{os.sep}*"
         log4j = f"-Dlog4j2.configurationFile={_LOG4J}"
         log_path = state_dir / _LOG
         if not (data / "meta.properties").is_file():
-            _format_storage(java, classpath, log4j, props, log_path)
+            _format_storage(java, classpath, log4j, props, log_path, _scram_args(secure))
 
         cmd = [java, *_JVM_OPTS, log4j, "-cp", classpath, "kafka.Kafka", str(props)]
         with log_path.open("ab") as out:
@@ -226,7 +244,8 @@ def up(
             )
         _children[proc.pid] = proc
         record = {"pid": proc.pid, "bootstrap": f"{HOST}:{port}",
-                  "controller_port": controller_port, "started_at": time.time()}
+                  "controller_port": controller_port, "started_at": time.time(),
+                  "secure_bootstrap": f"{HOST}:{secure.port}" if secure else ""}
         _write_record(state_dir, record)
         info = _info(record, state_dir)
         log.info("started Kafka %s (pid %d) on %s", KAFKA_VERSION, proc.pid, info.bootstrap)
@@ -348,13 +367,14 @@ def _find_java() -> str:
     return found
 
 
-def _format_storage(java: str, classpath: str, log4j: str, props: Path, log_path: Path) -> None:
+def _format_storage(java: str, classpath: str, log4j: str, props: Path, log_path: Path,
+                    extra: list[str] | None = None) -> None:
     # A static quorum (controller.quorum.voters) is formatted with the cluster
     # id alone; --standalone is only for dynamic quorums and is refused here.
     # "--cluster-id=ID", not "-t ID": a base64url id may begin with "-" and read as an option
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     cmd = [java, *_JVM_OPTS, log4j, "-cp", classpath, "kafka.tools.StorageTool",
-           "format", f"--cluster-id={cluster_id}", "-c", str(props)]
+           "format", f"--cluster-id={cluster_id}", "-c", str(props), *(extra or [])]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -367,6 +387,45 @@ def _format_storage(java: str, classpath: str, log4j: str, props: Path, log_path
             f"formatting Kafka storage in {props.parent / 'data'} failed (exit {done.returncode}):\n"
             + "\n".join(lines)
         )
+
+
+def _scram_args(secure: SecureListener | None) -> list[str]:
+    """kafka-storage format arguments creating the SCRAM users (both hash sizes)."""
+    if secure is None:
+        return []
+    return [arg for user, password in secure.users.items() for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512")
+            for arg in ("--add-scram", f"{mech}=[name={user},password={password}]")]
+
+
+def _secure_properties(secure: SecureListener | None, port: int, controller_port: int) -> str:
+    """The SASL_SSL listener's part of server.properties (later keys override the base ones)."""
+    if secure is None:
+        return ""
+    plain_users = " ".join(f'user_{u}="{p}"' for u, p in secure.users.items())
+    lines = [
+        "# SASL_SSL listener (SecureListener): TLS + SASL PLAIN / SCRAM-SHA-256 / SCRAM-SHA-512",
+        f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port},SASL_SSL://{HOST}:{secure.port}",
+        f"advertised.listeners=PLAINTEXT://{HOST}:{port},SASL_SSL://{HOST}:{secure.port}",
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
+        "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+        "listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule "
+        f"required {plain_users};",
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "listener.name.sasl_ssl.ssl.keystore.type=PKCS12",
+        f"listener.name.sasl_ssl.ssl.keystore.location={secure.keystore}",
+        f"listener.name.sasl_ssl.ssl.keystore.password={secure.keystore_password}",
+    ]
+    if secure.truststore is not None:
+        lines += [
+            "listener.name.sasl_ssl.ssl.client.auth=required",
+            "listener.name.sasl_ssl.ssl.truststore.type=PKCS12",
+            f"listener.name.sasl_ssl.ssl.truststore.location={secure.truststore}",
+            f"listener.name.sasl_ssl.ssl.truststore.password={secure.truststore_password}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _server_properties(port: int, controller_port: int, data: Path) -> str:
@@ -573,7 +632,8 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def _info(record: dict[str, Any], state_dir: Path) -> BrokerInfo:
     return BrokerInfo(bootstrap=str(record["bootstrap"]), pid=int(record["pid"]),
-                      state_dir=state_dir, log_path=state_dir / _LOG)
+                      state_dir=state_dir, log_path=state_dir / _LOG,
+                      secure_bootstrap=str(record.get("secure_bootstrap", "")))
 
 
 def _read_record(state_dir: Path) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ bad file with the file, the key and the problem.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -16,10 +17,11 @@ from typing import Any
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.alerts import Mode, Severity
 from schemas.errors import PolicyError
+from schemas.redact import Redactor
 
 
 class _Strict(BaseModel):
@@ -181,6 +183,28 @@ class JoinConfig(_Strict):
     )
 
 
+class RedactionConfig(_Strict):
+    """Secrets masked in every event before it is stored or forwarded (schemas/redact.py has the
+    built-in rules: auth headers, API key formats, JWTs, private keys, passwords in URLs/DSNs,
+    password=/token=/secret= parameters). ``patterns`` add regexes: a match, or its first group
+    when it has one, becomes ****."""
+
+    patterns: list[str] = Field(default_factory=list)
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"redaction pattern {p!r}: {exc}") from None
+        return v
+
+    def redactor(self) -> Redactor:
+        return Redactor(self.patterns)
+
+
 class Policy(_Strict):
     version: str = Field("builtin-1", min_length=1)
     allowed_lateness_s: float = Field(
@@ -200,6 +224,7 @@ class Policy(_Strict):
     oversight_resources: list[str] = Field(default_factory=lambda: list(DEFAULT_OVERSIGHT))
     high_risk: HighRiskConfig = Field(default_factory=HighRiskConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    redaction: RedactionConfig = Field(default_factory=RedactionConfig)
 
     @property
     def content_hash(self) -> str:

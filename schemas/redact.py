@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.events import Event
 
 MASK = "****"
 
-_SECRET_KEY = r"[A-Za-z0-9_.\-]*(?:passw(?:or)?d|pwd|secret|token(?!s)|api[_\-]?key|apikey|access[_\-]?key|credential)[A-Za-z0-9_.\-]*"
+# a credential-ish parameter name, matched from its keyword on (AWS_SECRET_ACCESS_KEY matches at
+# SECRET): starting at the keyword keeps the scan linear, a [name-chars]* prefix would backtrack
+_SECRET_KEY = r"(?:passw(?:or)?d|pwd|secret|token(?!s)|api[_\-]?key|apikey|access[_\-]?key|credential)[A-Za-z0-9_.\-]*"
 
 # (name, triggers, pattern, replacement): a rule runs only on strings containing one of its
 # triggers (lower case), so the common clean string costs a few substring tests, not nine
@@ -47,9 +52,9 @@ _DEFAULT_RULES: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("github_token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
      r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", MASK),
     ("slack_token", ("xox",), r"\bxox[abposr]-[A-Za-z0-9\-]{10,}", MASK),
-    ("url_password", ("://",), r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*:)([^\s@/?#]+)(@)", r"\1" + MASK + r"\3"),
+    ("url_password", ("@",), r"(://[^\s:/@?#]*:)([^\s@/?#]+)(@)", r"\1" + MASK + r"\3"),
     ("secret_param", ("pass", "pwd", "secret", "token", "key", "credential"),
-     r"(?i)(\b" + _SECRET_KEY + r"[\"']?\s*[=:]\s*[\"']?)([^\s&;,\"'}]+)", r"\1" + MASK),
+     r"(?i)(" + _SECRET_KEY + r"[\"']?\s*[=:]\s*[\"']?)([^\s&;,\"'}]+)", r"\1" + MASK),
 )
 
 _SECRET_NAME = re.compile(
@@ -83,9 +88,34 @@ class Redactor:
 
     def value(self, name: str, value: str) -> str:
         """An attribute value: entirely masked when its name says it is a credential."""
-        if value and _SECRET_NAME.search(name):
+        if value and _secret_name(name):
             return MASK
         return self.text(value)
+
+    def event(self, ev: Event) -> None:
+        """Redact an event in place: every free-text field, attributes and correlation keys.
+
+        One joined test first: most events carry no trigger at all and cost one scan.
+        """
+        strings = [ev.name, ev.resource, ev.covers_resource, ev.principal, ev.action, ev.error_type, ev.origin,
+                   *ev.attributes.values(), *ev.correlation.values()]
+        if not self._any.search("\x00".join(strings).lower()) and not self.extra and not any(
+                _secret_name(k) for k in ev.attributes):
+            return
+        ev.name, ev.resource, ev.covers_resource = self.text(ev.name), self.text(ev.resource), self.text(
+            ev.covers_resource)
+        ev.principal, ev.action, ev.error_type, ev.origin = (self.text(ev.principal), self.text(ev.action),
+                                                              self.text(ev.error_type), self.text(ev.origin))
+        if ev.attributes:
+            ev.attributes = self.mapping(ev.attributes)
+        if ev.correlation:
+            ev.correlation = {k: self.text(v) for k, v in ev.correlation.items()}
+
+    def raw(self, data: bytes) -> bytes:
+        """Raw bytes (a DLQ record's copy): text parts redacted, any other byte kept as it was."""
+        text = data.decode("utf-8", errors="surrogateescape")
+        out = self.text(text)
+        return data if out == text else out.encode("utf-8", errors="surrogateescape")
 
     def mapping(self, attrs: Mapping[str, str]) -> dict[str, str]:
         return {k: self.value(k, v) for k, v in attrs.items()}
@@ -100,6 +130,19 @@ class Redactor:
         if isinstance(v, (list, tuple)):
             return type(v)(self.any(x) for x in v)
         return v
+
+
+_SECRET_NAMES: dict[str, bool] = {}
+
+
+def _secret_name(name: str) -> bool:
+    """Does an attribute name say its value is a credential? (Names repeat: cached.)"""
+    known = _SECRET_NAMES.get(name)
+    if known is None:
+        known = bool(_SECRET_NAME.search(name))
+        if len(_SECRET_NAMES) < 65536:
+            _SECRET_NAMES[name] = known
+    return known
 
 
 def _extra_repl(m: re.Match[str]) -> str:

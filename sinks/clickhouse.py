@@ -64,6 +64,7 @@ from schemas.alerts import Alert
 from schemas.control import KillSwitchCommand
 from schemas.errors import StoreError, StoreRejected, StoreUnavailable
 from schemas.events import Event
+from schemas.redact import DEFAULT as REDACTOR
 from sinks.base import BatchingSink, T
 
 R = TypeVar("R")
@@ -296,6 +297,10 @@ class ClickHouseStore:
         if not rows:
             return
         data = _columns(rows, DLQ_COLUMNS)
+        # the table is for people: its copy is redacted (the Kafka DLQ keeps the original bytes
+        # for reprocessing); the dedup token below still hashes the original
+        data[DLQ_COLUMNS.index("raw")] = [REDACTOR.raw(r.raw) for r in rows]
+        data[DLQ_COLUMNS.index("reason")] = [REDACTOR.text(r.reason) for r in rows]
         token = _token(
             DLQ_TABLE,
             ((r.topic, r.partition, r.offset, r.reason, hashlib.blake2b(r.raw, digest_size=8).hexdigest()) for r in rows),

@@ -11,7 +11,8 @@ halt before its lift.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -45,8 +46,10 @@ class ControlPublisher:
         private_key: Ed25519PrivateKey | None = None,
         store: ClickHouseStore | None = None,
         timeout_s: float = 15.0,
+        security: Mapping[str, Any] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self._security = dict(security or {})  # aiokafka SASL/TLS keyword arguments
         self.topic = topic
         self._key = private_key
         self.store = store
@@ -59,6 +62,7 @@ class ControlPublisher:
             acks="all",  # a kill switch must survive a broker failover before we say it was sent
             enable_idempotence=True,
             request_timeout_ms=self._timeout_ms,
+            **self._security,
         )
         try:
             await producer.start()

@@ -45,6 +45,7 @@ from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, Eve
 from streams import faults
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
+from streams.kafka_security import faust_credentials
 from streams.metrics import Metrics
 from streams.outputs import build_router
 from streams.progress import StageProgress
@@ -76,6 +77,7 @@ class Pipeline:
         self.app = faust.App(
             s.app_id,
             broker=f"kafka://{bootstrap}",
+            broker_credentials=faust_credentials(s),
             store="memory://",
             autodiscover=False,
             topic_partitions=s.partitions,
@@ -103,7 +105,7 @@ class Pipeline:
         self.query_api = QueryApi(s)  # analyst SQL: authenticated, read-only, off the loop and the writer
 
         self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in, pg=s.pg_log),
-                                  header_identity=s.header_identity)
+                                  header_identity=s.header_identity, redactor=policy.redaction.redactor())
         self.correlate = CorrelateStage(policy)
         self.detect = DetectStage(policy)
 
@@ -367,8 +369,9 @@ class Pipeline:
         async for batch in self._batches("acks", stream):
             for e in batch:
                 ack = ControlPlane.parse_ack(e.value or b"")
-                if ack is not None:
-                    self.control.on_ack(ack)
+                forged = self.control.on_ack(ack) if ack is not None else None
+                if forged is not None:
+                    self.metrics.forged_acks.labels(forged).inc()
             self._batch_events = len(batch)
 
     def _check_policy(self) -> None:

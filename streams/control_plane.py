@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -47,6 +49,7 @@ from schemas.control import (
     generate_keypair,
     key_id,
     load_private_key,
+    load_public_key,
     load_public_keys,
     public_key_text,
     refusal_reason,
@@ -94,6 +97,13 @@ class ControlSettings(BaseSettings):
     )
     killswitch_clock_skew_s: float = Field(
         DEFAULT_CLOCK_SKEW_S, ge=0, description="clock difference tolerated between issuer and agents"
+    )
+    agent_ack_keys: str = Field(
+        "",
+        description="agents' public keys authenticating their acks: agent_id=KEY pairs (comma-separated; "
+        "KEY = base64, PEM or a key file) or a file with one 'agent_id KEY' per line. Key files under "
+        "<home>/keys/agents/<agent_id>.key.pub (made by the client's ack_key) count too. An ack not "
+        "signed by its agent's key is recorded as forged and does not count",
     )
 
 
@@ -170,6 +180,47 @@ def trusted_keys_text(control: ControlSettings, home: Path) -> str:
     return public_key_text(signing_key(control, home))
 
 
+AGENT_KEYS_DIR = "keys/agents"
+_AGENT_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,200}")
+
+
+class AgentKeys:
+    """agent_id -> the public key its acks must verify with.
+
+    From ``AGENTWATCH_AGENT_ACK_KEYS`` and from ``<dir>/<agent_id>.key.pub`` files
+    (the agent client writes one next to a key it generates), looked up when an
+    agent first acks, so agents can be registered while the worker runs.
+    """
+
+    def __init__(self, configured: str = "", directory: Path | None = None) -> None:
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self.directory = directory
+        text = configured.strip()
+        if text and "=" not in text and Path(text).expanduser().is_file():
+            pairs = [ln.split(None, 1) for ln in Path(text).expanduser().read_text().splitlines()
+                     if ln.strip() and not ln.lstrip().startswith("#")]
+        else:
+            pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+        for pair in pairs:
+            if len(pair) != 2 or not pair[0].strip():
+                raise ConfigError("AGENTWATCH_AGENT_ACK_KEYS", "expected agent_id=KEY pairs or 'agent_id KEY' lines")
+            agent, key = pair[0].strip(), pair[1].strip()
+            self._keys[agent] = load_public_key(key, what=f"AGENTWATCH_AGENT_ACK_KEYS ({agent})")
+
+    def get(self, agent_id: str) -> Ed25519PublicKey | None:
+        key = self._keys.get(agent_id)
+        if key is None and self.directory is not None and _AGENT_FILE_NAME.fullmatch(agent_id):
+            path = self.directory / f"{agent_id}.key.pub"
+            if path.is_file():
+                try:
+                    key = load_public_key(str(path), what=str(path))
+                except ConfigError as exc:
+                    log.error("unreadable agent key file", extra={"path": str(path), "error": str(exc)})
+                    return None
+                self._keys[agent_id] = key
+        return key
+
+
 # --- the plane ------------------------------------------------------------------------------------
 
 
@@ -216,6 +267,7 @@ class ControlPlane:
         ttl_s: float = 3600.0,
         issuer: str = "agentwatch",
         max_tracked: int = 10_000,
+        agent_keys: AgentKeys | None = None,
     ) -> None:
         if ack_deadline_s <= 0 or ttl_s <= 0:
             raise ConfigError("killswitch", "ack deadline and ttl must be > 0")
@@ -241,6 +293,8 @@ class ControlPlane:
         self._settled: dict[str, None] = {}
         self.commands_issued = 0
         self.escalations = 0
+        self.agent_keys = agent_keys or AgentKeys()
+        self.forged_acks: Counter[str] = Counter()  # reason (unsigned, unknown_agent, forged) -> acks
 
     @classmethod
     def from_settings(cls, control: ControlSettings, home: Path) -> ControlPlane:
@@ -250,6 +304,7 @@ class ControlPlane:
             ack_deadline_s=control.killswitch_ack_deadline_s,
             ttl_s=control.killswitch_ttl_s,
             issuer=control.killswitch_issuer,
+            agent_keys=AgentKeys(control.agent_ack_keys, home / AGENT_KEYS_DIR),
         )
 
     # -- alerts -> commands --------------------------------------------------------------------
@@ -353,7 +408,18 @@ class ControlPlane:
             log.warning("malformed record on the acks topic", extra={"bytes": len(raw)})
             return None
 
-    def on_ack(self, ack: ControlAck) -> None:
+    def on_ack(self, ack: ControlAck) -> str | None:
+        """Count an ack signed by the agent it names. Any other is recorded as forged and not
+        counted; its reason (unsigned, unknown_agent, forged) is returned."""
+        try:
+            ack.verify(self.agent_keys.get(ack.agent_id))
+        except SignatureError as exc:
+            reason = refusal_reason(exc)
+            self.forged_acks[reason] += 1
+            log.warning("forged acknowledgement: not signed by the agent it names; not counted",
+                        extra={"command_id": ack.command_id[:64], "agent_id": ack.agent_id[:64],
+                               "status": ack.status.value, "reason": str(exc)})
+            return reason
         tracked = self._tracked.get(ack.command_id)
         if tracked is None:
             # the ack overtook its command (different topics): keep it for a while
@@ -362,8 +428,9 @@ class ControlPlane:
                 early.append(ack)
             if len(self._early_acks) > self._max_tracked:
                 self._early_acks.pop(next(iter(self._early_acks)))
-            return
+            return None
         self._apply_ack(tracked, ack)
+        return None
 
     # -- escalation ----------------------------------------------------------------------------
 

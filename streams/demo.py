@@ -27,7 +27,9 @@ from schemas.control import KillSwitchCommand
 from streams.control_plane import control_settings, trusted_keys_text
 from streams.fleet import default_fleet, run_fleet
 from streams.killswitch import format_active, list_active
-from streams.kafka import ensure_topics, input_topics
+from streams.control_plane import AGENT_KEYS_DIR
+from streams.kafka import ensure_topics, input_topics, topic_options
+from streams.kafka_security import kafka_options as kafka_security
 from streams.query import format_table, run_query
 from streams.settings import Settings
 from streams.worker import WorkerInfo, running_worker
@@ -83,8 +85,10 @@ def _print_alert(a: Alert) -> None:
 
 
 async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
-    consumer = AIOKafkaConsumer(settings.topic_alerts, bootstrap_servers=bootstrap, auto_offset_reset="latest")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    security = kafka_security(settings)
+    consumer = AIOKafkaConsumer(settings.topic_alerts, bootstrap_servers=bootstrap, auto_offset_reset="latest",
+                                **security)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, **security)
     fleet = default_fleet()
     first_alert: dict[str, float] = {}
     keys = trusted_keys_text(control_settings(settings), settings.home_dir)
@@ -102,7 +106,9 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float) -> int:
     clients = {a.agent_id: AgentClient(a.agent_id, bootstrap, tenant=a.tenant, public_keys=keys,
                                        on_halt=on_halt_for(a.agent_id), events_topic=settings.topic_events_in,
                                        control_topic=settings.topic_control, acks_topic=settings.topic_acks,
-                                       lookback_s=0)
+                                       lookback_s=0, kafka_options=security,
+                                       # its own ack key, generated once; the worker finds its public half
+                                       ack_key=str(settings.home_dir / AGENT_KEYS_DIR / f"{a.agent_id}.key"))
                for a in fleet}
     await consumer.start()
     await producer.start()
@@ -160,7 +166,8 @@ def run_demo(settings: Settings, *, duration_s: float, keep_running: bool) -> in
     n_alerts = 0
     # the demo plays the producers' side: it creates the input topics (the worker creates only its own),
     # before the worker starts so that it subscribes to topics that exist
-    asyncio.run(ensure_topics(bootstrap, [*input_topics(settings), settings.topic_alerts], settings.partitions))
+    asyncio.run(ensure_topics(bootstrap, [*input_topics(settings), settings.topic_alerts], settings.partitions,
+                              **topic_options(settings)))
     try:
         worker = running_worker(settings)
         if worker is None:

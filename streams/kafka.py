@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -65,9 +67,11 @@ def owned_topics(settings: Settings) -> list[str]:
     return [t for t in all_topics(settings) if t not in inputs]
 
 
-async def missing_topics(bootstrap: str, topics: list[str], *, timeout_s: float = 15) -> list[str]:
+async def missing_topics(bootstrap: str, topics: list[str], *, timeout_s: float = 15,
+                         security: Mapping[str, Any] | None = None) -> list[str]:
     """Which of ``topics`` do not exist on the broker (a BrokerError if it does not answer)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                                **(security or {}))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         existing = set(await admin.list_topics())
@@ -81,13 +85,21 @@ async def missing_topics(bootstrap: str, topics: list[str], *, timeout_s: float 
 def warn_missing_inputs(bootstrap: str, settings: Settings) -> list[str]:
     """Say on stderr, one line each, which input topics do not exist (and return them)."""
     names = input_topics(settings)
-    missing = asyncio.run(missing_topics(bootstrap, list(names)))
+    missing = asyncio.run(missing_topics(bootstrap, list(names), security=topic_options(settings)["security"]))
     for topic in missing:
         print(f"agentwatch: warning: input topic {topic!r} ({names[topic]}) does not exist on {bootstrap}; "
               "nothing is read from it until it is created (agentwatch creates only its own topics)",
               file=sys.stderr, flush=True)
         log.warning("input topic missing", extra={"topic": topic, "setting": names[topic]})
     return missing
+
+
+def topic_options(settings: Settings) -> dict[str, Any]:
+    """ensure_topics' keyword arguments from the settings: security, replication, min ISR."""
+    from streams.kafka_security import kafka_options
+
+    return {"security": kafka_options(settings), "replication_factor": settings.kafka_replication_factor,
+            "min_insync_replicas": settings.kafka_min_insync_replicas}
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -97,7 +109,8 @@ def partition_for(key: str, partitions: int) -> int:
 
 async def ensure_topics(
     bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15,
-    overrides: dict[str, int] | None = None,
+    overrides: dict[str, int] | None = None, security: Mapping[str, Any] | None = None,
+    replication_factor: int = 1, min_insync_replicas: int = 0,
 ) -> dict[str, int]:
     """Create missing topics (existing ones are left as they are); return each
     topic's actual partition count.
@@ -105,7 +118,8 @@ async def ensure_topics(
     Fails with a one-line BrokerError when the broker does not answer, so the
     CLI never hangs on a wrong bootstrap address.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                                **(security or {}))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
@@ -114,10 +128,12 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
+        configs = {"min.insync.replicas": str(min_insync_replicas)} if min_insync_replicas else {}
         if missing:
             try:
                 await admin.create_topics(
-                    [NewTopic(t, num_partitions=(overrides or {}).get(t, partitions), replication_factor=1)
+                    [NewTopic(t, num_partitions=(overrides or {}).get(t, partitions),
+                              replication_factor=replication_factor, topic_configs=configs)
                      for t in missing]
                 )
             except TopicAlreadyExistsError:

@@ -25,7 +25,8 @@ from schemas.errors import ConfigError
 from sinks.clickhouse import open_store
 from sinks.control import ControlPublisher
 from streams.control_plane import control_settings, signing_key
-from streams.kafka import ensure_topics, resolve_bootstrap
+from streams.kafka import ensure_topics, resolve_bootstrap, topic_options
+from streams.kafka_security import kafka_options
 from streams.query import run_query
 from streams.settings import Settings
 from streams.worker import running_worker
@@ -111,8 +112,9 @@ def _send(settings: Settings, action: CommandAction, target: Target, *, reason: 
     bootstrap = resolve_bootstrap(settings)
 
     async def _publish() -> KillSwitchCommand:
-        await ensure_topics(bootstrap, [settings.topic_control], settings.partitions)
-        async with ControlPublisher(bootstrap, settings.topic_control, private_key=key) as publisher:
+        await ensure_topics(bootstrap, [settings.topic_control], settings.partitions, **topic_options(settings))
+        async with ControlPublisher(bootstrap, settings.topic_control, private_key=key,
+                                    security=kafka_options(settings)) as publisher:
             (sent,) = await publisher.publish([cmd])
         return sent
 

@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 
 import orjson
 
+from schemas.redact import mask_secrets
+
 # attributes every LogRecord has; anything else was passed with extra={...}
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -25,12 +27,19 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return mask_secrets(orjson.dumps(out, default=str).decode())
+
+
+class MaskingFormatter(logging.Formatter):
+    """The text format, with passwords and tokens masked like the JSON one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))
 
 
 def setup_logging(level: str = "warning", fmt: str = "json") -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+    handler.setFormatter(JsonFormatter() if fmt == "json" else MaskingFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -33,6 +33,7 @@ class Metrics:
     stage_lag_seconds: Gauge
     dead_letters: Counter
     output_retries: Counter
+    forged_acks: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -112,6 +113,9 @@ class Metrics:
                 "agentwatch_output_retries_total", "failed deliveries of a batch's outputs to Kafka (retried)",
                 registry=r,
             ),
+            forged_acks=Counter("agentwatch_forged_acks_total",
+                                "kill-switch acks not signed by the agent they name (not counted), by reason",
+                                ["reason"], registry=r),
         )
 
     def exposition(self) -> bytes:

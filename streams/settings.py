@@ -113,6 +113,25 @@ class Settings(ControlSettings):
         "attribute); pair with the Collector kafka exporter's include_metadata_keys",
     )
 
+    # -- Kafka security: every client agentwatch makes (worker, admin, agent client, bench, demo) --
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (managed Kafka: SASL_SSL)"
+    )
+    kafka_sasl_mechanism: str = Field("PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    kafka_sasl_username: str = Field("", description="SASL user name")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA certificate(s) (PEM) to verify the brokers; "
+                                          "empty = the system's trusted CAs")
+    kafka_ssl_certfile: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    kafka_ssl_keyfile: Path | None = Field(None, description="client private key (PEM) for mutual TLS")
+    kafka_ssl_key_password: SecretStr = Field(SecretStr(""), description="password of the client key, if any")
+    kafka_ssl_check_hostname: bool = Field(True, description="verify that the broker's certificate names "
+                                           "the host connected to")
+    kafka_replication_factor: int = Field(1, ge=1, description="replication factor of the topics agentwatch "
+                                          "creates (3 on a production cluster)")
+    kafka_min_insync_replicas: int = Field(0, ge=0, description="min.insync.replicas of the topics agentwatch "
+                                           "creates; 0 = the broker's default")
+
     query_token: SecretStr = Field(
         SecretStr(""),
         description="bearer token /query requires; empty = one generated once into <home>/keys/query_token "
@@ -162,6 +181,22 @@ class Settings(ControlSettings):
     def _dsn(cls, v: str) -> str:
         if v and urlparse(v).scheme not in {"chdb", "http", "https"}:
             raise ValueError(f"unsupported scheme in {v!r} (use chdb:///path or http(s)://host:port)")
+        return v
+
+    @field_validator("kafka_security_protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+            raise ValueError("must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL")
+        return v
+
+    @field_validator("kafka_sasl_mechanism")
+    @classmethod
+    def _mechanism(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}:
+            raise ValueError("must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512")
         return v
 
     @field_validator("bootstrap")

@@ -36,6 +36,8 @@ from schemas.decoders.audit import AuditDecoder, PgLogConfig
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
 from schemas.events import Event, IdentitySource
+from schemas.redact import DEFAULT as DEFAULT_REDACTOR
+from schemas.redact import Redactor
 
 Decoder = Callable[..., DecodeResult]
 
@@ -144,9 +146,11 @@ class IngestStage:
     ``tick`` completes; its events keep the offset of the message they started in."""
 
     def __init__(self, decoders: dict[str, Decoder], default: Decoder | None = None, *,
-                 header_identity: Mapping[str, str] | None = None) -> None:
+                 header_identity: Mapping[str, str] | None = None, redactor: Redactor = DEFAULT_REDACTOR) -> None:
         self.decoders = decoders
         self.default = default
+        # secrets leave every event here, once, before anything stores or forwards it
+        self.redactor = redactor
         self.header_identity = {k.lower(): v for k, v in (header_identity or {}).items()}
 
     def tick(self, wall_now: float | None = None) -> Routed:
@@ -161,6 +165,7 @@ class IngestStage:
     def _emit(self, result: DecodeResult, rec: RawRecord, out: Routed) -> None:
         for ev in result.events:
             ev.topic, ev.partition, ev.offset = rec.topic, rec.partition, rec.offset
+            self.redactor.event(ev)
         if self.header_identity and rec.headers:
             apply_header_identity(result.events, rec.headers, self.header_identity)
         route(result.events, out)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -36,8 +38,9 @@ class WarmupReport:
     seconds: float = 0.0
 
 
-async def _committed(bootstrap: str, group: str, *, timeout_s: float = 60) -> dict[TopicPartition, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def _committed(bootstrap: str, group: str, *, timeout_s: float = 60,
+                     security: Mapping[str, Any] | None = None) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(security or {}))
     await admin.start()
     deadline = time.monotonic() + timeout_s
     try:
@@ -56,10 +59,10 @@ async def _committed(bootstrap: str, group: str, *, timeout_s: float = 60) -> di
 
 
 async def _read(bootstrap: str, topic: str, committed: dict[TopicPartition, int], since_ms: int,
-                report: WarmupReport) -> list[Event]:
+                report: WarmupReport, security: Mapping[str, Any] | None = None) -> list[Event]:
     """Events of ``topic`` from ``since_ms`` up to (not including) the committed offsets."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                max_partition_fetch_bytes=16 << 20)
+                                max_partition_fetch_bytes=16 << 20, **(security or {}))
     await consumer.start()
     events: list[Event] = []
     try:
@@ -115,19 +118,20 @@ async def rebuild_state(
     correlate: CorrelateStage,
     detect: DetectStage,
     horizon_s: float,
+    security: Mapping[str, Any] | None = None,
 ) -> WarmupReport:
     report = WarmupReport()
     if horizon_s <= 0:
         return report
     started = time.perf_counter()
-    committed = await _committed(bootstrap, group)
+    committed = await _committed(bootstrap, group, security=security)
     if not committed:
         return report  # a new consumer group: nothing was processed before
     since_ms = int((time.time() - horizon_s) * 1000)
-    traced = await _read(bootstrap, by_trace_topic, committed, since_ms, report)
+    traced = await _read(bootstrap, by_trace_topic, committed, since_ms, report, security)
     correlate.process(traced)
     correlate.take_rekeyed()  # already sent round before the restart
-    attributed = await _read(bootstrap, by_agent_topic, committed, since_ms, report)
+    attributed = await _read(bootstrap, by_agent_topic, committed, since_ms, report, security)
     detect.process(attributed)  # the alerts it re-derives were published before the restart
     detect.engine.resolved.clear()
     report.events = len(traced) + len(attributed)

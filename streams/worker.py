@@ -19,7 +19,8 @@ from detectors.policy import PolicyWatcher, load_policy
 from schemas.errors import AgentwatchError
 from schemas.redact import mask_secrets
 from streams.app import Pipeline
-from streams.kafka import ensure_topics, owned_topics, resolve_bootstrap, warn_missing_inputs
+from streams.kafka import ensure_topics, owned_topics, resolve_bootstrap, topic_options, warn_missing_inputs
+from streams.kafka_security import kafka_options
 from streams.logs import setup_logging
 from streams.settings import Settings
 from streams.warmup import rebuild_state
@@ -64,14 +65,15 @@ def run_worker(settings: Settings) -> None:
     bootstrap = resolve_bootstrap(settings)
     warn_missing_inputs(bootstrap, settings)
     partitions = asyncio.run(ensure_topics(bootstrap, owned_topics(settings), settings.partitions,
-                                           overrides={settings.topic_by_agent: settings.detect_partitions}))
+                                           overrides={settings.topic_by_agent: settings.detect_partitions},
+                                           **topic_options(settings)))
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())
     existing = running_worker(settings)
     if existing is not None and settings.dsn.startswith("chdb://") and existing.dsn == mask_secrets(settings.dsn):
         raise AgentwatchError(
             f"another worker (pid {existing.pid}) already owns the embedded ClickHouse store "
-            f"{settings.dsn}; running more than one worker needs a ClickHouse server "
+            f"{mask_secrets(settings.dsn)}; running more than one worker needs a ClickHouse server "
             "(AGENTWATCH_CLICKHOUSE_DSN=http://host:8123)"
         )
     pipeline = Pipeline(settings, policy, bootstrap, partitions, watcher)
@@ -79,7 +81,7 @@ def run_worker(settings: Settings) -> None:
     asyncio.run(rebuild_state(
         bootstrap=bootstrap, group=settings.app_id, by_trace_topic=settings.topic_by_trace,
         by_agent_topic=settings.topic_by_agent, correlate=pipeline.correlate, detect=pipeline.detect,
-        horizon_s=settings.state_rebuild_s,
+        horizon_s=settings.state_rebuild_s, security=kafka_options(settings),
     ))
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     # the record is readable by anyone who can read the home: no credential goes in it

@@ -16,6 +16,7 @@ from schemas.control import (
     Target,
     command_id_for_alert,
     generate_keypair,
+    key_id,
     load_private_key,
     load_public_keys,
     refusal_reason,
@@ -24,7 +25,14 @@ from schemas.control import (
 )
 from schemas.errors import ConfigError, SignatureError
 from schemas.events import EventKind
-from streams.control_plane import UNACKED_DETECTOR, ControlPlane, ControlSettings, signing_key, trusted_keys
+from streams.control_plane import (
+    UNACKED_DETECTOR,
+    AgentKeys,
+    ControlPlane,
+    ControlSettings,
+    signing_key,
+    trusted_keys,
+)
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -32,6 +40,21 @@ T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 @pytest.fixture(scope="module")
 def keys() -> tuple[str, str]:
     return generate_keypair()
+
+
+# each agent's own ack key, registered with the plane (AGENTWATCH_AGENT_ACK_KEYS form)
+AGENT_KEYS = {agent: generate_keypair() for agent in ("ops-bot-7", "other", "b", "x")}
+REGISTRY = ",".join(f"{agent}={pub}" for agent, (_, pub) in AGENT_KEYS.items())
+
+
+def _plane(private: str, **kw: object) -> ControlPlane:
+    return ControlPlane(load_private_key(private), agent_keys=AgentKeys(REGISTRY), **kw)  # type: ignore[arg-type]
+
+
+def _ack(**kw: object) -> ControlAck:
+    """An ack signed by the agent it names."""
+    ack = ControlAck(**kw)  # type: ignore[arg-type]
+    return ack.signed(load_private_key(AGENT_KEYS[ack.agent_id][0]))
 
 
 def _alert(mode: Mode = Mode.ENFORCE, action: str = "halt", alert_id: str = "a1", agent: str = "ops-bot-7") -> Alert:
@@ -114,7 +137,7 @@ def test_development_key_is_created_once_private_and_trusted(tmp_path: Path) -> 
 
 def test_enforce_alert_issues_exactly_one_signed_halt(keys: tuple[str, str]) -> None:
     priv, pub = keys
-    plane = ControlPlane(load_private_key(priv), ack_deadline_s=10)
+    plane = _plane(priv, ack_deadline_s=10)
     alert = _alert()
     cmds = plane.on_alerts([alert, _alert(Mode.ALERT, "notify", "a2"), _alert(Mode.SHADOW, "record", "a3")], T0)
     assert len(cmds) == 1
@@ -132,59 +155,59 @@ def test_enforce_alert_issues_exactly_one_signed_halt(keys: tuple[str, str]) -> 
 
 
 def test_unacknowledged_halt_escalates_once_after_the_deadline(keys: tuple[str, str]) -> None:
-    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane = _plane(keys[0], ack_deadline_s=10)
     (cmd,) = plane.on_alerts([_alert()], T0)
     assert plane.tick(T0 + timedelta(seconds=9)) == []
     # an ack from someone else is not the target's
-    plane.on_ack(ControlAck(command_id=cmd.command_id, agent_id="other", status=AckStatus.OBEYED, ts=T0))
+    plane.on_ack(_ack(command_id=cmd.command_id, agent_id="other", status=AckStatus.OBEYED, ts=T0))
     (esc,) = plane.tick(T0 + timedelta(seconds=10))
     assert esc.detector == UNACKED_DETECTOR and esc.severity is Severity.CRITICAL
     assert esc.mode is Mode.ALERT and esc.agent_id == "ops-bot-7"
     assert esc.labels["command_id"] == cmd.command_id and "not acknowledged" in esc.summary
     assert plane.tick(T0 + timedelta(seconds=30)) == []
     # deterministic id: a second plane seeing the same command escalates with the same id
-    plane2 = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane2 = _plane(keys[0], ack_deadline_s=10)
     plane2.on_command(cmd, T0)
     assert [a.alert_id for a in plane2.tick(T0 + timedelta(seconds=11))] == [esc.alert_id]
 
 
 def test_ack_in_time_means_no_escalation_even_when_it_overtakes_the_command(keys: tuple[str, str]) -> None:
-    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane = _plane(keys[0], ack_deadline_s=10)
     (cmd,) = plane.on_alerts([_alert()], T0)
-    plane.on_ack(ControlAck(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.OBEYED,
+    plane.on_ack(_ack(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.OBEYED,
                             ts=T0 + timedelta(seconds=1)))
     assert plane.tick(T0 + timedelta(seconds=60)) == []
     # a person's command read from the topic, whose ack arrived first
     human = sign(_cmd(command_id="h1", target=Target.parse("agent:b")), load_private_key(keys[0]))
-    plane.on_ack(ControlAck(command_id="h1", agent_id="b", status=AckStatus.OBEYED, ts=T0))
+    plane.on_ack(_ack(command_id="h1", agent_id="b", status=AckStatus.OBEYED, ts=T0))
     plane.on_command(human, T0)
     assert plane.tick(T0 + timedelta(seconds=60)) == []
     assert plane.pending == []
 
 
 def test_refusal_by_the_target_escalates_at_once(keys: tuple[str, str]) -> None:
-    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane = _plane(keys[0], ack_deadline_s=10)
     (cmd,) = plane.on_alerts([_alert()], T0)
-    plane.on_ack(ControlAck(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.REFUSED,
+    plane.on_ack(_ack(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.REFUSED,
                             reason="unknown_key: ...", ts=T0))
     (esc,) = plane.tick(T0 + timedelta(seconds=1))
     assert "refused by its target" in esc.summary
 
 
 def test_tenant_halt_needs_one_obeying_agent(keys: tuple[str, str]) -> None:
-    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane = _plane(keys[0], ack_deadline_s=10)
     cmd = sign(_cmd(command_id="t1", target=Target.parse("tenant:acme")), load_private_key(keys[0]))
     plane.on_command(cmd, T0)
-    plane.on_ack(ControlAck(command_id="t1", agent_id="x", tenant="other", status=AckStatus.OBEYED, ts=T0))
+    plane.on_ack(_ack(command_id="t1", agent_id="x", tenant="other", status=AckStatus.OBEYED, ts=T0))
     assert [a.agent_id for a in plane.tick(T0 + timedelta(seconds=11))] == ["tenant:acme"]
     cmd2 = sign(_cmd(command_id="t2", target=Target.parse("tenant:acme")), load_private_key(keys[0]))
     plane.on_command(cmd2, T0)
-    plane.on_ack(ControlAck(command_id="t2", agent_id="x", tenant="acme", status=AckStatus.OBEYED, ts=T0))
+    plane.on_ack(_ack(command_id="t2", agent_id="x", tenant="acme", status=AckStatus.OBEYED, ts=T0))
     assert plane.tick(T0 + timedelta(seconds=11)) == []
 
 
 def test_control_records_read_back_are_verified_before_they_count(keys: tuple[str, str]) -> None:
-    plane = ControlPlane(load_private_key(keys[0]), ack_deadline_s=10)
+    plane = _plane(keys[0], ack_deadline_s=10)
     good = sign(_cmd(command_id="g1"), load_private_key(keys[0]))
     cmd, events = plane.on_control_record(good.to_json(), T0)
     assert cmd == good and [e.command_id for e in events] == ["g1"]
@@ -194,3 +217,48 @@ def test_control_records_read_back_are_verified_before_they_count(keys: tuple[st
     assert plane.unverified_commands == 3
     assert [c.command_id for c in plane.pending] == ["g1"]
     assert ControlPlane.parse_ack(b"{}") is None
+
+
+def test_forged_unsigned_or_unregistered_acks_do_not_count_and_the_escalation_fires(keys: tuple[str, str]) -> None:
+    plane = _plane(keys[0], ack_deadline_s=10)
+    (cmd,) = plane.on_alerts([_alert()], T0)
+    obeyed = ControlAck(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.OBEYED,
+                        ts=T0 + timedelta(seconds=1))
+    # unsigned; signed with someone else's key; signed by a registered agent then rewritten to name
+    # the target; and an agent nobody registered
+    assert plane.on_ack(obeyed) == "unsigned"
+    assert plane.on_ack(obeyed.signed(load_private_key(generate_keypair()[0]))) == "forged"
+    rewritten = obeyed.model_copy(update={"agent_id": "other"}).signed(
+        load_private_key(AGENT_KEYS["other"][0])).model_copy(update={"agent_id": "ops-bot-7"})
+    assert plane.on_ack(rewritten) == "forged"
+    stranger = obeyed.model_copy(update={"agent_id": "stranger"}).signed(load_private_key(generate_keypair()[0]))
+    assert plane.on_ack(stranger) == "unknown_agent"
+    assert plane.forged_acks == {"unsigned": 1, "forged": 2, "unknown_agent": 1}
+    (esc,) = plane.tick(T0 + timedelta(seconds=10))
+    assert esc.detector == UNACKED_DETECTOR and esc.agent_id == "ops-bot-7"
+
+
+def test_the_agents_genuine_ack_clears_it_after_a_forgery(keys: tuple[str, str]) -> None:
+    plane = _plane(keys[0], ack_deadline_s=10)
+    (cmd,) = plane.on_alerts([_alert()], T0)
+    obeyed = ControlAck(command_id=cmd.command_id, agent_id="ops-bot-7", status=AckStatus.OBEYED, ts=T0)
+    assert plane.on_ack(obeyed) == "unsigned"
+    assert plane.on_ack(obeyed.signed(load_private_key(AGENT_KEYS["ops-bot-7"][0]))) is None
+    assert plane.tick(T0 + timedelta(seconds=60)) == []
+
+
+def test_agent_keys_from_a_file_and_from_key_files_the_client_writes(tmp_path: Path) -> None:
+    from agentwatch_client.wire import agent_key
+
+    priv, pub = generate_keypair()
+    listing = tmp_path / "agents.txt"
+    listing.write_text(f"# agent_id key\nalpha {pub}\n")
+    assert AgentKeys(str(listing)).get("alpha") is not None
+    key_dir = tmp_path / "keys" / "agents"
+    made = agent_key(str(key_dir / "beta.key"))  # generated: private 0600, public next to it
+    assert (key_dir / "beta.key").stat().st_mode & 0o777 == 0o600
+    found = AgentKeys("", key_dir).get("beta")
+    assert found is not None and key_id(found) == key_id(made.public_key())
+    assert AgentKeys("", key_dir).get("../beta") is None
+    with pytest.raises(ConfigError):
+        AgentKeys("alpha")

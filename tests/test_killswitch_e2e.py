@@ -22,6 +22,7 @@ from schemas.alerts import Alert
 from schemas.control import KillSwitchCommand, Target, generate_keypair, load_private_key, sign
 from sinks.control import ControlPublisher
 from streams.client import AgentClient
+from streams.control_plane import AGENT_KEYS_DIR
 from tests.live import LiveWorker
 
 pytestmark = pytest.mark.kafka
@@ -56,7 +57,7 @@ def _client(w: LiveWorker, agent_id: str, **kw: object) -> AgentClient:
     s = w.settings
     return AgentClient(agent_id, w.bootstrap, tenant="acme", public_keys=PUB, events_topic=s.topic_events_in,
                        control_topic=s.topic_control, acks_topic=s.topic_acks, batch_interval_s=0.1,
-                       **kw)  # type: ignore[arg-type]
+                       ack_key=str(w.home / AGENT_KEYS_DIR / f"{agent_id}.key"), **kw)  # type: ignore[arg-type]
 
 
 def _has(alerts: list[Alert], detector: str, agent: str) -> bool:

@@ -10,7 +10,6 @@ server saw no request and the kill-switch private key never came back.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import socket
@@ -30,34 +29,18 @@ from schemas.errors import StoreError
 from streams.query import run_query
 from streams.query_api import query_token
 from streams.worker import WorkerInfo, running_worker
+from tests.http_recorder import Recorder, recording_server
 from tests.live import REPO, LiveWorker
 from tests.test_pipeline_live import native_retry
 
 pytestmark = pytest.mark.kafka
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    hits: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.hits.append(self.path)
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"fetched\n")
-
-    do_POST = do_PUT = do_HEAD = do_GET
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def http_probe() -> Iterator[str]:
-    """A local HTTP server that records every request made to it."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def http_probe() -> Iterator[Recorder]:
+    """A local HTTP server: any request it records is a URL the store fetched."""
+    with recording_server() as rec:
+        yield rec
 
 
 def attacks(key: Path, out: Path, url: str) -> list[str]:
@@ -152,7 +135,7 @@ def test_keys_and_token_are_private(worker: LiveWorker):
         assert stat.S_IMODE((keys / f).stat().st_mode) == 0o600
 
 
-def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_probe: str, tmp_path: Path):
+def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_probe: Recorder, tmp_path: Path):
     info = _info(worker)
     key = worker.home / "keys" / "control_ed25519.key"
     secret = key.read_text().strip()
@@ -160,7 +143,7 @@ def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_pro
     assert {"events", "alerts", "dlq"} <= before
     token = query_token(worker.settings)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    for sql in attacks(key, tmp_path, http_probe):
+    for sql in attacks(key, tmp_path, http_probe.url):
         status, body = _post(info.url, json.dumps({"sql": sql}).encode(), headers)
         assert status == 400, (sql, status, body)
         _refused_one_line(body["error"])
@@ -172,14 +155,14 @@ def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_pro
     assert _tables(worker) == before
     assert not {"probe_rw"} & _databases(worker)
     assert list(tmp_path.iterdir()) == []
-    assert _Recorder.hits == []
+    assert http_probe.requests == []
     # a plain SELECT still works
     status, body = _post(info.url, json.dumps({"sql": "SELECT count() AS n FROM agentwatch.events"}).encode(),
                          headers)
     assert status == 200 and body["columns"] == ["n"], body
 
 
-def test_cli_query_refuses_and_prints_one_line(worker: LiveWorker, tmp_path: Path, http_probe: str):
+def test_cli_query_refuses_and_prints_one_line(worker: LiveWorker, tmp_path: Path, http_probe: Recorder):
     key = worker.home / "keys" / "control_ed25519.key"
     for sql in (f"SELECT * FROM file('{key}', 'LineAsString')", "SELECT 1; DROP TABLE agentwatch.dlq",
                 f"SELECT 1 INTO OUTFILE '{tmp_path}/f.txt'"):
@@ -271,7 +254,7 @@ def test_a_query_whose_client_goes_away_is_killed(worker: LiveWorker):
     assert _count_running(worker, "long_probe_2") == 0
 
 
-def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_probe: str, tmp_path: Path):
+def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_probe: Recorder, tmp_path: Path):
     """`agentwatch query` opening the embedded store itself (no worker running)."""
     worker.stop()
     key = worker.home / "keys" / "control_ed25519.key"
@@ -289,7 +272,7 @@ def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_
         "ORDER BY name\").rows)\n"
         "print(json.dumps(out))\n"
     )
-    payloads = attacks(key, tmp_path, http_probe)
+    payloads = attacks(key, tmp_path, http_probe.url)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=worker.env, input=json.dumps(payloads),
                           text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -303,5 +286,5 @@ def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_
     check = _agentwatch(worker.env, "query", "SELECT count() FROM system.databases WHERE name = 'probe_rw'")
     assert check.returncode == 0 and check.stdout.splitlines()[2].strip() == "0", check
     assert list(tmp_path.iterdir()) == []
-    assert _Recorder.hits == []
+    assert http_probe.requests == []
     assert os.path.exists(key)
