@@ -28,6 +28,7 @@ system-deps:
 	command -v java >/dev/null 2>&1 || need="$$need openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null 2>&1 || need="$$need maven"; \
 	command -v prometheus-alertmanager >/dev/null 2>&1 || need="$$need prometheus-alertmanager"; \
+	command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
 	test -x $(PG_BIN)/postgres || need="$$need postgresql-15"; \
 	test -f /usr/lib/postgresql/15/lib/pgaudit.so || need="$$need postgresql-15-pgaudit"; \
 	if [ -n "$$need" ]; then \

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.metadata
+import os
 import socket
 import sys
 from pathlib import Path
@@ -132,6 +133,8 @@ def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "list":
         print(killswitch.format_active(killswitch.list_active(settings)))
         return 0
+    if args.action == "keygen":
+        return _keygen(Path(args.target or "."))
     if args.action == "pubkey":
         print(trusted_keys_text(control_settings(settings), settings.home_dir))
         return 0
@@ -146,6 +149,27 @@ def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
         cmd = killswitch.lift(settings, args.target, reason=args.reason or "lifted", **common)
     print(f"{cmd.action.value} {cmd.target.key}: command {cmd.command_id} issued by {cmd.issued_by}, "
           f"expires {cmd.expires_at.isoformat()}")
+    return 0
+
+
+def _keygen(directory: Path) -> int:
+    """A new signing key pair: ``control.key`` (private, 0600) for the worker and the people who
+    issue kill switches, ``control.pub`` for agents (AGENTWATCH_CONTROL_PUBLIC_KEYS)."""
+    from schemas.control import generate_keypair
+
+    private, public = generate_keypair()
+    key, pub = directory / "control.key", directory / "control.pub"
+    if key.exists():
+        raise AgentwatchError(f"{key} already exists: agents trust its public half; remove it yourself to rotate")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(private + "\n")
+        pub.write_text(public + "\n")
+    except OSError as exc:
+        raise AgentwatchError(f"cannot write the key pair into {directory}: {exc.strerror}") from None
+    print(f"private key: {key} (AGENTWATCH_CONTROL_PRIVATE_KEY={key})\npublic key:  {pub} ({public})")
     return 0
 
 
@@ -211,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(fn=_bench)
 
     k = sub.add_parser("killswitch", help="issue, lift or list signed kill-switch commands")
-    k.add_argument("action", choices=["issue", "lift", "list", "pubkey"])
-    k.add_argument("target", nargs="?", help="agent:NAME, tenant:NAME or all")
+    k.add_argument("action", choices=["issue", "lift", "list", "pubkey", "keygen"])
+    k.add_argument("target", nargs="?", help="agent:NAME, tenant:NAME or all; for keygen, the directory")
     k.add_argument("--reason", help="why (recorded with the command)")
     k.add_argument("--scope", action="append", metavar="TOOL", help="only these tools (repeatable); default all")
     k.add_argument("--ttl", type=float, default=3600.0, help="seconds until the halt expires (default 3600)")

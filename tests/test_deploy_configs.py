@@ -1,0 +1,314 @@
+"""Every shipped deployment config, checked by the real tool that reads it where that tool
+runs here, plus assertions on how the pieces are wired together.
+
+promtool and amtool come from Debian (Makefile system-deps); the compose file is checked
+against the compose specification's JSON schema (check-jsonschema's vendored copy), the
+Kubernetes manifests against the Kubernetes OpenAPI schemas (kubernetes-validate).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from detectors.policy import load_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+BIN = Path(sys.executable).parent
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=120)
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
+    if found is None:
+        pytest.fail(f"{name} is not installed: `make system-deps` / `make test` install it")
+    return found
+
+
+# --- Prometheus and Alertmanager -----------------------------------------------------------------
+
+
+def test_promtool_accepts_the_prometheus_config_and_its_rules() -> None:
+    out = run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    # check config also checks the rule files it loads: make sure it found them
+    assert "rules/agentwatch.yml" in out.stdout + out.stderr
+
+
+def test_promtool_accepts_the_rules() -> None:
+    out = run(tool("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "rules" / "agentwatch.yml"))
+    assert out.returncode == 0 and "SUCCESS: 5 rules found" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_rules_fire_on_the_workers_metrics(tmp_path: Path) -> None:
+    """promtool's rule unit tests: each self-health alert fires on the series the worker exports."""
+    tests = {
+        "rule_files": [str(DEPLOY / "prometheus" / "rules" / "agentwatch.yml")],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": 'up{job="agentwatch", instance="worker:6066"}', "values": "0x10"},
+                {"series": 'agentwatch_consumer_lag_messages{instance="w", topic="otlp_spans", partition="0"}',
+                 "values": "20000x15"},
+                {"series": 'agentwatch_sink_failures_total{instance="w", table="events"}', "values": "0+5x15"},
+                {"series": 'agentwatch_decode_failures_total{instance="w", topic="otlp_spans"}', "values": "0+60x20"},
+                {"series": 'agentwatch_messages_in_total{instance="w", topic="otlp_spans"}', "values": "0+100x20"},
+                {"series": 'agentwatch_alert_deliveries_total{instance="w", output="alertmanager", result="failure"}',
+                 "values": "0+1x15"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "AgentwatchWorkerDown",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical", "job": "agentwatch",
+                                                "instance": "worker:6066"}}]},
+                {"eval_time": "10m", "alertname": "AgentwatchConsumerLagHigh",
+                 "exp_alerts": [{"exp_labels": {"severity": "high", "instance": "w", "topic": "otlp_spans"}}]},
+                {"eval_time": "12m", "alertname": "AgentwatchSinkFailures",
+                 "exp_alerts": [{"exp_labels": {"severity": "high", "instance": "w", "table": "events"}}]},
+                {"eval_time": "20m", "alertname": "AgentwatchDeadLetterRate",
+                 "exp_alerts": [{"exp_labels": {"severity": "medium", "instance": "w", "topic": "otlp_spans"}}]},
+                {"eval_time": "14m", "alertname": "AgentwatchAlertDeliveryFailing",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical", "instance": "w", "output": "alertmanager"}}]},
+            ],
+        }],
+    }
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules" / "agentwatch.yml").read_text())
+    runbooks = {r["alert"]: r["annotations"]["runbook_url"] for g in rules["groups"] for r in g["rules"]}
+    summaries = {
+        "AgentwatchWorkerDown": "agentwatch worker worker:6066 is down: agents are not being watched",
+        "AgentwatchConsumerLagHigh": "agentwatch is 20k messages behind on otlp_spans",
+        "AgentwatchSinkFailures": "ClickHouse inserts into events are failing (83.33m/s)",
+        "AgentwatchDeadLetterRate": "more than 5% of otlp_spans goes to the DLQ",
+        "AgentwatchAlertDeliveryFailing": "alerts are not reaching alertmanager",
+    }
+    for case in tests["tests"][0]["alert_rule_test"]:  # type: ignore[index]
+        name = case["alertname"]
+        case["exp_alerts"][0]["exp_annotations"] = {"summary": summaries[name], "runbook_url": runbooks[name]}
+    assert set(summaries) == set(runbooks)
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    out = run(tool("promtool"), "test", "rules", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_amtool_accepts_the_alertmanager_config() -> None:
+    out = run(tool("amtool"), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml"))
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+
+
+# --- OpenTelemetry Collector ---------------------------------------------------------------------
+
+# The kafka exporter's configuration keys as its README documents them for v0.155
+# (opentelemetry-collector-contrib, exporter/kafkaexporter/README.md), plus the
+# exporterhelper settings every exporter takes. The Collector itself cannot run here
+# (no binary on the package registries), so unknown or misplaced keys are caught here.
+KAFKA_EXPORTER_KEYS = {
+    "brokers", "resolve_canonical_bootstrap_servers_only", "client_id", "protocol_version", "topic_from_attribute",
+    "include_metadata_keys", "partition_traces_by_id", "partition_metrics_by_resource_attributes",
+    "partition_logs_by_resource_attributes", "partition_logs_by_trace_id", "logs", "metrics", "traces", "profiles",
+    "timeout", "auth", "tls", "metadata", "producer", "retry_on_failure", "sending_queue", "record_headers",
+    "allow_auto_topic_creation", "conn_idle_timeout", "rack_id", "use_leader_epoch",
+}
+KAFKA_SIGNAL_KEYS = {"topic", "encoding", "topic_from_metadata_key"}
+KAFKA_PRODUCER_KEYS = {"max_message_bytes", "required_acks", "compression", "compression_params", "flush_max_messages",
+                       "linger", "allow_auto_topic_creation"}
+TRACE_ENCODINGS = {"otlp_proto", "otlp_json", "jaeger_proto", "jaeger_json", "zipkin_proto", "zipkin_json"}
+
+
+def test_collector_config_uses_the_exporters_documented_keys() -> None:
+    cfg = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    kafka = cfg["exporters"]["kafka"]
+    assert set(kafka) <= KAFKA_EXPORTER_KEYS, set(kafka) - KAFKA_EXPORTER_KEYS
+    assert set(kafka["traces"]) <= KAFKA_SIGNAL_KEYS
+    assert set(kafka["producer"]) <= KAFKA_PRODUCER_KEYS
+    assert kafka["producer"]["compression"] in {"none", "gzip", "snappy", "lz4", "zstd"}
+    assert kafka["traces"]["encoding"] in {"otlp_proto", "otlp_json"} <= TRACE_ENCODINGS  # the two the worker decodes
+    assert kafka["partition_traces_by_id"] is True  # the correlate stage joins by trace
+    # the topic the worker reads by default
+    from streams.settings import Settings
+
+    assert kafka["traces"]["topic"] == Settings.model_fields["topic_otlp"].default
+    # the pipeline: otlp receiver -> batch -> kafka exporter
+    traces = cfg["service"]["pipelines"]["traces"]
+    assert traces["receivers"] == ["otlp"] and "batch" in traces["processors"] and traces["exporters"] == ["kafka"]
+    for section, names in (("receivers", traces["receivers"]), ("processors", traces["processors"]),
+                           ("exporters", traces["exporters"])):
+        assert set(names) <= set(cfg[section])
+
+
+# --- docker compose ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    out = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _host(address: str) -> str:
+    address = re.sub(r"\$\{[^}]*\}", "interpolated", address)  # ${CLICKHOUSE_PASSWORD:?...} is filled in by compose
+    return urlsplit(address if "://" in address else f"//{address}").hostname or ""
+
+
+def test_every_service_the_worker_needs_is_reachable_by_the_name_it_is_given(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    env = services["worker"]["environment"]
+    bootstrap = env["AGENTWATCH_BOOTSTRAP"]
+    assert _host(bootstrap) in services
+    # Kafka advertises exactly that address to containers (else clients are redirected elsewhere)
+    assert f"://{bootstrap}" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert _host(env["AGENTWATCH_CLICKHOUSE_DSN"]) in services
+    assert urlsplit(re.sub(r"\$\{[^}]*\}", "x", env["AGENTWATCH_CLICKHOUSE_DSN"])).username == services["clickhouse"]["environment"]["CLICKHOUSE_USER"]
+    assert _host(env["AGENTWATCH_ALERTMANAGER_URL"]) in services
+    assert _host(services["otel-collector"]["environment"]["KAFKA_BROKERS"]) in services
+    assert services["otel-collector"]["environment"]["KAFKA_BROKERS"] == bootstrap
+    # Prometheus scrapes the worker by its service name, on the port it listens on, and alerts Alertmanager
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for sc in prom["scrape_configs"] for s in sc["static_configs"] for t in s["targets"]]
+    assert f"worker:{env['AGENTWATCH_WEB_PORT']}" in targets and not any(t.startswith("127.") for t in targets)
+    am_targets = prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert all(_host(t) in services for t in am_targets)
+    # Grafana's data source names the ClickHouse service
+    ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "clickhouse.yaml").read_text())
+    assert ds["datasources"][0]["jsonData"]["host"] in services
+    # the worker starts once its dependencies are healthy, and its input topics exist
+    deps = services["worker"]["depends_on"]
+    assert deps["kafka"]["condition"] == deps["clickhouse"]["condition"] == "service_healthy"
+    assert deps["kafka-init"]["condition"] == "service_completed_successfully"
+    created = re.findall(r"for t in ([^;]+);", services["kafka-init"]["command"][0])[0].split()
+    from streams.kafka import input_topics
+    from streams.settings import Settings
+
+    assert set(created) == set(input_topics(Settings()))
+
+
+def test_keys_and_data_live_on_volumes(compose: dict[str, Any]) -> None:
+    services, volumes = compose["services"], compose["volumes"]
+
+    def named_mounts(svc: str) -> dict[str, str]:
+        out = {}
+        for v in services[svc].get("volumes", []):
+            src, _, rest = v.partition(":")
+            out[rest.split(":")[0]] = src
+        return out
+
+    worker = services["worker"]
+    env = worker["environment"]
+    assert named_mounts("worker")[env["AGENTWATCH_HOME"]] in volumes  # query token, dev state survive recreation
+    secret = env["AGENTWATCH_CONTROL_PRIVATE_KEY"]
+    assert secret.startswith("/run/secrets/") and secret.removeprefix("/run/secrets/") in worker["secrets"]
+    assert compose["secrets"][secret.removeprefix("/run/secrets/")]["file"].startswith("./deploy/secrets/")
+    assert named_mounts("clickhouse")["/var/lib/clickhouse"] in volumes
+    assert named_mounts("kafka")[services["kafka"]["environment"]["KAFKA_LOG_DIRS"]] in volumes
+    for svc, path in (("prometheus", "/prometheus"), ("alertmanager", "/alertmanager"), ("grafana", "/var/lib/grafana")):
+        assert named_mounts(svc)[path] in volumes, svc
+    # every file mounted from the repository exists
+    for svc in services.values():
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), src
+
+
+def test_no_port_is_published_beyond_this_machine(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name} publishes {port} to every interface"
+    # the UIs that are published ask for credentials
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "?" in grafana["GF_SECURITY_ADMIN_PASSWORD"]
+
+
+def test_long_running_services_restart_and_the_worker_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        if name != "kafka-init":
+            assert svc.get("restart") == "unless-stopped", name
+    for name in ("kafka", "clickhouse", "worker"):
+        assert compose["services"][name]["healthcheck"]["test"], name
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_runs_as_a_user_with_a_healthcheck_and_a_small_context() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK\s", text, re.M)
+    for src in re.findall(r"^COPY\s+(?!--)(\S+)", text, re.M):
+        for part in src.split():
+            assert (ROOT / part).exists(), part
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for heavy in (".venv", ".git", ".agentwatch", "deploy/secrets"):
+        assert heavy in ignored, heavy
+
+
+# --- Kubernetes ----------------------------------------------------------------------------------
+
+K8S_VERSION = "1.33.0"
+
+
+def _k8s_docs() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    docs = []
+    for res in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((DEPLOY / "k8s" / res).read_text()) if d]
+    return docs
+
+
+def test_manifests_match_the_kubernetes_schemas() -> None:
+    import kubernetes_validate
+
+    checked = 0
+    for doc in _k8s_docs():
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema in the Kubernetes API; checked structurally below
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any unknown or wrong field
+        checked += 1
+    assert checked == 6
+
+
+def test_manifests_are_wired_together() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _k8s_docs()}
+    deploy = docs[("Deployment", "agentwatch-worker")]
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthz"
+    for kind in ("Service", "PodDisruptionBudget", "ServiceMonitor"):
+        selector = docs[(kind, "agentwatch-worker")]["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert selector.items() <= labels.items(), kind
+    port_names = {p["name"] for p in container["ports"]}
+    assert docs[("ServiceMonitor", "agentwatch-worker")]["spec"]["endpoints"][0]["port"] in port_names
+    assert docs[("Service", "agentwatch-worker")]["spec"]["type"] == "ClusterIP"
+    # the policy ConfigMap is the example policy, and valid
+    policy = docs[("ConfigMap", "agentwatch-policy")]["data"]["policy.yaml"]
+    assert policy == (DEPLOY / "policy.example.yaml").read_text()
+    env = {e["name"]: e for e in container["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert str(Path(env["AGENTWATCH_POLICY_FILE"]["value"]).parent) in mounts
+    assert str(Path(env["AGENTWATCH_CONTROL_PRIVATE_KEY"]["value"]).parent) in mounts
+    secret = docs[("Secret", "agentwatch-keys")]["stringData"]
+    for e in env.values():
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"] == "agentwatch-keys" and ref["key"] in secret
+    assert load_policy(DEPLOY / "policy.example.yaml").version
