@@ -35,6 +35,17 @@ class Finding:
     # how long after ``ts`` with no repeat the episode is over
     quiet_after_s: float = 60.0
     labels: dict[str, str] = field(default_factory=dict)
+    # the final figures of an observation already reported (a minute judged while still
+    # open, now closed): the engine updates the alert's summary, labels and evidence
+    # without counting a repeat
+    revision: bool = False
+    # False: worth a look but never a kill switch, whatever the detector's mode (reading
+    # oversight configuration); the engine caps such an alert's mode at "alert"
+    may_enforce: bool = True
+    # ids naming the one action this is about, as the join assigned them (trace/span, tool
+    # call id, AWS request id; detectors.resources.action_keys): findings of one detector and
+    # agent sharing any of them are that action seen by several sources and become one alert
+    action_keys: tuple[str, ...] = ()
 
     @classmethod
     def of_event(
@@ -58,17 +69,19 @@ class Finding:
     def to_state(self, enc: st.Encoder) -> list[Any]:
         return [self.detector, self.agent_id, self.tenant, self.subject, self.episode_start, self.ts,
                 self.severity.value, self.summary, [enc.event(e) for e in self.evidence], self.quiet_after_s,
-                self.labels]
+                self.labels, self.revision, self.may_enforce, list(self.action_keys)]
 
     @classmethod
     def from_state(cls, data: Any, dec: st.Decoder) -> "Finding":
         (detector, agent, tenant, subject, start, ts, severity, summary, evidence, quiet,
-         labels) = st.seq(data)
+         labels, revision, may_enforce, action_keys) = st.seq(data)
         return cls(detector=st.text(detector), agent_id=st.text(agent), tenant=st.text(tenant),
                    subject=st.text(subject), episode_start=st.num(start), ts=st.num(ts),
                    severity=Severity(severity), summary=st.text(summary),
                    evidence=[dec.event(r) for r in st.seq(evidence)], quiet_after_s=st.num(quiet),
-                   labels={st.text(k): st.text(v) for k, v in st.mapping(labels).items()})
+                   labels={st.text(k): st.text(v) for k, v in st.mapping(labels).items()},
+                   revision=st.boolean(revision), may_enforce=st.boolean(may_enforce),
+                   action_keys=tuple(st.texts(action_keys)))
 
 
 class Detector(ABC):

@@ -18,7 +18,7 @@ from typing import Any
 from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, first_match
-from detectors.resources import attributed, audit_final, touched
+from detectors.resources import action_keys, attributed, audit_final, touched
 from detectors.windows import SlidingWindow
 from schemas.alerts import Severity
 from schemas.events import Event, EventKind
@@ -55,6 +55,8 @@ class DisallowedAccess(Detector):
                 event, f"protected:{pattern}", self.config.severity,
                 f"agent {event.agent_id} touched protected resource {value} ({verb}, outcome {event.outcome or 'ok'})",
                 {"pattern": "protected", "resource": value, "rule": pattern},
+                # the tool span, its client span and the audit record of one request: one alert
+                action=action_keys(event),
             ))
         if event.kind is EventKind.AUDIT and event.outcome == "deny":
             recent = self._denies.add((event.tenant, event.agent_id), event.ts_seconds, event)
@@ -71,9 +73,12 @@ class DisallowedAccess(Detector):
         return out
 
     def _finding(self, event: Event, subject: str, severity: Severity, summary: str, labels: dict[str, str], *,
-                 evidence: list[Event] | None = None, quiet_after_s: float = 300.0) -> Finding:
-        return Finding.of_event(self.name, event, subject, severity, summary, labels, evidence=evidence,
-                                quiet_after_s=quiet_after_s)
+                 evidence: list[Event] | None = None, quiet_after_s: float = 300.0,
+                 action: tuple[str, ...] = ()) -> Finding:
+        f = Finding.of_event(self.name, event, subject, severity, summary, labels, evidence=evidence,
+                             quiet_after_s=quiet_after_s)
+        f.action_keys = action
+        return f
 
     def on_watermark(self, watermark: float) -> list[Finding]:
         self._denies.expire(watermark)

@@ -78,13 +78,21 @@ def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+def _action_entry(v: object) -> tuple[str, str, bool, str]:
+    det, agent, may_enforce, key = st.seq(v)
+    return st.text(det), st.text(agent), st.boolean(may_enforce), st.text(key)
+
+
 @dataclass(slots=True)
 class _Episode:
     alert: Alert
     last_ts: float
     quiet_after_s: float
     emitted_count: int = 0
+    # ids of the events in alert.evidence (bounded by MAX_EVIDENCE)
     seen_evidence: set[str] = field(default_factory=set)
+    # its entries in the engine's action index (removed when the episode closes)
+    actions: list[tuple[str, str, bool, str]] = field(default_factory=list)
 
 
 class DetectionEngine:
@@ -96,6 +104,8 @@ class DetectionEngine:
         self._versions = {det.name: det.version for det in self.detectors}
         self._episodes: dict[tuple[str, str, str, str], _Episode] = {}
         self._closing = TimerQueue()
+        # (detector, agent, may_enforce, action key) -> the open episode holding that action
+        self._actions: dict[tuple[str, str, bool, str], tuple[str, str, str, str]] = {}
         # alert ids whose condition has cleared (quiet period over), for outputs that resolve
         # alerts (Alertmanager); the caller drains the list
         self.resolved: list[str] = []
@@ -191,7 +201,7 @@ class DetectionEngine:
             "duplicates_skipped": self.duplicates_skipped,
             "seen": [[b, list(ids)] for b, ids in self._seen.items()],
             "episodes": [[list(k), ep.alert.model_dump(mode="json"), ep.last_ts, ep.quiet_after_s,
-                          ep.emitted_count, list(ep.seen_evidence)] for k, ep in self._episodes.items()],
+                          ep.emitted_count, [list(i) for i in ep.actions]] for k, ep in self._episodes.items()],
             "closing": self._closing.to_state(),
             "resolved": self.resolved,
             "detectors": {det.name: det.to_state(enc) for det in self.detectors},
@@ -212,11 +222,14 @@ class DetectionEngine:
             for b, ids in st.seq(state["seen"]):
                 eng._seen[st.integer(b)] = set(st.texts(ids))
             eng._seen_order = sorted(eng._seen)
-            for k, alert, last_ts, quiet, emitted, seen in st.seq(state["episodes"]):
-                eng._episodes[st.key(k)] = _Episode(
-                    alert=Alert.model_validate(st.mapping(alert)), last_ts=st.num(last_ts),
-                    quiet_after_s=st.num(quiet), emitted_count=st.integer(emitted),
-                    seen_evidence=set(st.texts(seen)))
+            for k, alert, last_ts, quiet, emitted, actions in st.seq(state["episodes"]):
+                key = st.key(k)
+                a = Alert.model_validate(st.mapping(alert))
+                ep = eng._episodes[key] = _Episode(
+                    alert=a, last_ts=st.num(last_ts), quiet_after_s=st.num(quiet), emitted_count=st.integer(emitted),
+                    seen_evidence={e.event_id for e in a.evidence}, actions=[_action_entry(i) for i in st.seq(actions)])
+                for idx in ep.actions:
+                    eng._actions[idx] = key
             eng._closing.load_state(state["closing"])
             eng.resolved = st.texts(state["resolved"])
             saved = st.mapping(state["detectors"])
@@ -234,9 +247,9 @@ class DetectionEngine:
             for f in det.on_watermark(wm):
                 self._merge(f, out)
         for timer in self._closing.due(wm):
-            ep = self._episodes.pop(timer.key)  # type: ignore[arg-type]
-            if ep.alert.count != ep.emitted_count:
-                out.append(ep.alert.model_copy(deep=True))
+            key = timer.key
+            ep = self._episodes.pop(key)  # type: ignore[arg-type]
+            self._close(key, ep, out)  # type: ignore[arg-type]
             self.resolved.append(ep.alert.alert_id)
         horizon = wm - 2 * self.policy.allowed_lateness_s - DEDUP_KEEP_S
         order = self._seen_order
@@ -245,11 +258,15 @@ class DetectionEngine:
         return out
 
     def _merge(self, f: Finding, out: list[Alert]) -> None:
+        if f.action_keys:
+            same = self._same_action(f)
+            if same is not None:
+                self._merge_action(same, f, out)
+                return
         key = (f.detector, f.tenant, f.agent_id, f.subject)
         ep = self._episodes.get(key)
         if ep is not None and f.ts <= ep.last_ts + ep.quiet_after_s:
             a = ep.alert
-            a.count += 1
             ep.last_ts = max(ep.last_ts, f.ts)
             a.last_seen = _dt(ep.last_ts)
             escalated = f.severity.rank > a.severity.rank
@@ -257,23 +274,80 @@ class DetectionEngine:
                 a.severity = f.severity
             a.summary = f.summary
             self._add_evidence(ep, f.evidence)
-            # re-send on doubling (on-call sees the storm grow without a message per
-            # repeat) and at once when the condition got more severe
-            if escalated or a.count >= 2 * ep.emitted_count:
-                ep.emitted_count = a.count
+            if f.revision:
+                # the final figures of an observation already counted: not a repeat
+                a.labels.update(f.labels)
                 out.append(a.model_copy(deep=True))
+            else:
+                a.count += 1
+                # re-send on doubling (on-call sees the storm grow without a message per
+                # repeat) and at once when the condition got more severe
+                if escalated or a.count >= 2 * ep.emitted_count:
+                    ep.emitted_count = a.count
+                    out.append(a.model_copy(deep=True))
         else:
             if ep is not None:  # the earlier episode is over: emit its final state first
-                self._closing.cancel(key)
-                if ep.alert.count != ep.emitted_count:
-                    out.append(ep.alert.model_copy(deep=True))
+                self._close(key, ep, out)
             ep = self._open(f)
             self._episodes[key] = ep
             out.append(ep.alert.model_copy(deep=True))
+        self._remember_action(key, ep, f)
         self._closing.arm(key, ep.last_ts + ep.quiet_after_s)
+
+    # -- one action, several sources --------------------------------------------------------
+    # A tool span, its client span and the audit record the join matched to them are one
+    # action: findings about it carry the ids the join assigned (Finding.action_keys), and
+    # the first episode to hold one of them takes the others as evidence, not as repeats.
+    # Findings that may not enforce (reads) never merge into ones that may, nor back.
+
+    @staticmethod
+    def _action_index(f: Finding, action_key: str) -> tuple[str, str, bool, str]:
+        # not the tenant: the ids are global, and sources name tenants differently (a
+        # CloudTrail record carries its AWS account, the span its resource's tenant)
+        return f.detector, f.agent_id, f.may_enforce, action_key
+
+    def _same_action(self, f: Finding) -> tuple[str, str, str, str] | None:
+        for k in f.action_keys:
+            key = self._actions.get(self._action_index(f, k))
+            if key is not None and key in self._episodes:
+                return key
+        return None
+
+    def _merge_action(self, key: tuple[str, str, str, str], f: Finding, out: list[Alert]) -> None:
+        ep = self._episodes[key]
+        a = ep.alert
+        before = len(a.evidence), a.severity
+        if f.severity.rank > a.severity.rank:
+            a.severity = f.severity
+        if f.ts > ep.last_ts:
+            ep.last_ts = f.ts
+            a.last_seen = _dt(f.ts)
+        self._add_evidence(ep, f.evidence)
+        self._remember_action(key, ep, f)
+        self._closing.arm(key, ep.last_ts + ep.quiet_after_s)
+        if (len(a.evidence), a.severity) != before:
+            out.append(a.model_copy(deep=True))
+
+    def _remember_action(self, key: tuple[str, str, str, str], ep: _Episode, f: Finding) -> None:
+        for k in f.action_keys:
+            idx = self._action_index(f, k)
+            if idx not in self._actions:
+                self._actions[idx] = key
+                ep.actions.append(idx)
+
+    def _close(self, key: tuple[str, str, str, str], ep: _Episode, out: list[Alert]) -> None:
+        """The episode is over: emit its final state if not sent yet, forget its actions."""
+        self._closing.cancel(key)
+        if ep.alert.count != ep.emitted_count:
+            out.append(ep.alert.model_copy(deep=True))
+        for idx in ep.actions:
+            if self._actions.get(idx) == key:
+                del self._actions[idx]
 
     def _open(self, f: Finding) -> _Episode:
         mode = self._modes.get(f.detector, Mode.ALERT)
+        if mode is Mode.ENFORCE and not f.may_enforce:
+            mode = Mode.ALERT  # e.g. reading oversight configuration: worth a look, never a halt
         alert = Alert(
             alert_id=alert_id_for(f.detector, f.agent_id, (f.subject, round(f.episode_start, 6)), tenant=f.tenant),
             detector=f.detector,
@@ -301,10 +375,10 @@ class DetectionEngine:
         for ev in events:
             if ev.event_id in ep.seen_evidence:
                 continue
-            ep.seen_evidence.add(ev.event_id)
-            if ev.trace_id and ev.trace_id not in a.trace_ids and len(a.trace_ids) < MAX_EVIDENCE:
+            if ev.trace_id and len(a.trace_ids) < MAX_EVIDENCE and ev.trace_id not in a.trace_ids:
                 a.trace_ids.append(ev.trace_id)
             if len(a.evidence) < MAX_EVIDENCE:
+                ep.seen_evidence.add(ev.event_id)
                 a.evidence.append(
                     Evidence(
                         event_id=ev.event_id,

@@ -4,10 +4,16 @@
     attributed to it) more than ``grace_s`` after a halt kill switch that
     targets it (by agent, by tenant, or all) and before a resume or the
     command's expiry. A scoped halt (named tools) only counts those tools.
-(b) oversight: any agent touches an oversight resource (policy
+(b) oversight: any agent changes or disables an oversight resource (policy
     ``oversight_resources``: the control topic, the detector policy, audit or
     monitoring config, kill-switch state), whatever the outcome: a denied
-    attempt is still an attempt.
+    attempt is still an attempt. Reading it (DescribeTrails, GetEventSelectors,
+    get/list/watch, SELECT: ``resources.reads_only``) is only an
+    ``oversight_read`` finding of ``read_severity`` (low) that never enforces
+    a kill switch, whatever the detector's mode, and never counts towards (d).
+    A tool span, its client span and the audit record of the same request are
+    one action (``resources.action_keys``): one alert with all three as
+    evidence.
 (c) shielding: agent B restarts / scales / re-creates / spawns agent A's
     runtime while A is halted or within ``shield_window_s`` after the halt
     ended: an ``agent`` lifecycle event from B with ``target_agent_id`` = A, or
@@ -31,7 +37,7 @@ from typing import Any
 from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, first_match
-from detectors.resources import READ_ACTIONS, attributed, audit_final, touched
+from detectors.resources import READ_ACTIONS, action_keys, attributed, audit_final, reads_only, touched
 from detectors.windows import SlidingWindow
 from schemas.alerts import Severity
 from schemas.events import Event, EventKind
@@ -106,7 +112,8 @@ class PeerPreservation(Detector):
         for f in (self._oversight(event), self._shielding(event)):
             if f:
                 out.append(f)
-                out.extend(self._coordinated(f))
+                if f.may_enforce:
+                    out.extend(self._coordinated(f))
         return out
 
     def _after_halt(self, ev: Event) -> Finding | None:
@@ -143,11 +150,20 @@ class PeerPreservation(Detector):
             return None
         ts = ev.ts_seconds
         verb = ev.action or ev.tool_name or ev.name
+        keys = action_keys(ev)
+        if reads_only(ev):
+            return Finding(
+                detector=self.name, agent_id=ev.agent_id, tenant=ev.tenant, subject=f"oversight_read:{value}",
+                episode_start=ts, ts=ts, severity=self.config.read_severity,
+                summary=f"agent {ev.agent_id} read oversight configuration {value} ({verb}, outcome {ev.outcome or 'ok'})",
+                evidence=[ev], quiet_after_s=300.0, may_enforce=False, action_keys=keys,
+                labels={"pattern": "oversight_read", "resource": value, "rule": pattern},
+            )
         return Finding(
             detector=self.name, agent_id=ev.agent_id, tenant=ev.tenant, subject=f"oversight:{value}",
             episode_start=ts, ts=ts, severity=self.config.severity,
             summary=f"agent {ev.agent_id} touched oversight resource {value} ({verb}, outcome {ev.outcome or 'ok'})",
-            evidence=[ev], quiet_after_s=300.0,
+            evidence=[ev], quiet_after_s=300.0, action_keys=keys,
             labels={"pattern": "oversight", "resource": value, "rule": pattern},
         )
 

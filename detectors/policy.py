@@ -94,6 +94,10 @@ class EscalationBypassConfig(DetectorConfig):
 
 class PeerPreservationConfig(DetectorConfig):
     severity: Severity = Severity.CRITICAL
+    read_severity: Severity = Field(
+        Severity.LOW, description="reading oversight configuration (describe, get, list, SELECT): at most this, "
+        "and never a kill switch whatever the mode"
+    )
     grace_s: float = Field(10.0, ge=0, description="time a halted agent has to stop before acting counts")
     shield_window_s: float = Field(
         600.0, ge=0, description="after a halt ends, restarting the halted agent still counts as shielding it"

@@ -1,33 +1,50 @@
 """token_spike: an agent burning tokens far above its own normal, or over budget.
 
 Tokens are summed per agent per minute of event time (TumblingSum). A minute
-is judged only once the watermark has closed it, so a quiet minute counts as a
-zero in the moving baseline (and a burst is compared with a baseline that
-includes the quiet time before it). A closed minute is a spike when it
-exceeds BOTH ``mean + std_devs * std`` and ``baseline_ratio * mean`` of the
+is judged against the baseline of the minutes closed before it, so a quiet
+minute counts as a zero in the moving baseline (and a burst is compared with
+a baseline that includes the quiet time before it). A minute is a spike when
+it exceeds BOTH ``mean + std_devs * std`` and ``baseline_ratio * mean`` of the
 agent's moving baseline, and the floor ``min_tokens_per_minute``, and the
 baseline has seen ``min_active_minutes`` minutes with traffic: a new or quiet
 agent's first busy minutes build its baseline instead of alerting.
 
+Same verdict whatever the arrival order within the allowed lateness: minutes
+close in order once the watermark passes them, and the closed-minute cursor
+only moves forward, so an event later than the allowed lateness for a minute
+already closed is left out of the rate (it still counts for the budgets)
+rather than reopening the minute or padding zeros. A minute still open is
+judged early, as its tokens arrive, only once every earlier minute is closed
+(the watermark has passed its start), so the baseline and the threshold are
+final; its tokens only grow, so an early spike is a spike at close too. The
+early finding names the tokens so far; at close a revision states the
+minute's total and its evidence (the earliest LLM calls, by event time and
+id) without counting a second spike.
+
 Hourly budgets (per agent and per tenant, clock hours of event time) fire once
 per hour window, as soon as the running sum crosses the limit.
+
+An agent quiet for ``FORGET_AFTER_S`` is forgotten (its baseline has decayed
+to nothing by then): when it comes back it builds a baseline like a new agent.
 """
 
 from __future__ import annotations
 
+from bisect import insort
 from dataclasses import dataclass, field
 from typing import Any
 
 from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.policy import Policy, budget_for
-from detectors.windows import MovingBaseline, TumblingSum
+from detectors.windows import ExpiryQueue, MovingBaseline, TumblingSum
 from schemas.events import Event, EventKind
 
 MINUTE = 60.0
 HOUR = 3600.0
 # after this many empty minutes the EWMA has forgotten the old level anyway
 MAX_ZERO_FILL = 120
+FORGET_AFTER_S = MAX_ZERO_FILL * MINUTE
 EVIDENCE_PER_MINUTE = 20
 
 AgentKey = tuple[str, str]  # (tenant, agent)
@@ -38,15 +55,15 @@ class _AgentState:
     baseline: MovingBaseline
     active_minutes: int = 0
     last_closed: int | None = None
-    # a few LLM calls of each still-open minute: the evidence of a spike
-    evidence: dict[int, list[Event]] = field(default_factory=dict)
+    # the earliest LLM calls of each still-open minute, as (ts, event id, event): the evidence
+    evidence: dict[int, list[tuple[float, str, Event]]] = field(default_factory=dict)
     # open minutes already judged a spike as their tokens arrived
     fired: set[int] = field(default_factory=set)
 
 
 class TokenSpike(Detector):
     name = "token_spike"
-    version = "1.0.0"
+    version = "1.1.0"
 
     def __init__(self, policy: Policy) -> None:
         self.config = policy.detectors.token_spike
@@ -54,13 +71,15 @@ class TokenSpike(Detector):
         self._minutes: TumblingSum[AgentKey] = TumblingSum(MINUTE)
         self._hours: TumblingSum[tuple[str, str, str]] = TumblingSum(HOUR)  # (scope, tenant, key)
         self._state: dict[AgentKey, _AgentState] = {}
-        self._budget_fired: set[tuple[str, str, str, int]] = set()
+        self._idle: ExpiryQueue[AgentKey] = ExpiryQueue()
+        self._budget_fired: dict[int, set[tuple[str, str, str]]] = {}  # hour -> (scope, tenant, who)
+        self._watermark = float("-inf")
 
     def _agent(self, key: AgentKey) -> _AgentState:
-        st = self._state.get(key)
-        if st is None:
-            st = self._state[key] = _AgentState(MovingBaseline(alpha=self.config.baseline_alpha))
-        return st
+        st_ = self._state.get(key)
+        if st_ is None:
+            st_ = self._state[key] = _AgentState(MovingBaseline(alpha=self.config.baseline_alpha))
+        return st_
 
     def observe(self, event: Event) -> list[Finding]:
         if event.kind is not EventKind.LLM_CALL:
@@ -70,15 +89,26 @@ class TokenSpike(Detector):
             return []
         ts = event.ts_seconds
         key = (event.tenant, event.agent_id)
-        self._minutes.add(key, ts, tokens)
-        st = self._agent(key)
-        ev_list = st.evidence.setdefault(self._minutes.bucket_of(ts), [])
-        if len(ev_list) < EVIDENCE_PER_MINUTE:
-            ev_list.append(event)
         findings: list[Finding] = []
-        spike = self._judge_open(key, self._minutes.bucket_of(ts), st)
-        if spike is not None:
-            findings.append(spike)
+        bucket = int(ts // MINUTE)
+        agent = self._agent(key)
+        if agent.last_closed is None or bucket > agent.last_closed:
+            # (a minute already closed is not reopened by a straggler)
+            self._minutes.add(key, ts, tokens)
+            self._idle.touch(key, (bucket + 1) * MINUTE + FORGET_AFTER_S)
+            ev_list = agent.evidence.get(bucket)
+            if ev_list is None:
+                ev_list = agent.evidence[bucket] = []
+            item = (ts, event.event_id, event)
+            if len(ev_list) < EVIDENCE_PER_MINUTE:
+                insort(ev_list, item, key=_evidence_order)
+            elif (ts, event.event_id) < _evidence_order(ev_list[-1]):
+                insort(ev_list, item, key=_evidence_order)
+                ev_list.pop()
+            if bucket * MINUTE <= self._watermark:
+                spike = self._judge_open(key, bucket, agent)
+                if spike is not None:
+                    findings.append(spike)
         for scope, who, table in (
             ("agent", event.agent_id, self.budgets.agent_tokens_per_hour),
             ("tenant", event.tenant, self.budgets.tenant_tokens_per_hour),
@@ -88,9 +118,9 @@ class TokenSpike(Detector):
                 continue
             used = self._hours.add((scope, event.tenant, who), ts, tokens)
             hour = self._hours.bucket_of(ts)
-            fired_key = (scope, event.tenant, who, hour)
-            if used > limit and fired_key not in self._budget_fired:
-                self._budget_fired.add(fired_key)
+            fired = self._budget_fired.setdefault(hour, set())
+            if used > limit and (scope, event.tenant, who) not in fired:
+                fired.add((scope, event.tenant, who))
                 findings.append(
                     Finding(
                         detector=self.name,
@@ -109,72 +139,78 @@ class TokenSpike(Detector):
         return findings
 
     def on_watermark(self, watermark: float) -> list[Finding]:
+        self._watermark = watermark
         findings: list[Finding] = []
         for key, bucket, total in self._minutes.close(watermark):
-            st = self._agent(key)
+            agent = self._agent(key)
             # the quiet minutes since the last closed one are zeros in the baseline
-            if st.last_closed is not None:
-                for _ in range(min(bucket - st.last_closed - 1, MAX_ZERO_FILL)):
-                    st.baseline.update(0.0)
-            st.last_closed = bucket
-            evidence = st.evidence.pop(bucket, [])
-            if bucket in st.fired:
-                st.fired.discard(bucket)  # already reported while the minute was open
-            else:
-                f = self._judge(key, bucket, total, st, evidence)
-                if f is not None:
-                    findings.append(f)
-            st.baseline.update(total)
-            st.active_minutes += 1
+            if agent.last_closed is not None:
+                for _ in range(min(bucket - agent.last_closed - 1, MAX_ZERO_FILL)):
+                    agent.baseline.update(0.0)
+            agent.last_closed = bucket
+            evidence = [e for _, _, e in agent.evidence.pop(bucket, [])]
+            early = bucket in agent.fired
+            agent.fired.discard(bucket)
+            f = self._judge(key, bucket, total, agent, evidence)
+            if f is not None:
+                # judged early: this is the same spike with its final figures, not a second one
+                f.revision = early
+                findings.append(f)
+            agent.baseline.update(total)
+            agent.active_minutes += 1
         # budgets are decided as tokens arrive; closed hours only need forgetting
-        for _ in self._hours.close(watermark):
-            pass
-        self._budget_fired = {k for k in self._budget_fired if (k[3] + 1) * HOUR > watermark - HOUR}
+        self._hours.close(watermark)
+        for hour in [h for h in self._budget_fired if (h + 2) * HOUR <= watermark]:
+            del self._budget_fired[hour]
+        for key in self._idle.due(watermark):
+            self._state.pop(key, None)
         return findings
 
-    def _judge_open(self, key: AgentKey, bucket: int, st: _AgentState) -> Finding | None:
-        """A minute still open can already be over every threshold: say so now rather
-        than when the minute ends (on-call hears of a burst while it is happening)."""
-        if bucket in st.fired or st.active_minutes < self.config.min_active_minutes:
+    def _judge_open(self, key: AgentKey, bucket: int, agent: _AgentState) -> Finding | None:
+        """Every earlier minute is closed, so the baseline is the one this minute will be
+        judged against at close: a minute already over the threshold is a spike now (on-call
+        hears of a burst while it is happening). The quiet minutes since the last closed one
+        count as zeros."""
+        if bucket in agent.fired or agent.active_minutes < self.config.min_active_minutes:
             return None
         total = self._minutes.current(key, bucket * MINUTE)
         if total < self.config.min_tokens_per_minute:
             return None
-        # judge against the baseline the minute will have when it closes: the quiet
-        # minutes since the last closed one count as zeros
-        baseline = MovingBaseline(st.baseline.alpha, st.baseline.mean, st.baseline.var, st.baseline.samples)
-        if st.last_closed is not None:
-            for _ in range(min(bucket - st.last_closed - 1, MAX_ZERO_FILL)):
+        b = agent.baseline
+        baseline = MovingBaseline(b.alpha, b.mean, b.var, b.samples)
+        if agent.last_closed is not None:
+            for _ in range(min(bucket - agent.last_closed - 1, MAX_ZERO_FILL)):
                 baseline.update(0.0)
-        f = self._judge(key, bucket, total, st, list(st.evidence.get(bucket, [])), baseline=baseline)
+        # the evidence comes with the minute's final figures at close
+        f = self._judge(key, bucket, total, agent, [], baseline=baseline)
         if f is not None:
-            st.fired.add(bucket)
+            agent.fired.add(bucket)
         return f
 
     def _judge(
-        self, key: AgentKey, bucket: int, total: float, st: _AgentState, evidence: list[Event],
+        self, key: AgentKey, bucket: int, total: float, agent: _AgentState, evidence: list[Event],
         baseline: MovingBaseline | None = None,
     ) -> Finding | None:
         cfg = self.config
-        b = baseline or st.baseline
-        if total < cfg.min_tokens_per_minute or st.active_minutes < cfg.min_active_minutes:
+        b = baseline or agent.baseline
+        if total < cfg.min_tokens_per_minute or agent.active_minutes < cfg.min_active_minutes:
             return None
         by_std = b.mean + cfg.std_devs * b.std
         by_ratio = cfg.baseline_ratio * b.mean
         if total <= by_std or total <= by_ratio:
             return None
-        tenant, agent = key
+        tenant, agent_id = key
         start = bucket * MINUTE
         return Finding(
             detector=self.name,
-            agent_id=agent,
+            agent_id=agent_id,
             tenant=tenant,
             subject="rate",
             episode_start=start,
             ts=start + MINUTE,
             severity=cfg.severity,
             summary=(
-                f"agent {agent} used {int(total)} tokens in one minute; its baseline is "
+                f"agent {agent_id} used {int(total)} tokens in one minute; its baseline is "
                 f"{b.mean:.0f} ± {b.std:.0f} per minute (threshold {max(by_std, by_ratio):.0f})"
             ),
             evidence=evidence,
@@ -185,22 +221,35 @@ class TokenSpike(Detector):
 
     def to_state(self, enc: st.Encoder) -> dict[str, Any]:
         return {
+            "watermark": st.enc_num(self._watermark),
             "minutes": self._minutes.to_state(),
             "hours": self._hours.to_state(),
             "agents": [[k, a.baseline.to_state(), a.active_minutes, a.last_closed,
-                        [[b, [enc.event(e) for e in evs]] for b, evs in a.evidence.items()], sorted(a.fired)]
+                        [[b, [enc.event(e) for _, _, e in evs]] for b, evs in a.evidence.items()], sorted(a.fired),
+                        self._idle.deadline(k)]
                        for k, a in self._state.items()],
-            "budget_fired": [list(k) for k in self._budget_fired],
+            "budget_fired": [[h, [list(k) for k in keys]] for h, keys in self._budget_fired.items()],
         }
 
     def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
+        self._watermark = st.num(data.get("watermark", "-inf"))
         self._minutes.load_state(data.get("minutes", []))
         self._hours.load_state(data.get("hours", []))
-        for k, baseline, active, last_closed, evidence, fired in st.seq(data.get("agents", [])):
-            a = self._agent(st.key(k))
+        for k, baseline, active, last_closed, evidence, fired, idle in st.seq(data.get("agents", [])):
+            key = st.key(k)
+            a = self._agent(key)
             a.baseline.load_state(baseline)
             a.active_minutes = st.integer(active)
             a.last_closed = st.opt_integer(last_closed)
-            a.evidence = {st.integer(b): [dec.event(r) for r in st.seq(evs)] for b, evs in st.seq(evidence)}
+            for b, refs in st.seq(evidence):
+                evs = [dec.event(r) for r in st.seq(refs)]
+                a.evidence[st.integer(b)] = sorted(((e.ts_seconds, e.event_id, e) for e in evs), key=_evidence_order)
             a.fired = {st.integer(b) for b in st.seq(fired)}
-        self._budget_fired = {st.key(k) for k in st.seq(data.get("budget_fired", []))}
+            if idle is not None:
+                self._idle.touch(key, st.num(idle))
+        for h, keys in st.seq(data.get("budget_fired", [])):
+            self._budget_fired[st.integer(h)] = {st.key(k) for k in st.seq(keys)}
+
+
+def _evidence_order(item: tuple[float, str, Event]) -> tuple[float, str]:
+    return item[0], item[1]
