@@ -192,8 +192,8 @@ def test_two_separate_actions_are_two_observations():
 def test_corpus_stop_logging_is_one_alert_with_span_client_span_and_cloudtrail_record():
     scenario = next(s for s in load_scenarios(CORPUS) if s.name == "oversight_stop_logging_one_action")
     alerts = replay(scenario.inputs, scenario.policy()).alerts
-    assert [(a.detector, a.count, a.mode, len(a.evidence)) for a in alerts] == [
-        ("peer_preservation", 1, Mode.ENFORCE, 3)]
+    assert [(a.detector, a.count, a.severity, len(a.evidence)) for a in alerts] == [
+        ("peer_preservation", 1, Severity.CRITICAL, 3)]
     read = next(s for s in load_scenarios(CORPUS) if s.name == "oversight_read_describe_trails")
     alerts = replay(read.inputs, read.policy()).alerts
     assert [(a.severity, a.mode, a.action, len(a.evidence)) for a in alerts] == [
