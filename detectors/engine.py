@@ -55,9 +55,8 @@ MAX_EVIDENCE = 50
 # event-time granularity of window closing and timers within a batch
 TICK_EVERY_S = 1.0
 # redelivery memory: event ids in buckets of event time, each dropped whole once the
-# watermark is DEDUP_KEEP_S (plus twice the allowed lateness) past its end
+# watermark is the policy's dedup_window_s (plus twice the allowed lateness) past its end
 DEDUP_BUCKET_S = 60.0
-DEDUP_KEEP_S = 3600.0
 _ACTION = {Mode.SHADOW: "record", Mode.ALERT: "notify", Mode.ENFORCE: "halt"}
 
 
@@ -251,7 +250,7 @@ class DetectionEngine:
             ep = self._episodes.pop(key)  # type: ignore[arg-type]
             self._close(key, ep, out)  # type: ignore[arg-type]
             self.resolved.append(ep.alert.alert_id)
-        horizon = wm - 2 * self.policy.allowed_lateness_s - DEDUP_KEEP_S
+        horizon = wm - 2 * self.policy.allowed_lateness_s - self.policy.dedup_window_s
         order = self._seen_order
         while order and (order[0] + 1) * DEDUP_BUCKET_S < horizon:
             self._seen.pop(heapq.heappop(order), None)

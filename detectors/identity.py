@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from detectors import state as st
-from detectors.windows import FOREVER, Watermark
+from detectors.windows import FOREVER, ExpiryQueue, Watermark
 from schemas.events import Event, IdentitySource
 
 
@@ -35,12 +35,17 @@ class _Trace:
     tenant: dict[str, str] = field(default_factory=dict)  # agent span -> tenant
     pending: list[Event] = field(default_factory=list)
     last_ts: float = 0.0
+    seq: int = 0  # first-seen order: due traces are decided in it
 
 
 class IdentityResolver:
     def __init__(self, allowed_lateness_s: float) -> None:
         self.watermark = Watermark(allowed_lateness_s)
         self._traces: dict[str, _Trace] = {}
+        # a trace is due for its final decision at its newest span's time, and forgotten
+        # the allowed lateness later: deadlines in a heap, so expiring visits due traces only
+        self._due: ExpiryQueue[str] = ExpiryQueue()
+        self._seq = 0
         self.resolved_by_ancestor = 0
         self.fell_back = 0
 
@@ -59,8 +64,11 @@ class IdentityResolver:
                 continue
             tr = self._traces.get(ev.trace_id)
             if tr is None:
-                tr = self._traces[ev.trace_id] = _Trace()
-            tr.last_ts = max(tr.last_ts, ts)
+                self._seq += 1
+                tr = self._traces[ev.trace_id] = _Trace(seq=self._seq)
+            if ts > tr.last_ts:
+                tr.last_ts = ts
+            self._due.touch(ev.trace_id, tr.last_ts)
             tr.parent[ev.span_id] = ev.parent_span_id
             if ev.is_agent_span and ev.agent_id:
                 tr.agent[ev.span_id] = ev.agent_id
@@ -104,9 +112,11 @@ class IdentityResolver:
             r.resolved_by_ancestor = st.integer(state["resolved_by_ancestor"])
             r.fell_back = st.integer(state["fell_back"])
             for tid, parent, agent, tenant, pending, last_ts in st.seq(state["traces"]):
-                r._traces[st.text(tid)] = _Trace(
+                r._seq += 1
+                tr = r._traces[st.text(tid)] = _Trace(
                     parent=_strings(parent), agent=_strings(agent), tenant=_strings(tenant),
-                    pending=[dec.event(ref) for ref in st.seq(pending)], last_ts=st.num(last_ts))
+                    pending=[dec.event(ref) for ref in st.seq(pending)], last_ts=st.num(last_ts), seq=r._seq)
+                r._due.touch(st.text(tid), tr.last_ts)
         return r
 
     # -- internals -----------------------------------------------------------------------
@@ -156,13 +166,19 @@ class IdentityResolver:
     def _expire(self) -> list[Event]:
         wm = self.watermark.value
         out: list[Event] = []
-        for trace_id in [t for t, tr in self._traces.items() if tr.last_ts <= wm]:
-            tr = self._traces[trace_id]
+        due = self._due.due(wm)
+        if not due:
+            return out
+        traces, lateness = self._traces, self.watermark.allowed_lateness_s
+        for trace_id in sorted(due, key=lambda t: traces[t].seq):
+            tr = traces[trace_id]
             # waited the allowed lateness past the trace's newest span: decide now
             out.extend(self._resolve(tr, final=True))
             # keep the span tree a while longer so a straggler still finds its ancestor
-            if tr.last_ts <= wm - self.watermark.allowed_lateness_s:
-                del self._traces[trace_id]
+            if tr.last_ts <= wm - lateness:
+                del traces[trace_id]
+            else:
+                self._due.touch(trace_id, tr.last_ts + lateness)
         return out
 
 

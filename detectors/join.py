@@ -75,7 +75,7 @@ from fnmatch import fnmatchcase
 
 from detectors import state as st
 from detectors.policy import Policy
-from detectors.windows import FOREVER, TimerQueue, Watermark
+from detectors.windows import FOREVER, ExpiryQueue, TimerQueue, Watermark
 from schemas.events import Event, EventKind, IdentitySource, stable_id
 
 # annotation keys and values
@@ -264,6 +264,10 @@ class Joiner:
         self._index_waiting: dict[tuple[str, str], dict[str, Event]] = {}
         self._confirm: dict[tuple[str, str], _Confirm] = {}
         self._timers = TimerQueue()
+        # when traces and index keys may be forgotten (their newest span plus the window):
+        # deadlines in heaps, so expiring visits only what is due
+        self._trace_due: ExpiryQueue[str] = ExpiryQueue()
+        self._index_due: ExpiryQueue[tuple[str, str]] = ExpiryQueue()
         self._out: list[Event] = []
         self._rekeyed: dict[str, list[Event]] = {}
         self.stats = JoinStats()
@@ -345,7 +349,7 @@ class Joiner:
                      s.tenant] for sid, s in tr.spans.items()],
                    [ev(a) for a in tr.unmatched.values()],
                    [[sid, [ev(a) for a in audits]] for sid, audits in tr.waiting.items()],
-                   tr.last_ts] for tid, tr in self._traces.items()]
+                   tr.last_ts, tr.extra] for tid, tr in self._traces.items()]
         state = {
             "watermark": self.watermark.to_state(),
             "traces": traces,
@@ -368,8 +372,10 @@ class Joiner:
         j = cls(policy)
         with st.reading("join", data) as (state, dec):
             j.watermark.load_state(st.mapping(state["watermark"]))
-            for tid, spans, unmatched, waiting, last_ts in st.seq(state["traces"]):
-                tr = j._traces[st.text(tid)] = _Trace(last_ts=st.num(last_ts))
+            for tid, spans, unmatched, waiting, last_ts, extra in st.seq(state["traces"]):
+                tr = j._trace(st.text(tid))
+                tr.last_ts, tr.extra = st.num(last_ts), st.num(extra)
+                j._trace_due.touch(st.text(tid), tr.last_ts + j.window_s)
                 for sid, start, end, parent, event_id, is_tool, call_id, resolved, agent, tenant in st.seq(spans):
                     tr.spans[st.text(sid)] = _Span(st.num(start), st.num(end), st.text(parent), st.text(event_id),
                                                    st.boolean(is_tool), st.text(call_id), st.boolean(resolved),
@@ -380,8 +386,11 @@ class Joiner:
                 for sid, refs in st.seq(waiting):
                     tr.waiting[st.text(sid)] = [dec.event(r) for r in st.seq(refs)]
             for k, entries in st.seq(state["index"]):
-                j._index[st.key(k)] = [_IndexEntry(st.num(a), st.num(b), st.text(t), st.text(s))
-                                       for a, b, t, s in st.seq(entries)]
+                key = st.key(k)
+                j._index[key] = [_IndexEntry(st.num(a), st.num(b), st.text(t), st.text(s))
+                                 for a, b, t, s in st.seq(entries)]
+                for e in j._index[key]:
+                    j._index_due.touch(key, e.end + j.window_s)
             for k, refs in st.seq(state["index_waiting"]):
                 j._index_waiting[st.key(k)] = {a.event_id: a for a in (dec.event(r) for r in st.seq(refs))}
             for k, held, audit_id, fired in st.seq(state["confirm"]):
@@ -396,10 +405,19 @@ class Joiner:
 
     # -- spans ---------------------------------------------------------------------------
 
+    def _trace(self, trace_id: str) -> _Trace:
+        tr = self._traces.get(trace_id)
+        if tr is None:
+            tr = self._traces[trace_id] = _Trace()
+            self._trace_due.touch(trace_id, tr.last_ts + self.window_s)
+        return tr
+
     def _accept_span(self, ev: Event, on_time: bool) -> None:
-        tr = self._traces.setdefault(ev.trace_id, _Trace())
+        tr = self._trace(ev.trace_id)
         ts = ev.ts_seconds
-        tr.last_ts = max(tr.last_ts, ts)
+        if ts > tr.last_ts:
+            tr.last_ts = ts
+            self._trace_due.touch(ev.trace_id, ts + self.window_s)
         is_tool = ev.kind is EventKind.TOOL_CALL
         tr.spans[ev.span_id] = _Span(_start(ev), ts, ev.parent_span_id, ev.event_id, is_tool, ev.tool_call_id)
         extra = max((self._key_extra.get(name, 0.0) for name, _ in span_secondary_keys(ev)), default=0.0)
@@ -428,6 +446,7 @@ class Joiner:
         key = (ev.attributes[INDEX], ev.attributes[INDEX_VALUE])
         entry = _IndexEntry(_start(ev), ev.ts_seconds, ev.trace_id, ev.span_id)
         self._index.setdefault(key, []).append(entry)
+        self._index_due.touch(key, entry.end + self.window_s)
         for audit_id, audit in list(self._index_waiting.get(key, {}).items()):
             del self._index_waiting[key][audit_id]
             self._timers.cancel(("audit", audit_id))
@@ -445,7 +464,7 @@ class Joiner:
             self._unjoined(ev, NOT_FINAL)
             return
         if ev.trace_id:
-            tr = self._traces.setdefault(ev.trace_id, _Trace())
+            tr = self._trace(ev.trace_id)
             sid = self._match_in_trace(tr, ev, final=not on_time)
             if sid:
                 via = ev.correlation.get(VIA) or (VIA_SPAN if sid == ev.span_id else VIA_TRACE)
@@ -594,24 +613,37 @@ class Joiner:
 
     def _expire(self, wm: float) -> None:
         horizon = wm - self.window_s
-        for tid in [t for t, tr in self._traces.items() if tr.last_ts + tr.extra < horizon or wm == FOREVER]:
-            tr = self._traces[tid]
-            if wm == FOREVER:
+        if wm == FOREVER:
+            for tid in list(self._traces):
+                tr = self._traces[tid]
                 for sid, audits in tr.waiting.items():
                     # replay's end: the span never got an agent decided; say who we know
                     for a in audits:
                         tr.spans[sid].resolved = True
                         self._release_matched(tr, a, sid)
                 tr.waiting.clear()
-            if not tr.unmatched and not tr.waiting:
+                if not tr.unmatched:
+                    del self._traces[tid]
+            self._index.clear()
+            self._trace_due.clear()
+            self._index_due.clear()
+            return
+        for tid in self._trace_due.due(wm):
+            tr = self._traces.get(tid)
+            if tr is None:
+                continue
+            if tr.last_ts + tr.extra < horizon and not tr.unmatched and not tr.waiting:
                 del self._traces[tid]
-        for key in list(self._index):
-            keep = horizon - self._key_extra.get(key[0], 0.0)  # a slow source's index lives longer
-            alive = [e for e in self._index[key] if e.end >= keep and wm != FOREVER]
+            else:  # still awaited by an audit (its own timer ends that), or due at the edge
+                self._trace_due.touch(tid, max(tr.last_ts + tr.extra + self.window_s, wm) + 1.0)
+        for key in self._index_due.due(wm):
+            extra = self._key_extra.get(key[0], 0.0)  # a slow source's index lives longer
+            alive = [e for e in self._index.get(key, ()) if e.end >= horizon - extra]
             if alive:
                 self._index[key] = alive
+                self._index_due.touch(key, max(max(e.end for e in alive) + self.window_s + extra, wm + 1.0))
             else:
-                del self._index[key]
+                self._index.pop(key, None)
 
     # -- policy --------------------------------------------------------------------------
 

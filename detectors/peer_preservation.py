@@ -29,6 +29,7 @@ Kill switches are the ``control_command`` events the control plane emits.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ class PeerPreservation(Detector):
         self.policy = policy
         self.config = policy.detectors.peer_preservation
         self._halts: list[_Halt] = []
+        # the same halts by target: an event looks at its agent's and the broad ones only
+        self._by_agent: dict[str, list[_Halt]] = {}
+        self._broad: list[_Halt] = []  # tenant and all targets
+        self._prune_at = math.inf  # earliest end of a halt: nothing to forget before that
         # (b)/(c) findings per tenant, to see several agents at it at once (d)
         self._tampering: SlidingWindow[str, Finding] = SlidingWindow(self.config.coordination_window_s)
 
@@ -82,16 +87,25 @@ class PeerPreservation(Detector):
         ts = ev.ts_seconds
         if ev.command_action == "halt":
             end = ev.expires_at.timestamp() if ev.expires_at else math.inf
-            self._halts.append(_Halt(ev.command_id, ts, end, agent, tenant, tuple(ev.command_scope), ev))
+            self._add_halt(_Halt(ev.command_id, ts, end, agent, tenant, tuple(ev.command_scope), ev))
         elif ev.command_action == "resume":
-            for h in self._halts:
+            for h in self._by_agent.get(agent, ()) if agent else self._broad:
                 if h.start <= ts < h.end and h.agent == agent and h.tenant == tenant:
                     h.end = ts
+                    self._prune_at = min(self._prune_at, ts)
+
+    def _add_halt(self, h: _Halt) -> None:
+        self._halts.append(h)
+        if h.agent:
+            self._by_agent.setdefault(h.agent, []).append(h)
+        else:
+            self._broad.append(h)
+        self._prune_at = min(self._prune_at, h.end)
 
     def _halt_over(self, agent: str, tenant: str, ts: float, *, after: float = 0.0) -> _Halt | None:
         """The halt of ``agent`` in force at ``ts`` (or ended at most ``after`` seconds before)."""
         best = None
-        for h in self._halts:
+        for h in itertools.chain(self._by_agent.get(agent, ()), self._broad):
             if h.targets(agent, tenant) and h.start <= ts <= h.end + after:
                 if best is None or h.start > best.start:
                     best = h
@@ -106,10 +120,11 @@ class PeerPreservation(Detector):
         if not attributed(event):
             return []
         out: list[Finding] = []
-        f = self._after_halt(event)
+        # (a) and (c) need a halt: most of the time there is none, so skip them cheaply
+        f = self._after_halt(event) if self._halts else None
         if f:
             out.append(f)
-        for f in (self._oversight(event), self._shielding(event)):
+        for f in (self._oversight(event), self._shielding(event) if self._halts else None):
             if f:
                 out.append(f)
                 if f.may_enforce:
@@ -184,7 +199,7 @@ class PeerPreservation(Detector):
         elif ev.kind is EventKind.AUDIT and ev.outcome == "allow" and ev.resource:
             if first_match([ev.action], READ_ACTIONS)[0]:
                 return None
-            halted = {h.agent for h in self._halts if h.agent and h.start <= ts <= h.end + window}
+            halted = {a for a, hs in self._by_agent.items() if any(h.start <= ts <= h.end + window for h in hs)}
             target = next((a for a in sorted(halted) if self._runtime_of(a, ev.resource)), "")
             how = f"{ev.action} {ev.resource}"
         else:
@@ -221,7 +236,12 @@ class PeerPreservation(Detector):
         self._tampering.expire(watermark)
         # a halt that ended long ago can no longer make anything a finding
         horizon = watermark - self.config.shield_window_s - self.policy.allowed_lateness_s
-        self._halts = [h for h in self._halts if h.end >= horizon]
+        if horizon > self._prune_at:
+            kept, self._halts, self._by_agent, self._broad = self._halts, [], {}, []
+            self._prune_at = math.inf
+            for h in kept:
+                if h.end >= horizon:
+                    self._add_halt(h)
         return []
 
     def to_state(self, enc: st.Encoder) -> dict[str, Any]:
@@ -233,6 +253,6 @@ class PeerPreservation(Detector):
 
     def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
         for cmd, start, end, agent, tenant, scope, ev in st.seq(data.get("halts", [])):
-            self._halts.append(_Halt(st.text(cmd), st.num(start), st.num(end), st.text(agent), st.text(tenant),
-                                     tuple(st.texts(scope)), dec.event(ev)))
+            self._add_halt(_Halt(st.text(cmd), st.num(start), st.num(end), st.text(agent), st.text(tenant),
+                                 tuple(st.texts(scope)), dec.event(ev)))
         self._tampering.load_state(data.get("tampering", []), lambda f: Finding.from_state(f, dec))

@@ -214,6 +214,10 @@ class Policy(_Strict):
     allowed_lateness_s: float = Field(
         30.0, ge=0, description="how long a late or out-of-order event still counts in its window"
     )
+    dedup_window_s: float = Field(
+        600.0, gt=0, description="a redelivered event id is recognised this long (plus twice the allowed lateness) "
+        "of event time after the first; memory and state snapshots hold rate x window of ids"
+    )
     detectors: DetectorsConfig = Field(default_factory=DetectorsConfig)
     join: JoinConfig = Field(default_factory=JoinConfig)
     identity_map: list[IdentityMapEntry] = Field(
