@@ -73,10 +73,10 @@ async def missing_topics(bootstrap: str, topics: list[str], *, timeout_s: float 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
                                 **(security or {}))
     try:
-        await asyncio.wait_for(admin.start(), timeout_s)
+        await _start(admin, bootstrap, timeout_s)
         existing = set(await admin.list_topics())
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-        raise BrokerError(f"Kafka broker unreachable at {bootstrap}: {exc or type(exc).__name__}") from None
+    except KafkaError as exc:
+        raise BrokerError(f"Kafka broker at {bootstrap}: {exc or type(exc).__name__}") from None
     finally:
         await _close(admin)
     return [t for t in topics if t not in existing]
@@ -121,10 +121,10 @@ async def ensure_topics(
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
                                 **(security or {}))
     try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        await _start(admin, bootstrap, timeout_s)
+    except BrokerError:
         await _close(admin)
-        raise BrokerError(f"Kafka broker unreachable at {bootstrap}: {exc or type(exc).__name__}") from None
+        raise
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -151,6 +151,34 @@ async def ensure_topics(
             await asyncio.sleep(0.2)
     finally:
         await _close(admin)
+
+
+class _LastError(logging.Handler):
+    """Keeps aiokafka's connection errors (why bootstrapping failed: bad credentials, an
+    untrusted certificate) instead of printing them, for one BrokerError line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
+async def _start(admin: AIOKafkaAdminClient, bootstrap: str, timeout_s: float) -> None:
+    """Start an admin client; a BrokerError saying why on one line if it cannot connect."""
+    aiokafka_log = logging.getLogger("aiokafka")
+    caught = _LastError()
+    aiokafka_log.addHandler(caught)
+    propagate, aiokafka_log.propagate = aiokafka_log.propagate, False
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        why = caught.message or str(exc) or type(exc).__name__
+        raise BrokerError(f"Kafka broker unreachable at {bootstrap}: {' '.join(why.split())[:400]}") from None
+    finally:
+        aiokafka_log.removeHandler(caught)
+        aiokafka_log.propagate = propagate
 
 
 async def _close(admin: AIOKafkaAdminClient) -> None:

@@ -1,0 +1,143 @@
+"""Worker and agent client through the real broker's SASL_SSL listener.
+
+The test makes its own CA and certificates with openssl/keytool, starts the
+project's broker with a SASL_SSL listener that requires client certificates
+(mutual TLS) and knows a SCRAM user, and runs the worker and the agent client
+through it with SCRAM-SHA-512, TLS verified against the CA (host name
+included): a retry loop the client reports is detected. A wrong password and
+a certificate the client does not trust each end ``agentwatch worker`` with a
+one-line error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentwatch_client import AgentClient
+from deploy.broker import SecureListener, running_broker
+from streams.control_plane import AGENT_KEYS_DIR
+from streams.kafka_security import kafka_options
+from streams.settings import load_settings
+from tests.live import REPO, LiveWorker
+
+pytestmark = pytest.mark.kafka
+
+USER, PASSWORD = "agentwatch-svc", "scram-Pa55-word"
+STORE_PASSWORD = "store-pass-123"
+
+
+def _run(*cmd: str, cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, timeout=120)
+
+
+def make_pki(d: Path, name: str = "ca") -> dict[str, Path]:
+    """A CA, a broker certificate for 127.0.0.1/localhost and a client certificate, signed by it."""
+    d.mkdir(parents=True, exist_ok=True)
+    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for who in ("broker", "client"):
+        _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key",
+             "-out", f"{who}.csr", cwd=d)
+        _run("openssl", "x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", f"{who}.crt", cwd=d)
+    _run("openssl", "pkcs12", "-export", "-in", "broker.crt", "-inkey", "broker.key", "-certfile", "ca.crt",
+         "-name", "broker", "-passout", f"pass:{STORE_PASSWORD}", "-out", "broker.p12", cwd=d)
+    _run("keytool", "-importcert", "-noprompt", "-alias", "ca", "-file", "ca.crt", "-keystore", "trust.p12",
+         "-storetype", "PKCS12", "-storepass", STORE_PASSWORD, cwd=d)
+    return {n: d / f for n, f in (("ca", "ca.crt"), ("keystore", "broker.p12"), ("truststore", "trust.p12"),
+                                  ("client_cert", "client.crt"), ("client_key", "client.key"))}
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, dict[str, Path]]]:
+    base = tmp_path_factory.mktemp("sasl")
+    pki = make_pki(base / "pki")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    listener = SecureListener(port=port, keystore=pki["keystore"], keystore_password=STORE_PASSWORD,
+                              users={USER: PASSWORD}, truststore=pki["truststore"],
+                              truststore_password=STORE_PASSWORD)
+    with running_broker(base / "broker", secure=listener, timeout=120) as info:
+        yield info.bootstrap, info.secure_bootstrap, pki
+
+
+def _env(secure: str, pki: dict[str, Path], **over: str) -> dict[str, str]:
+    env = {
+        "AGENTWATCH_BOOTSTRAP": secure,
+        "AGENTWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "AGENTWATCH_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "AGENTWATCH_KAFKA_SASL_USERNAME": USER,
+        "AGENTWATCH_KAFKA_SASL_PASSWORD": PASSWORD,
+        "AGENTWATCH_KAFKA_SSL_CAFILE": str(pki["ca"]),
+        "AGENTWATCH_KAFKA_SSL_CERTFILE": str(pki["client_cert"]),
+        "AGENTWATCH_KAFKA_SSL_KEYFILE": str(pki["client_key"]),
+    }
+    return {**env, **over}
+
+
+def test_worker_and_agent_client_detect_through_sasl_ssl(secure_broker, tmp_path: Path):
+    plain, secure, pki = secure_broker
+    env = _env(secure, pki)
+    # the LiveWorker's own produce/consume helpers use the PLAINTEXT listener; the worker
+    # itself (topics, faust, state rebuild) only knows the SASL_SSL one
+    with LiveWorker(plain, tmp_path, env=env) as w:
+        settings = load_settings(**{k.removeprefix("AGENTWATCH_").lower(): v for k, v in env.items()})
+        options = kafka_options(settings)
+        assert options["security_protocol"] == "SASL_SSL" and options["ssl_context"].check_hostname
+
+        async def agent() -> None:
+            from streams.control_plane import trusted_keys_text
+
+            s = w.settings
+            client = AgentClient("agent-sasl", secure, public_keys=trusted_keys_text(s, w.home),
+                                 events_topic=s.topic_events_in, control_topic=s.topic_control,
+                                 acks_topic=s.topic_acks, batch_interval_s=0.1, kafka_options=options,
+                                 ack_key=str(w.home / AGENT_KEYS_DIR / "agent-sasl.key"))
+            await client.start()
+            try:
+                for _ in range(6):
+                    client.record_tool_call("kubectl_apply", {"manifest": "payments.yaml"}, outcome="error",
+                                            error_type="Timeout")
+                    await asyncio.sleep(0.1)
+                await client.flush()
+            finally:
+                await client.stop()
+
+        asyncio.run(agent())
+        alerts = w.wait_alerts(lambda a: any(x.agent_id == "agent-sasl" for x in a), timeout=120)
+        assert any(a.agent_id == "agent-sasl" and a.detector == "retry_loop" for a in alerts), w.log_tail()
+
+
+def _worker_fails(env: dict[str, str], home: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "streams.cli", "worker"], cwd=REPO, text=True,
+                          capture_output=True, timeout=180,
+                          env={**os.environ, **env, "AGENTWATCH_HOME": str(home), "AGENTWATCH_WEB_PORT": "0"})
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-2000:]
+    return lines[0]
+
+
+def test_wrong_password_is_a_one_line_error(secure_broker, tmp_path: Path):
+    _, secure, pki = secure_broker
+    line = _worker_fails(_env(secure, pki, AGENTWATCH_KAFKA_SASL_PASSWORD="not-the-password"), tmp_path)
+    assert "authentication" in line.lower(), line
+    assert "not-the-password" not in line
+
+
+def test_untrusted_broker_certificate_is_a_one_line_error(secure_broker, tmp_path: Path):
+    _, secure, pki = secure_broker
+    other = make_pki(tmp_path / "other", name="someone-else")
+    line = _worker_fails(_env(secure, pki, AGENTWATCH_KAFKA_SSL_CAFILE=str(other["ca"])), tmp_path)
+    assert "certificate" in line.lower(), line
