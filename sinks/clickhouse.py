@@ -221,6 +221,30 @@ def _redact(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Days each kind of data is kept (0 = forever): AGENTWATCH_RETENTION_*_DAYS."""
+
+    events_days: int = 90
+    alerts_days: int = 365
+    dlq_days: int = 30
+
+    def rules(self) -> list[tuple[str, str, int]]:
+        """(table, time column, days).
+
+        Rows age from when they were stored, not from their event time: replaying last
+        year's recordings into the store keeps them for the retention period instead of
+        dropping them on arrival. The per-minute rollups carry only the minute.
+        """
+        return [
+            ("events", "inserted_at", self.events_days),
+            ("events_per_minute", "minute", self.events_days),
+            ("alerts", "inserted_at", self.alerts_days),
+            ("dlq", "received_at", self.dlq_days),
+            ("dlq_per_minute", "minute", self.dlq_days),
+        ]
+
+
 def split_statements(sql: str) -> list[str]:
     """Split a DDL script on ';' after dropping ``--`` comment lines (the
     schema's convention: no ';' inside statements or comments)."""
@@ -277,6 +301,32 @@ class ClickHouseStore:
         for stmt in split_statements(default_schema() if sql is None else sql):
             head = " ".join(stmt.split()[:6])
             self._run(f"applying schema ({head} ...)", lambda: self.client.command(stmt))
+
+    def apply_retention(self, retention: Retention) -> None:
+        """Set each table's TTL to the configured retention (0 days = keep forever).
+
+        Only a changed TTL is altered, with materialize_ttl_after_modify off: a
+        restart must not rewrite every part of a large table; old parts age out
+        as they merge (``ALTER TABLE ... MATERIALIZE TTL`` forces it).
+        """
+        for table, column, days in retention.rules():
+            row = self._run("reading table TTLs", lambda: self.client.query(
+                "SELECT engine_full FROM system.tables WHERE database = 'agentwatch' AND name = {t:String}",
+                parameters={"t": table})).result_rows
+            if not row:
+                continue
+            engine = str(row[0][0])
+            current = re.search(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|$)", engine)
+            if days <= 0:
+                if current:
+                    self._run(f"removing the TTL of {table}",
+                              lambda: self.client.command(f"ALTER TABLE agentwatch.{table} REMOVE TTL"))
+                continue
+            if current and f"toIntervalDay({days})" in current.group(1) and column in current.group(1):
+                continue
+            sql = f"ALTER TABLE agentwatch.{table} MODIFY TTL toDateTime({column}) + INTERVAL {days} DAY"
+            self._run(f"setting the TTL of {table}", lambda: self.client.command(
+                sql, settings={"materialize_ttl_after_modify": 0}))
 
     def insert_events(self, events: Sequence[Event]) -> None:
         if not events:

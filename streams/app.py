@@ -41,7 +41,16 @@ from detectors.policy import Policy, PolicyWatcher
 from schemas.alerts import Alert, Mode
 from schemas.errors import StoreError
 from schemas.events import Event, events_from_json, events_to_json
-from sinks.clickhouse import AlertSink, ClickHouseStore, DlqRecord, DlqSink, EventSink, KillSwitchSink, open_store
+from sinks.clickhouse import (
+    AlertSink,
+    ClickHouseStore,
+    DlqRecord,
+    DlqSink,
+    EventSink,
+    KillSwitchSink,
+    Retention,
+    open_store,
+)
 from streams import faults
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
@@ -143,6 +152,8 @@ class Pipeline:
         def _open() -> ClickHouseStore:
             store = open_store(self.settings.dsn)
             store.apply_schema()
+            s = self.settings
+            store.apply_retention(Retention(s.retention_events_days, s.retention_alerts_days, s.retention_dlq_days))
             return store
 
         self.store = self._db.submit(_open).result()

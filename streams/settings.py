@@ -89,6 +89,10 @@ class Settings(ControlSettings):
         "https://github.com/agentwatch/agentwatch/blob/main/docs/runbooks",
         description="where docs/runbooks is served; alerts link to <this>/<detector>.md",
     )
+    retention_events_days: int = Field(90, ge=0, description="days events (and their per-minute rollups) are "
+                                       "kept in ClickHouse; 0 = forever")
+    retention_alerts_days: int = Field(365, ge=0, description="days alerts are kept; 0 = forever")
+    retention_dlq_days: int = Field(30, ge=0, description="days dead letters (their raw bytes) are kept; 0 = forever")
     web_host: str = Field("127.0.0.1", description="bind address of /metrics and the read-only /query endpoint")
     web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics and /query; 0 = pick a free port")
     # -- audit sources: how PostgreSQL writes its log, identity in Kafka headers (docs/join.md) --

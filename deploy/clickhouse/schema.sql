@@ -262,3 +262,51 @@ SELECT
     correlation['join.audit_event_id'] AS audit_event_id
 FROM agentwatch.events FINAL
 WHERE kind = 'tool_call' AND mapContains(attributes, 'join');
+
+-- Per-minute activity, maintained by a materialized view as events are inserted:
+-- what the dashboards read for rates and tokens instead of scanning every event.
+-- SummingMergeTree adds rows with the same key at merge time, so read it with
+-- sum() and GROUP BY. Counts include a redelivered event twice when its batch was
+-- not deduplicated at insert (rare); exact figures come from events FINAL.
+CREATE TABLE IF NOT EXISTS agentwatch.events_per_minute
+(
+    minute        DateTime('UTC'),
+    tenant        LowCardinality(String),
+    agent_id      String,
+    kind          LowCardinality(String),
+    source        LowCardinality(String),
+    tool_name     LowCardinality(String),
+    outcome       LowCardinality(String),
+    model         LowCardinality(String),
+    events        UInt64,
+    input_tokens  UInt64,
+    output_tokens UInt64,
+    cost_usd      Float64
+)
+ENGINE = SummingMergeTree
+PARTITION BY toYYYYMM(minute)
+ORDER BY (minute, tenant, agent_id, kind, source, tool_name, outcome, model);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS agentwatch.events_per_minute_mv TO agentwatch.events_per_minute AS
+SELECT
+    toStartOfMinute(ts) AS minute, tenant, agent_id, kind, source, tool_name, outcome, model,
+    count() AS events, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+    sum(ifNull(cost_usd, 0)) AS cost_usd
+FROM agentwatch.events
+GROUP BY minute, tenant, agent_id, kind, source, tool_name, outcome, model;
+
+-- Dead letters per minute and topic (the pipeline-health dashboard).
+CREATE TABLE IF NOT EXISTS agentwatch.dlq_per_minute
+(
+    minute  DateTime('UTC'),
+    topic   LowCardinality(String),
+    source  LowCardinality(String),
+    records UInt64
+)
+ENGINE = SummingMergeTree
+ORDER BY (minute, topic, source);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS agentwatch.dlq_per_minute_mv TO agentwatch.dlq_per_minute AS
+SELECT toStartOfMinute(received_at) AS minute, topic, source, count() AS records
+FROM agentwatch.dlq
+GROUP BY minute, topic, source
