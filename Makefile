@@ -43,7 +43,7 @@ test: system-deps $(BIN)/agentwatch
 	$(BIN)/pytest -q -ra
 
 bench: system-deps $(BIN)/agentwatch
-	$(BIN)/agentwatch bench
+	$(BIN)/agentwatch bench $(BENCH_ARGS)
 
 clean:
 	-$(BIN)/agentwatch broker down

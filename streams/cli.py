@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from schemas.errors import AgentwatchError
+from schemas.errors import AgentwatchError, ConfigError
 
 try:
     from streams.settings import Settings, describe_settings, load_settings
@@ -123,7 +123,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from streams.bench import run_bench
 
-    return run_bench(settings, events=args.events, per_message=args.per_message)
+    peers = tuple(p for p in args.peers.split(",") if p and p != "none")
+    unknown = set(peers) - {"faust", "quix"}
+    if unknown:
+        raise ConfigError("--peers", f"unknown peer {sorted(unknown)[0]!r}; choose from faust, quix, none")
+    return run_bench(settings, events=args.events, per_message=args.per_message, duration_s=args.duration,
+                     peer_names=peers)
 
 
 def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
@@ -229,9 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-running", action="store_true", help="leave the broker and worker running afterwards")
     d.set_defaults(fn=_demo)
 
-    be = sub.add_parser("bench", help="pipeline throughput next to raw aiokafka consume, on the local broker")
-    be.add_argument("--events", type=int, default=200_000)
-    be.add_argument("--per-message", type=int, default=100, help="events carried by one Kafka message")
+    be = sub.add_parser("bench", help="pipeline throughput, latency and memory next to a plain loop, faust and "
+                        "Quix Streams, on the local broker (see docs/benchmarks.md)")
+    be.add_argument("--events", type=int, default=100_000, help="OTLP spans in the throughput input")
+    be.add_argument("--per-message", type=int, default=100, help="spans carried by one Kafka message")
+    be.add_argument("--duration", type=float, default=20.0,
+                    help="seconds of the live phase at half the pipeline's rate (latency, kill switch, memory); "
+                    "1200 for the 20-minute run, 0 to skip")
+    be.add_argument("--peers", default="faust,quix", help="peers to run: faust,quix (default), or none")
     be.set_defaults(fn=_bench)
 
     k = sub.add_parser("killswitch", help="issue, lift or list signed kill-switch commands")

@@ -1,0 +1,338 @@
+"""The agentwatch pipeline under the bench: a real worker process on the bench's topics.
+
+Throughput: the worker reads the pre-filled spans and audit topics from the
+start; its rate is spans (+ audit records) through the detectors per second,
+from the first detected event to the last, read from its /metrics.
+
+Live phase, same worker, afterwards: fresh traffic at half that rate with
+event time = now, and every few seconds a looping agent whose halt is
+received by a real AgentClient. Measured, all on this host's wall clock:
+
+* detection latency: the looping message's produce call -> the retry_loop
+  alert read from the alerts topic (producer linger, broker, the worker's
+  batching and its three stages, the alert's publication and the bench's
+  fetch are all inside);
+* kill switch: that alert's arrival -> the agent client's ``on_halt``;
+* the worker's RSS, sampled every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from schemas.alerts import Alert
+from schemas.control import KillSwitchCommand, generate_keypair
+from schemas.errors import AgentwatchError
+from streams.bench.peers import progress, progress_done
+from streams.bench.workload import CHILDREN, POLICY, TraceWriter, Workload, clock_message, llm, loop_trace, tool
+from streams.client import AgentClient
+from streams.settings import Settings
+from streams.worker import WorkerInfo, running_worker
+
+METRICS_TIMEOUT_S = 30.0  # a worker busy with a large batch answers late: that is not a failure
+STALL_S = 180.0
+
+
+@dataclass
+class PipelineResult:
+    seconds: float = 0.0
+    alerts: dict[str, int] = field(default_factory=dict)
+    latency_s: list[tuple[float, float]] = field(default_factory=list)  # (since live start, latency)
+    killswitch_s: list[float] = field(default_factory=list)
+    rss: list[tuple[float, int]] = field(default_factory=list)  # (since live start, bytes)
+    live_rate: float = 0.0
+    live_loops: int = 0
+    live_alerts: int = 0
+    live_halts: int = 0
+    home: Path | None = None
+    # the worker's own account of the throughput input: late events per stage, DLQ records
+    late: dict[str, float] = field(default_factory=dict)
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Worker:
+    """A worker subprocess with its own home, topics and signing key."""
+
+    def __init__(self, settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="agentwatch-bench-"))
+        run = uuid.uuid4().hex[:6]
+        policy = self.home / "policy.yaml"
+        policy.write_text(POLICY)
+        self.private_key, self.public_key = generate_keypair()
+        self.env = {**os.environ, "AGENTWATCH_BOOTSTRAP": bootstrap, "AGENTWATCH_HOME": str(self.home),
+                    "AGENTWATCH_APP_ID": f"bench-{run}", "AGENTWATCH_TOPIC_OTLP": spans_topic,
+                    "AGENTWATCH_TOPIC_AUDIT_IN": audit_topic, "AGENTWATCH_WEB_PORT": "0",
+                    "AGENTWATCH_CLICKHOUSE_DSN": f"chdb://{self.home / 'clickhouse'}", "AGENTWATCH_PARTITIONS": "1",
+                    "AGENTWATCH_POLICY_FILE": str(policy), "AGENTWATCH_CONTROL_PRIVATE_KEY": self.private_key,
+                    "AGENTWATCH_KILLSWITCH_ACK_DEADLINE_S": "5"}
+        self.topics: dict[str, str] = {}
+        for name in ("events_in", "dlq", "alerts", "shadow_alerts", "by_trace", "by_agent", "control", "acks"):
+            self.topics[name] = self.env[f"AGENTWATCH_TOPIC_{name.upper()}"] = f"bench.{run}.{name}"
+        self.settings = settings.with_overrides(home=self.home, clickhouse_dsn=self.env["AGENTWATCH_CLICKHOUSE_DSN"])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: WorkerInfo | None = None
+
+    def start(self) -> None:
+        self.log = (self.home / "worker.log").open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    async def wait_ready(self) -> WorkerInfo:
+        deadline = time.monotonic() + 180
+        while self.info is None:
+            self.check()
+            if time.monotonic() > deadline:
+                raise AgentwatchError(f"the bench worker did not start; see {self.home / 'worker.log'}")
+            await asyncio.sleep(0.3)
+            self.info = running_worker(self.settings)
+        return self.info
+
+    def check(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AgentwatchError(f"the bench worker exited ({self.proc.returncode}); see {self.home / 'worker.log'}")
+
+    async def metrics(self) -> str | None:
+        """/metrics text, or None when the worker did not answer in time (retried by the caller)."""
+        assert self.info is not None
+        url = self.info.url + "/metrics"
+
+        def get() -> str | None:
+            try:
+                with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as r:
+                    return r.read().decode()
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                return None
+
+        return await asyncio.to_thread(get)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.close()
+
+
+class AlertLog:
+    """Every alert on the alerts topic, with its arrival time (wall clock)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.ids: dict[str, set[str]] = defaultdict(set)
+        self.arrived: dict[tuple[str, str], float] = {}  # (detector, agent) -> first arrival
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
+                                    enable_auto_commit=False, group_id=f"bench-alerts-{uuid.uuid4().hex[:8]}")
+        await consumer.start()
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=200)
+                now = time.time()
+                for records in batches.values():
+                    for r in records:
+                        try:
+                            a = Alert.model_validate_json(r.value)
+                        except ValueError:
+                            continue
+                        self.ids[a.detector].add(a.alert_id)
+                        self.arrived.setdefault((a.detector, a.agent_id), now)
+        finally:
+            await consumer.stop()
+
+    def counts(self) -> dict[str, int]:
+        return {d: len(ids) for d, ids in self.ids.items()}
+
+
+def _labelled(text: str, name: str, label: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf'^{name}{{[^}}]*{label}="([^"]*)"[^}}]*}} (\S+)$', text, re.M)}
+
+
+async def _throughput(w: Worker, alerts: AlertLog, wl: Workload, res: PipelineResult) -> float:
+    target = wl.spans + wl.audit_records
+    ready = time.perf_counter()
+    first_t: float | None = None
+    first_n = n = 0.0
+    last_progress = time.monotonic()
+    text: str | None = None
+    while n < target:
+        await asyncio.sleep(0.5)
+        w.check()
+        text = await w.metrics()
+        now = time.perf_counter()
+        if text is not None:
+            m = _metric(text, "agentwatch_events_detected_total")
+            if m > n:
+                last_progress = time.monotonic()
+                if first_t is None:
+                    first_t, first_n = now, m
+                n = m
+        if time.monotonic() - last_progress > STALL_S:
+            raise AgentwatchError(f"pipeline stalled at {n:,.0f}/{target:,} events; see {w.home / 'worker.log'}")
+        progress(f"agentwatch pipeline: {n:,.0f}/{target:,} events, {sum(alerts.counts().values())} alerts")
+    progress_done(f"agentwatch pipeline: {target:,} events")
+    if text is not None:
+        res.late = _labelled(text, "agentwatch_late_events_total", "stage")
+    done = time.perf_counter()
+    assert first_t is not None
+    if first_n <= target / 2:
+        # the first poll that saw events already counted first_n of them: the rate over the rest
+        return max(done - first_t, 1e-6) * target / (target - first_n)
+    return done - ready  # an input this small is gone in one batch: count the worker's start-up too
+
+
+async def _await_alerts(alerts: AlertLog, expected: dict[str, int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = alerts.counts()
+        if all(got.get(d, 0) >= n for d, n in expected.items()):
+            return
+        progress(f"waiting for alerts: {sum(got.values())}/{sum(expected.values())}")
+        await asyncio.sleep(0.5)
+
+
+async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, rate: float, duration_s: float,
+                res: PipelineResult) -> None:
+    loops = int(min(30, max(2, duration_s // 2)))
+    interval = duration_s / loops
+    halted: dict[str, float] = {}
+    clients: dict[str, AgentClient] = {}
+
+    def on_halt_of(agent: str):  # type: ignore[no-untyped-def]
+        def on_halt(cmd: KillSwitchCommand) -> None:
+            halted.setdefault(agent, time.time())
+        return on_halt
+
+    # each client says it obeyed a halt: expected here, and it would break the progress line
+    logging.getLogger("agentwatch.client").setLevel(logging.ERROR)
+    progress(f"live phase: starting {loops} agent clients")
+    for k in range(loops):
+        agent = f"live-loop-{k:02d}"
+        clients[agent] = AgentClient(agent, bootstrap, public_keys=w.public_key, on_halt=on_halt_of(agent),
+                                     events_topic=w.topics["events_in"], control_topic=w.topics["control"],
+                                     acks_topic=w.topics["acks"])
+    await asyncio.gather(*(c.start() for c in clients.values()))
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=8 << 20)
+    await producer.start()
+    rng = random.Random(7)
+    produced_at: dict[str, float] = {}
+    pid = w.proc.pid if w.proc else 0
+    try:
+        start = time.time()
+        sent_spans = 0
+        next_loop = interval / 2
+        next_rss = 0.0
+        pool = [f"live-agent-{i:03d}" for i in range(100)]
+        i = 0
+        while (elapsed := time.time() - start) < duration_s:
+            # pace: the spans sent so far should have taken sent/rate seconds
+            ahead = sent_spans / rate - elapsed
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            w.check()
+            wr = TraceWriter(rng)
+            now_ns = time.time_ns()
+            for _ in range(max(1, 100 // (CHILDREN + 1))):
+                children = [tool("search_docs", f'{{"q": {i}, "c": {c}}}') for c in range(6)] + [llm(10)] * 3
+                wr.trace(pool[i % len(pool)], now_ns, children)
+                i += 1
+            loop_agent = ""
+            if elapsed >= next_loop and len(produced_at) < loops:
+                loop_agent = f"live-loop-{len(produced_at):02d}"
+                loop_trace(wr, loop_agent, now_ns)
+                next_loop += interval
+            msg = wr.take()
+            if loop_agent:
+                produced_at[loop_agent] = time.time()
+            await producer.send(spans_topic, msg.value, timestamp_ms=msg.ts_ms)
+            sent_spans += msg.spans
+            if elapsed >= next_rss:
+                res.rss.append((elapsed, _rss(pid)))
+                next_rss += 1.0
+            progress(f"live phase at {rate:,.0f} spans/s: {elapsed:,.0f}/{duration_s:,.0f}s, "
+                     f"{len(produced_at)} loops, {len(halted)} halts")
+        res.live_rate = sent_spans / max(time.time() - start, 1e-6)
+        await producer.flush()
+        # the last loops' alerts and halts
+        deadline = time.time() + 60
+        while time.time() < deadline and (
+                len(halted) < len(produced_at)
+                or any(("retry_loop", a) not in alerts.arrived for a in produced_at)):
+            await asyncio.sleep(0.2)
+        for agent, t in produced_at.items():
+            got = alerts.arrived.get(("retry_loop", agent))
+            if got is not None:
+                res.latency_s.append((t - start, got - t))
+                if agent in halted:
+                    res.killswitch_s.append(halted[agent] - got)
+        res.live_loops, res.live_halts = len(produced_at), len(halted)
+        res.live_alerts = sum(1 for a in produced_at if ("retry_loop", a) in alerts.arrived)
+        progress_done(f"live phase: {res.live_loops} loops, {res.live_alerts} alerts, {res.live_halts} halts")
+    finally:
+        await producer.stop()
+        await asyncio.gather(*(c.stop() for c in clients.values()), return_exceptions=True)
+
+
+async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, wl: Workload,
+                       duration_s: float) -> PipelineResult:
+    w = Worker(settings, bootstrap, spans_topic, audit_topic)
+    res = PipelineResult(home=w.home)
+    progress("agentwatch pipeline: starting a worker")
+    w.start()
+    try:
+        await w.wait_ready()
+        alerts = AlertLog(bootstrap, w.topics["alerts"])
+        reader = asyncio.create_task(alerts.run())
+        try:
+            res.seconds = await _throughput(w, alerts, wl, res)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+            await producer.start()
+            try:
+                clock = clock_message(random.Random(5), time.time_ns())
+                await producer.send_and_wait(spans_topic, clock.value, timestamp_ms=clock.ts_ms)
+            finally:
+                await producer.stop()
+            await _await_alerts(alerts, wl.expected, 90)
+            res.alerts = alerts.counts()
+            if duration_s > 0:
+                rate = (wl.spans / res.seconds) / 2
+                await _live(w, alerts, bootstrap, spans_topic, rate, duration_s, res)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        w.stop()
+    return res
