@@ -26,7 +26,7 @@ def test_bench_prints_every_row_and_the_planted_incidents_fire(kafka_bootstrap: 
     settings = Settings(bootstrap=kafka_bootstrap, home=tmp_path)
     out = io.StringIO()
     with redirect_stdout(out):
-        code = run_bench(settings, events=2000, per_message=100, duration_s=3.0, peer_names=())
+        code = run_bench(settings, events=2000, per_message=100, duration_s=2.0, peer_names=(), state_agents=200)
     table = out.getvalue()
     print(table)
     for row in ROWS:
