@@ -19,9 +19,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -51,11 +52,11 @@ def progress_done(text: str) -> None:
 
 
 async def consume(bootstrap: str, topic: str, messages: int, handle: Callable[[bytes], None] | None,
-                  label: str) -> float:
+                  label: str, security: Mapping[str, Any]) -> float:
     """Seconds from the first record to the last, reading ``messages`` records with aiokafka."""
     # assigned, not subscribed: no group join inside the timing, and the clock starts at the first fetch
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20)
+                                max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20, **security)
     await consumer.start()
     got = 0
     try:
@@ -76,24 +77,25 @@ async def consume(bootstrap: str, topic: str, messages: int, handle: Callable[[b
         await consumer.stop()
 
 
-async def raw(bootstrap: str, topic: str, messages: int) -> PeerResult:
-    return PeerResult(await consume(bootstrap, topic, messages, None, "raw consume"))
+async def raw(bootstrap: str, topic: str, messages: int, security: Mapping[str, Any]) -> PeerResult:
+    return PeerResult(await consume(bootstrap, topic, messages, None, "raw consume", security))
 
 
-async def raw_decode(bootstrap: str, topic: str, messages: int, spans: int) -> PeerResult:
+async def raw_decode(bootstrap: str, topic: str, messages: int, spans: int,
+                     security: Mapping[str, Any]) -> PeerResult:
     decoded = 0
 
     def handle(value: bytes) -> None:
         nonlocal decoded
         decoded += len(decode_otlp(value).events)
 
-    seconds = await consume(bootstrap, topic, messages, handle, "raw + decode")
+    seconds = await consume(bootstrap, topic, messages, handle, "raw + decode", security)
     if decoded != spans:
         raise AgentwatchError(f"the OTLP decoder returned {decoded} events for {spans} spans")
     return PeerResult(seconds)
 
 
-async def ceiling(bootstrap: str, topic: str, messages: int) -> PeerResult:
+async def ceiling(bootstrap: str, topic: str, messages: int, security: Mapping[str, Any]) -> PeerResult:
     counter = LoopCounter()
     add = counter.add
 
@@ -101,7 +103,7 @@ async def ceiling(bootstrap: str, topic: str, messages: int) -> PeerResult:
         for agent, tool, args, ts_ms in tool_calls(value):
             add((agent, tool, args), ts_ms)
 
-    seconds = await consume(bootstrap, topic, messages, handle, "plain loop")
+    seconds = await consume(bootstrap, topic, messages, handle, "plain loop", security)
     return PeerResult(seconds, len(counter.loops))
 
 

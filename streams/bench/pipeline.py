@@ -31,8 +31,10 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -149,14 +151,15 @@ class Worker:
 class AlertLog:
     """Every alert on the alerts topic, with its arrival time (wall clock)."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+    def __init__(self, bootstrap: str, topic: str, security: Mapping[str, Any]) -> None:
+        self.bootstrap, self.topic, self.security = bootstrap, topic, security
         self.ids: dict[str, set[str]] = defaultdict(set)
         self.arrived: dict[tuple[str, str], float] = {}  # (detector, agent) -> first arrival
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest",
-                                    enable_auto_commit=False, group_id=f"bench-alerts-{uuid.uuid4().hex[:8]}")
+                                    enable_auto_commit=False, group_id=f"bench-alerts-{uuid.uuid4().hex[:8]}",
+                                    **self.security)
         await consumer.start()
         try:
             while True:
@@ -178,7 +181,8 @@ class AlertLog:
 
 
 def _labelled(text: str, name: str, label: str) -> dict[str, float]:
-    return {m.group(1): float(m.group(2)) for m in re.finditer(rf'^{name}{{[^}}]*{label}="([^"]*)"[^}}]*}} (\S+)$', text, re.M)}
+    pattern = rf'^{name}{{[^}}]*{label}="([^"]*)"[^}}]*}} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
 
 
 async def _throughput(w: Worker, alerts: AlertLog, wl: Workload, res: PipelineResult) -> float:
@@ -225,7 +229,7 @@ async def _await_alerts(alerts: AlertLog, expected: dict[str, int], timeout_s: f
 
 
 async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, rate: float, duration_s: float,
-                res: PipelineResult) -> None:
+                res: PipelineResult, security: Mapping[str, Any]) -> None:
     loops = int(min(30, max(2, duration_s // 2)))
     interval = duration_s / loops
     halted: dict[str, float] = {}
@@ -243,9 +247,11 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
         agent = f"live-loop-{k:02d}"
         clients[agent] = AgentClient(agent, bootstrap, public_keys=w.public_key, on_halt=on_halt_of(agent),
                                      events_topic=w.topics["events_in"], control_topic=w.topics["control"],
-                                     acks_topic=w.topics["acks"])
+                                     acks_topic=w.topics["acks"], kafka_options=security,
+                                     # its ack key's public half lands where the worker looks for it
+                                     ack_key=str(w.home / "keys" / "agents" / f"{agent}.key"))
     await asyncio.gather(*(c.start() for c in clients.values()))
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=8 << 20)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=8 << 20, **security)
     await producer.start()
     rng = random.Random(7)
     produced_at: dict[str, float] = {}
@@ -307,18 +313,18 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
 
 
 async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, wl: Workload,
-                       duration_s: float) -> PipelineResult:
+                       duration_s: float, security: Mapping[str, Any]) -> PipelineResult:
     w = Worker(settings, bootstrap, spans_topic, audit_topic)
     res = PipelineResult(home=w.home)
     progress("agentwatch pipeline: starting a worker")
     w.start()
     try:
         await w.wait_ready()
-        alerts = AlertLog(bootstrap, w.topics["alerts"])
+        alerts = AlertLog(bootstrap, w.topics["alerts"], security)
         reader = asyncio.create_task(alerts.run())
         try:
             res.seconds = await _throughput(w, alerts, wl, res)
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **security)
             await producer.start()
             try:
                 clock = clock_message(random.Random(5), time.time_ns())
@@ -329,7 +335,7 @@ async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, aud
             res.alerts = alerts.counts()
             if duration_s > 0:
                 rate = (wl.spans / res.seconds) / 2
-                await _live(w, alerts, bootstrap, spans_topic, rate, duration_s, res)
+                await _live(w, alerts, bootstrap, spans_topic, rate, duration_s, res, security)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import statistics
 import subprocess
 import sys
 import time
 import tracemalloc
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 from aiokafka import AIOKafkaProducer
@@ -24,6 +27,7 @@ from detectors.engine import DetectionEngine
 from detectors.policy import parse_policy
 from schemas.decoders.otlp import decode_otlp
 from schemas.errors import AgentwatchError
+from schemas.events import Event
 from streams.bench import peers
 from streams.bench.pipeline import PipelineResult, run_pipeline
 from streams.bench.workload import NS, POLICY, Message, TraceWriter, Workload, input_end_ns, llm, make_workload, tool
@@ -50,9 +54,9 @@ class Row:
     note: str = ""
 
 
-async def _produce(bootstrap: str, topic: str, messages: list[Message]) -> None:
+async def _produce(bootstrap: str, topic: str, messages: list[Message], security: Mapping[str, Any]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20,
-                                max_request_size=8 << 20)
+                                max_request_size=8 << 20, **security)
     await producer.start()
     try:
         futs = [await producer.send(topic, m.value, timestamp_ms=m.ts_ms) for m in messages]
@@ -74,16 +78,8 @@ def state_per_agent(agents: int = 2000) -> tuple[float, float]:
     they close. The events are decoded before tracing starts, so the events the windows hold are not in
     the figure, only the state that refers to them."""
     engine = DetectionEngine(parse_policy(yaml.safe_load(POLICY)))
-    import random
-
-    rng = random.Random(3)
     t0 = (time.time_ns() // (60 * NS)) * 60 * NS - 3600 * NS
-    events = []
-    for a in range(agents):
-        w = TraceWriter(rng)
-        w.trace(f"mem-agent-{a:05d}", t0 + a * 1_000_000,
-                [tool("search_docs", f'{{"q": {a}, "c": {c}}}') for c in range(6)] + [llm(20)] * 3)
-        events += decode_otlp(w.take().value).events
+    events = _fleet_events(agents, t0)
     gc.collect()
     tracemalloc.start()
     try:
@@ -99,11 +95,43 @@ def state_per_agent(agents: int = 2000) -> tuple[float, float]:
     return open_windows / agents, closed / agents
 
 
+def _fleet_events(agents: int, t0_ns: int) -> list[Event]:
+    """One trace (6 tool calls, 3 LLM calls) of each of ``agents`` agents, decoded."""
+    rng = random.Random(3)
+    events: list[Event] = []
+    for a in range(agents):
+        w = TraceWriter(rng)
+        w.trace(f"mem-agent-{a:05d}", t0_ns + a * 1_000_000,
+                [tool("search_docs", f'{{"q": {a}, "c": {c}}}') for c in range(6)] + [llm(20)] * 3)
+        events += decode_otlp(w.take().value).events
+    return events
+
+
+def redaction_cost(agents: int = 500) -> tuple[float, float]:
+    """Microseconds the ingest redaction adds per decoded event: the bench's events, and the
+    same with an API key in a URL attribute."""
+    from schemas.redact import DEFAULT
+
+    events = _fleet_events(agents, time.time_ns())
+    out = []
+    for secret in (False, True):
+        batch = [e.model_copy(deep=True) for e in events]
+        if secret:
+            for e in batch:
+                e.attributes["http.url"] = "https://api.example/v1/q?api_key=sk-proj-Ab3dEf6hIj9kLm2nOp5qRs"
+        t = time.perf_counter()
+        for e in batch:
+            DEFAULT.event(e)
+        out.append((time.perf_counter() - t) / len(batch) * 1e6)
+    return out[0], out[1]
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[float, float]) -> bool:
+def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[float, float],
+           redaction_us: tuple[float, float]) -> bool:
     """Print the table and the checks; True when every planted incident was detected as expected."""
     out = sys.stdout
     rate = {r.name: wl.spans / r.seconds for r in rows if r.seconds}
@@ -146,7 +174,8 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
               f"{pipe.live_alerts} alerted, {pipe.live_halts} halted", file=out)
         print(f"  detection latency (produce of the deciding span -> alert read from the alerts topic): "
               f"p50 {_pct(lat, 50) * 1000:,.0f} ms, p99 {_pct(lat, 99) * 1000:,.0f} ms", file=out)
-        print(f"  kill switch (alert read -> agent client's on_halt): p50 {_pct(pipe.killswitch_s, 50) * 1000:,.0f} ms, "
+        print(f"  kill switch (alert read -> agent client's on_halt): "
+              f"p50 {_pct(pipe.killswitch_s, 50) * 1000:,.0f} ms, "
               f"p99 {_pct(pipe.killswitch_s, 99) * 1000:,.0f} ms", file=out)
         half = len(pipe.latency_s) // 2
         if half:
@@ -161,6 +190,9 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
         ok &= pipe.live_alerts == pipe.live_loops
     print(f"  detector state per active agent (in-process engine, tracemalloc): {state[0]:,.0f} B with its "
           f"windows open, {state[1]:,.0f} B after they close", file=out)
+
+    print(f"  secret redaction at ingest: {redaction_us[0]:.1f} us per event without secrets, "
+          f"{redaction_us[1]:.1f} us per event carrying one", file=out)
 
     print("\ntargets (issue 10):", file=out)
     d = rate.get("raw consume + OTLP decode")
@@ -193,6 +225,7 @@ def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: 
               peer_names: tuple[str, ...] = PEERS, peer_timeout_s: float = 1800.0, state_agents: int = 2000) -> int:
     from deploy import broker
     from streams.kafka import ensure_topics
+    from streams.kafka_security import kafka_options
 
     bootstrap = settings.bootstrap
     started = False
@@ -208,31 +241,36 @@ def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: 
     wl = make_workload(events, per_message, end_ns=input_end_ns(time.time_ns()))
     rows: list[Row] = []
     try:
-        asyncio.run(ensure_topics(bootstrap, [spans_topic, audit_topic], 1))
+        security = kafka_options(settings)
+        asyncio.run(ensure_topics(bootstrap, [spans_topic, audit_topic], 1, security=security))
         t = time.perf_counter()
-        asyncio.run(_produce(bootstrap, spans_topic, wl.messages))
-        asyncio.run(_produce(bootstrap, audit_topic, wl.audits))
+        asyncio.run(_produce(bootstrap, spans_topic, wl.messages, security))
+        asyncio.run(_produce(bootstrap, audit_topic, wl.audits, security))
         print(f"produced {wl.spans:,} spans in {len(wl.messages):,} messages and {wl.audit_records:,} audit records "
               f"in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         n = len(wl.messages)
-        for name, measure in (("raw aiokafka consume", peers.raw(bootstrap, spans_topic, n)),
-                              ("raw consume + OTLP decode", peers.raw_decode(bootstrap, spans_topic, n, wl.spans)),
-                              ("plain-loop ceiling", peers.ceiling(bootstrap, spans_topic, n))):
+        for name, measure in (("raw aiokafka consume", peers.raw(bootstrap, spans_topic, n, security)),
+                              ("raw consume + OTLP decode",
+                               peers.raw_decode(bootstrap, spans_topic, n, wl.spans, security)),
+                              ("plain-loop ceiling", peers.ceiling(bootstrap, spans_topic, n, security))):
             r = asyncio.run(measure)
             rows.append(Row(name, r.seconds, r.loops))
-        pipe = asyncio.run(run_pipeline(settings, bootstrap, spans_topic, audit_topic, wl, duration_s))
+        pipe = asyncio.run(run_pipeline(settings, bootstrap, spans_topic, audit_topic, wl, duration_s, security))
         rows.append(Row("agentwatch pipeline", pipe.seconds, None, "all detectors, join, store"))
         for name in PEERS:
             label = {"faust": "faust peer", "quix": "Quix Streams peer"}[name]
-            if name not in peer_names:
-                rows.append(Row(label, None, note="skipped (--peers)"))
+            if name not in peer_names or security:
+                note = ("skipped (--peers)" if name not in peer_names
+                        else "skipped: the peers run on a plaintext broker only")
+                rows.append(Row(label, None, note=note))
                 continue
             try:
                 if name == "faust":
                     python, module = sys.executable, "streams.bench.faust_peer"
                 else:
                     python, module = str(peers.quix_python()), "streams.bench.quix_peer"
-                r = peers.run_peer(name, python, module, bootstrap, spans_topic, wl.tool_calls, peer_timeout_s)  # type: ignore[arg-type]
+                r = peers.run_peer(name, python, module, bootstrap, spans_topic,  # type: ignore[arg-type]
+                                   wl.tool_calls, peer_timeout_s)
             except (AgentwatchError, OSError, subprocess.CalledProcessError) as exc:
                 # a peer that cannot run is a row that says why, not a lost run
                 print(f"  {label}: {exc}", file=sys.stderr)
@@ -243,5 +281,5 @@ def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: 
         if started:
             broker.down(settings.broker_dir)
     state = state_per_agent(state_agents)
-    ok = report(wl, rows, pipe, state)
+    ok = report(wl, rows, pipe, state, redaction_cost())
     return 0 if ok else 1

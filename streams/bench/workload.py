@@ -101,7 +101,8 @@ class TraceWriter:
         rs.resource.attributes.append(_kv("service.name", f"svc-{rng.randint(1, 50)}"))
         self.scope = rs.scope_spans.add()
 
-    def trace(self, agent: str, t_ns: int, children: list[tuple[str, dict[str, str | int]]]) -> list[tuple[bytes, bytes]]:
+    def trace(self, agent: str, t_ns: int,
+              children: list[tuple[str, dict[str, str | int]]]) -> list[tuple[bytes, bytes]]:
         """One agent span with ``children`` (name, attributes); returns (trace_id, span_id) of each child."""
         trace_id, root = self.rng.randbytes(16), self.rng.randbytes(8)
         ids = []
@@ -144,7 +145,8 @@ def audit(principal: str, t_ns: int, trace_id: bytes, span_id: bytes, resource: 
 def audit_message(docs: list[dict[str, object]]) -> Message:
     """Native audit records as one JSON array: one audit message per spans message keeps both
     topics' event time advancing together when a worker reads a backlog of both."""
-    return Message(json.dumps(docs).encode(), int(max(float(d["ts"]) for d in docs) * 1000), len(docs))  # type: ignore[arg-type]
+    last_s = max(float(d["ts"]) for d in docs)  # type: ignore[arg-type]
+    return Message(json.dumps(docs).encode(), int(last_s * 1000), len(docs))
 
 
 def clock_message(rng: random.Random, t_ns: int) -> Message:
@@ -208,7 +210,8 @@ def make_workload(events: int, per_message: int, *, end_ns: int, agents: int = 1
             w.trace(SPIKE_AGENT, t + step_ns // 3, [llm(tokens)] * 3)
         if w.spans >= per_message or i == traces - 1:
             wl.messages.append(w.take())
-            now_due = [d for d in pending if float(d["ts"]) * NS <= t + step_ns or i == traces - 1]  # type: ignore[arg-type]
+            last = i == traces - 1
+            now_due = [d for d in pending if last or float(d["ts"]) * NS <= t + step_ns]  # type: ignore[arg-type]
             if now_due:
                 wl.audits.append(audit_message(now_due))
                 pending = [d for d in pending if d not in now_due]
