@@ -189,6 +189,7 @@ class Pipeline:
         app.on_before_shutdown.connect(self._on_before_shutdown)
         app.page("/metrics")(_view(get=self._metrics_view))
         app.page("/query")(_view(post=self._query_view))
+        app.on_before_shutdown.connect(self.query_api.on_shutdown)
         app.page("/healthz")(_view(get=self._health_view))
 
     def _fail_fast(self, stage: Callable[[Any], Any]) -> Callable[[Any], Any]:

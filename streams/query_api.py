@@ -91,11 +91,19 @@ class QueryApi:
         self._tags: set[str] = set()
 
     def close(self) -> None:
-        """Kill running queries (a stopping worker does not wait for them) and release the engine."""
-        for tag in list(self._tags):
-            self.engine.cancel(tag)
+        """Kill running queries and release the engine."""
+        self.kill_running()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
+
+    def kill_running(self) -> None:
+        for tag in list(self._tags):
+            self.engine.cancel(tag)
+
+    async def on_shutdown(self, *_: Any, **__: Any) -> None:
+        """The worker is stopping: its web server waits for open requests, so end them now."""
+        if self._tags:
+            await asyncio.get_running_loop().run_in_executor(None, self.kill_running)
 
     def check(self, headers: Any) -> Answer | None:
         """Why a request is refused before its body is read, or None."""

@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 
 from schemas.alerts import Alert
-from schemas.control import KillSwitchCommand, Target, generate_keypair, load_private_key, sign
+from agentwatch_client.wire import agent_key
+from schemas.control import (
+    AckStatus,
+    ControlAck,
+    KillSwitchCommand,
+    Target,
+    generate_keypair,
+    load_private_key,
+    sign,
+)
 from sinks.control import ControlPublisher
 from streams.client import AgentClient
 from streams.control_plane import AGENT_KEYS_DIR
@@ -177,3 +186,42 @@ def test_agent_ignoring_a_halt_is_detected_and_unacknowledged_halt_escalates(wor
     assert _has(alerts, "peer_preservation", "rogue-agent"), worker.log_tail()
     esc = [a for a in alerts if a.detector == "killswitch_unacknowledged" and a.agent_id == "ghost-agent"]
     assert esc and esc[0].severity.value == "critical"
+
+
+def test_forged_ack_does_not_silence_the_escalation_and_the_genuine_ack_clears_it(worker: LiveWorker) -> None:
+    """Anyone can write to the acks topic: an 'obeyed' ack the halted agent did not sign is
+    recorded as forged and the escalation fires; the agent's own signed ack clears its halt."""
+    # what the client does with ack_key: a key of its own, its public half where the worker looks
+    signing = agent_key(str(worker.home / AGENT_KEYS_DIR / "signing-agent.key"))
+    now = datetime.now(timezone.utc)
+    forged_cmd, genuine_cmd = (
+        sign(KillSwitchCommand(command_id=uuid.uuid4().hex, action="halt",  # type: ignore[arg-type]
+                               target=Target.parse("agent:signing-agent"), reason="e2e", issued_by="pytest",
+                               issued_at=now, expires_at=now + timedelta(hours=1)), KEY)
+        for _ in range(2))
+
+    def ack(cmd: KillSwitchCommand) -> ControlAck:
+        return ControlAck(command_id=cmd.command_id, agent_id="signing-agent", tenant="acme",
+                          status=AckStatus.OBEYED, action="halt", ts=datetime.now(timezone.utc))
+
+    async def publish() -> None:
+        async with ControlPublisher(worker.bootstrap, worker.settings.topic_control) as p:
+            await p.publish([forged_cmd, genuine_cmd])
+
+    asyncio.run(publish())
+    mallory = load_private_key(generate_keypair()[0])
+    worker.produce(worker.settings.topic_acks, [
+        ack(forged_cmd).to_json(),                      # unsigned
+        ack(forged_cmd).signed(mallory).to_json(),      # signed, by the wrong key
+        ack(genuine_cmd).signed(signing).to_json(),   # the agent's own
+    ], key=b"signing-agent")
+    alerts = worker.wait_alerts(lambda a: any(x.detector == "killswitch_unacknowledged"
+                                              and x.labels.get("command_id") == forged_cmd.command_id for x in a),
+                                timeout=60)
+    escalated = {a.labels.get("command_id") for a in alerts if a.detector == "killswitch_unacknowledged"}
+    assert forged_cmd.command_id in escalated, worker.log_tail()
+    assert worker.metric("agentwatch_forged_acks_total") >= 2
+    time.sleep(ACK_DEADLINE_S + 2)
+    alerts = worker.wait_alerts(lambda a: False, timeout=5)
+    escalated = {a.labels.get("command_id") for a in alerts if a.detector == "killswitch_unacknowledged"}
+    assert genuine_cmd.command_id not in escalated

@@ -255,8 +255,22 @@ def test_a_query_whose_client_goes_away_is_killed(worker: LiveWorker):
 
 
 def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_probe: Recorder, tmp_path: Path):
-    """`agentwatch query` opening the embedded store itself (no worker running)."""
+    """`agentwatch query` opening the embedded store itself (no worker running).
+
+    First the worker is stopped while a query runs: it does not wait for the query."""
+    info = _info(worker)
+    token = query_token(worker.settings)
+    running = threading.Thread(target=_post, daemon=True, args=(
+        info.url, json.dumps({"sql": "SELECT count() AS long_probe_3 FROM numbers(3e12)"}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}, 60))
+    running.start()
+    deadline = time.monotonic() + 30
+    while _count_running(worker, "long_probe_3") == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    started = time.monotonic()
     worker.stop()
+    assert worker.proc is not None and worker.proc.returncode == 0, worker.log_tail()
+    assert time.monotonic() - started < 10, "SIGTERM waited for the analyst query"
     key = worker.home / "keys" / "control_ed25519.key"
     script = (
         "import json, sys\n"
