@@ -1,53 +1,163 @@
 """Agent identity across a trace, in event time.
 
-In real traces the agent attributes sit on the ``invoke_agent`` (or
-OpenInference AGENT) span, not on its LLM and tool children, and that parent
-ends last, so it is often exported in a later batch than its children. A span
-therefore takes the identity of its nearest agent ancestor in the same trace;
-while an ancestor is still missing the span waits, up to the allowed lateness,
-before falling back to its resource identity (``service.instance.id`` /
-``service.name``).
+Sources, in the order they decide a span's agent (docs/frameworks/README.md):
+
+1. the policy's ``identity_rules`` (first match): attributes the span carries
+   (its own, its resource's) mapped to an agent id, for anything unusual;
+2. the span's own agent attribute, as its instrumentation profile reads it
+   (``gen_ai.agent.id`` only where it is stable, else ``gen_ai.agent.name``,
+   ``agent.name``); with W3C baggage and the baggage span processor every
+   child span carries it, so nothing has to wait for the agent span;
+3. the nearest agent ancestor in the same trace. An agent span named only by
+   its span name (OpenInference AGENT spans; LangGraph's model node is one
+   named ``agent`` inside the named graph) yields to the outermost such span of
+   its subtree, unless an attribute-named agent span is nearer;
+4. the resource: ``service.name`` (decided by the decoder; never the SDK's
+   per-process random ``service.instance.id``).
+
+In real traces the agent span ends last, so it is often exported in a later
+batch than its children: a span whose ancestor chain is incomplete waits, up to
+the allowed lateness, before falling back. When an agent span then turns up for
+a trace whose spans already fell back, ``take_relinks()`` reports which fallback
+identity it really was, so alerts raised under the fallback can be linked.
 
 The resolver is fed events of any traces (the live worker keys this stage by
 trace id) and returns events whose ``agent_id`` is decided.
 
 State snapshots: ``resolver.snapshot() -> bytes`` and
-``IdentityResolver.restore(allowed_lateness_s, data)`` (the same argument as the
-constructor) carry the span trees, the spans still waiting for their agent and
-the watermark; the format and its errors are those of detectors/state.py (JSON
-with a version, ``StateError`` on anything unreadable). Take it between calls.
+``IdentityResolver.restore(allowed_lateness_s, data, rules=...)`` (the same
+arguments as the constructor) carry the span trees, the spans still waiting
+for their agent, the offered tool calls and the watermark; the format and its
+errors are those of detectors/state.py (JSON with a version, ``StateError`` on
+anything unreadable). Take it between calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Protocol
+
+import orjson
 
 from detectors import state as st
 from detectors.windows import FOREVER, ExpiryQueue, Watermark
-from schemas.events import Event, IdentitySource
+from schemas.decoders.otel_profiles import OFFERED_CALLS_ATTR
+from schemas.events import Event, EventKind, IdentitySource
+
+_MAX_HOPS = 256
+
+
+class IdentityRuleLike(Protocol):
+    """What the resolver needs of a policy identity rule (detectors.policy.IdentityRule)."""
+
+    match: dict[str, str]
+    agent_id: str
+
+
+_TEMPLATE = re.compile(r"\{([^{}]+)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    match: tuple[tuple[str, str], ...]
+    agent_id: str
+
+    def apply(self, ev: Event) -> str:
+        """The agent id this rule gives ``ev``; "" when it does not match (or a template key is missing)."""
+        for key, pattern in self.match:
+            value = _field(ev, key)
+            if value is None or not fnmatchcase(value.lower(), pattern.lower()):
+                return ""
+        missing = False
+
+        def fill(m: re.Match[str]) -> str:
+            nonlocal missing
+            value = _field(ev, m.group(1))
+            if not value:
+                missing = True
+                return ""
+            return value
+
+        agent = _TEMPLATE.sub(fill, self.agent_id)
+        return "" if missing else agent
+
+
+def _field(ev: Event, key: str) -> str | None:
+    """A rule's key: a kept span/resource attribute, or one of the event's own fields."""
+    value = ev.attributes.get(key)
+    if value is not None:
+        return value
+    if key in ("span.name", "name"):
+        return ev.name
+    if key in ("tenant", "source", "origin", "tool_name"):
+        return str(getattr(ev, key))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Relink:
+    """Spans of ``trace_id`` fell back to ``fallback_agent_id``; their agent span says ``agent_id``."""
+
+    trace_id: str
+    fallback_agent_id: str
+    agent_id: str
+    event_ids: tuple[str, ...]
 
 
 @dataclass(slots=True)
 class _Trace:
     parent: dict[str, str] = field(default_factory=dict)  # span -> parent span ("" = root)
-    agent: dict[str, str] = field(default_factory=dict)  # agent span -> agent id
+    agent: dict[str, str] = field(default_factory=dict)  # agent span -> agent id (attribute-named)
+    weak: dict[str, str] = field(default_factory=dict)  # agent span named only by its span name -> name
     tenant: dict[str, str] = field(default_factory=dict)  # agent span -> tenant
     pending: list[Event] = field(default_factory=list)
+    # fallback agent id -> events that took it, so a late agent span can be linked to them
+    fell_back: dict[str, list[str]] = field(default_factory=dict)
+    # tool calls offered by model/chain spans: [tool, fingerprint, alt fingerprint, call id]
+    offers: list[list[str]] = field(default_factory=list)
+    claimed: set[str] = field(default_factory=set)
     last_ts: float = 0.0
     seq: int = 0  # first-seen order: due traces are decided in it
 
+    def claim_call(self, ev: Event) -> None:
+        """Match a tool span with the call a model or chain span offered.
+
+        A tool span without a call id takes the id of the first unclaimed offer with
+        its tool name and argument fingerprint (the same call made six times is six
+        offers with six ids, claimed in order); one with an id finds its offer by
+        that id. A tool span that recorded a one-argument call as its bare value
+        matches that value and takes the call's full fingerprint.
+        """
+        for tool, fp, alt, call_id in self.offers:
+            if tool != ev.tool_name or ev.args_fingerprint not in (fp, alt):
+                continue
+            if ev.tool_call_id:
+                if call_id == ev.tool_call_id:
+                    ev.args_fingerprint = fp or ev.args_fingerprint
+                    return
+            elif call_id not in self.claimed:
+                self.claimed.add(call_id)
+                ev.tool_call_id = call_id
+                ev.args_fingerprint = fp or ev.args_fingerprint
+                return
+
 
 class IdentityResolver:
-    def __init__(self, allowed_lateness_s: float) -> None:
+    def __init__(self, allowed_lateness_s: float, *, rules: Sequence[IdentityRuleLike] = ()) -> None:
         self.watermark = Watermark(allowed_lateness_s)
         self._traces: dict[str, _Trace] = {}
         # a trace is due for its final decision at its newest span's time, and forgotten
         # the allowed lateness later: deadlines in a heap, so expiring visits due traces only
         self._due: ExpiryQueue[str] = ExpiryQueue()
         self._seq = 0
+        self._rules = tuple(_Rule(tuple(r.match.items()), r.agent_id) for r in rules)
+        self._relinks: list[Relink] = []
         self.resolved_by_ancestor = 0
         self.fell_back = 0
+        self.mapped_by_rule = 0
 
     @property
     def pending_count(self) -> int:
@@ -56,11 +166,14 @@ class IdentityResolver:
     def process(self, events: Iterable[Event], *, wall: float | None = None) -> list[Event]:
         out: list[Event] = []
         touched: set[str] = set()
+        ready: list[tuple[_Trace, Event]] = []  # tool spans decided now that may still need a call id
         for ev in events:
             ts = ev.ts_seconds
             self.watermark.observe(ts, wall)
+            if self._rules:
+                self._apply_rules(ev)
             if not ev.trace_id or not ev.span_id:
-                out.append(self._fallback(ev) if not ev.agent_id else ev)
+                out.append(self._fallback(ev, None) if not ev.agent_id else ev)
                 continue
             tr = self._traces.get(ev.trace_id)
             if tr is None:
@@ -70,15 +183,29 @@ class IdentityResolver:
                 tr.last_ts = ts
             self._due.touch(ev.trace_id, tr.last_ts)
             tr.parent[ev.span_id] = ev.parent_span_id
+            offers = ev.attributes.get(OFFERED_CALLS_ATTR)
+            if offers:
+                tr.offers.extend(orjson.loads(offers))
+            weak = ev.identity is IdentitySource.SPAN_NAME
             if ev.is_agent_span and ev.agent_id:
-                tr.agent[ev.span_id] = ev.agent_id
+                if weak:
+                    tr.weak[ev.span_id] = ev.agent_id
+                else:
+                    tr.agent[ev.span_id] = ev.agent_id
+                    if tr.fell_back:
+                        self._relink(ev.trace_id, tr, ev.agent_id)
                 tr.tenant[ev.span_id] = ev.tenant
-            if ev.agent_id:
+            if ev.agent_id and not weak:
                 # carries its own identity; its descendants may still be waiting on it
                 out.append(ev)
+                if ev.kind is EventKind.TOOL_CALL:
+                    ready.append((tr, ev))
             else:
                 tr.pending.append(ev)
             touched.add(ev.trace_id)
+        for tr, ev in ready:  # after the whole batch: an offer may come later in it
+            if tr.offers:
+                tr.claim_call(ev)
         for trace_id in touched:
             out.extend(self._resolve(self._traces[trace_id], final=False))
         out.extend(self._expire())
@@ -97,71 +224,117 @@ class IdentityResolver:
 
     def snapshot(self) -> bytes:
         enc = st.Encoder()
-        traces = [[tid, tr.parent, tr.agent, tr.tenant, [enc.event(e) for e in tr.pending], tr.last_ts]
+        traces = [[tid, tr.parent, tr.agent, tr.tenant, [enc.event(e) for e in tr.pending], tr.last_ts,
+                   tr.weak, tr.fell_back, tr.offers, sorted(tr.claimed)]
                   for tid, tr in self._traces.items()]
         return enc.dumps("identity", {"watermark": self.watermark.to_state(), "traces": traces,
                                       "resolved_by_ancestor": self.resolved_by_ancestor,
                                       "fell_back": self.fell_back})
 
     @classmethod
-    def restore(cls, allowed_lateness_s: float, data: bytes) -> "IdentityResolver":
+    def restore(cls, allowed_lateness_s: float, data: bytes, *,
+                rules: Sequence[IdentityRuleLike] = ()) -> "IdentityResolver":
         """A fresh resolver holding the state ``snapshot`` wrote (StateError if unreadable)."""
-        r = cls(allowed_lateness_s)
+        r = cls(allowed_lateness_s, rules=rules)
         with st.reading("identity", data) as (state, dec):
             r.watermark.load_state(st.mapping(state["watermark"]))
             r.resolved_by_ancestor = st.integer(state["resolved_by_ancestor"])
             r.fell_back = st.integer(state["fell_back"])
-            for tid, parent, agent, tenant, pending, last_ts in st.seq(state["traces"]):
+            for row in st.seq(state["traces"]):
+                tid, parent, agent, tenant, pending, last_ts = row[:6]
+                # snapshots written before span-named agents and offered calls have six fields
+                weak, fell_back, offers, claimed = row[6:10] if len(row) >= 10 else ({}, {}, [], [])
                 r._seq += 1
                 tr = r._traces[st.text(tid)] = _Trace(
                     parent=_strings(parent), agent=_strings(agent), tenant=_strings(tenant),
-                    pending=[dec.event(ref) for ref in st.seq(pending)], last_ts=st.num(last_ts), seq=r._seq)
+                    pending=[dec.event(ref) for ref in st.seq(pending)], last_ts=st.num(last_ts),
+                    weak=_strings(weak),
+                    fell_back={st.text(k): st.texts(v) for k, v in st.mapping(fell_back).items()},
+                    offers=[st.texts(o) for o in st.seq(offers)], claimed=set(st.texts(claimed)), seq=r._seq)
                 r._due.touch(st.text(tid), tr.last_ts)
         return r
 
+    def take_relinks(self) -> list[Relink]:
+        """Fallback identities found out since the last call (see the module docstring)."""
+        out, self._relinks = self._relinks, []
+        return out
+
     # -- internals -----------------------------------------------------------------------
 
-    def _ancestor(self, tr: _Trace, ev: Event) -> tuple[str, str] | None | bool:
-        """(agent, span) of the nearest agent ancestor; None when the chain is
-        complete without one; False while part of the chain is still missing."""
+    def _apply_rules(self, ev: Event) -> None:
+        for rule in self._rules:
+            agent = rule.apply(ev)
+            if agent:
+                ev.agent_id = agent
+                ev.identity = IdentitySource.IDENTITY_MAP
+                self.mapped_by_rule += 1
+                return
+
+    def _ancestor(self, tr: _Trace, ev: Event, *, final: bool) -> tuple[str, str] | None | bool:
+        """(agent, span) that names ``ev``'s agent; None when the chain is complete
+        without one; False while part of the chain is still missing.
+
+        The nearest attribute-named agent span wins; failing that, the outermost
+        span-named agent span (the span itself included, when it is one). On the
+        final decision a missing link no longer matters: the outermost span-named
+        agent seen so far is taken.
+        """
+        outer_weak: tuple[str, str] | None = None
+        if ev.identity is IdentitySource.SPAN_NAME and ev.is_agent_span:
+            outer_weak = (ev.agent_id, ev.span_id)
         span = ev.parent_span_id
         hops = 0
-        while span and hops < 256:
+        while span and hops < _MAX_HOPS:
             agent = tr.agent.get(span)
             if agent:
                 return agent, span
+            name = tr.weak.get(span)
+            if name:
+                outer_weak = (name, span)
             if span not in tr.parent:
-                return False
+                return outer_weak if final and outer_weak else False
             span = tr.parent[span]
             hops += 1
-        return None
+        return outer_weak
 
     def _resolve(self, tr: _Trace, *, final: bool) -> list[Event]:
         out: list[Event] = []
         still: list[Event] = []
         for ev in tr.pending:
-            found = self._ancestor(tr, ev)
+            found = self._ancestor(tr, ev, final=final)
+            if found is not False or final:
+                if ev.kind is EventKind.TOOL_CALL and tr.offers:
+                    tr.claim_call(ev)
             if found:
                 agent, span = found  # type: ignore[misc]
+                if span != ev.span_id:
+                    ev.identity = IdentitySource.ANCESTOR
+                    self.resolved_by_ancestor += 1
                 ev.agent_id = agent
-                ev.identity = IdentitySource.ANCESTOR
                 if ev.tenant == "default":
                     ev.tenant = tr.tenant.get(span, ev.tenant)
-                self.resolved_by_ancestor += 1
                 out.append(ev)
             elif found is None or final:
-                out.append(self._fallback(ev))
+                out.append(self._fallback(ev, tr))
             else:
                 still.append(ev)
         tr.pending = still
         return out
 
-    def _fallback(self, ev: Event) -> Event:
-        if not ev.agent_id:
+    def _fallback(self, ev: Event, tr: _Trace | None) -> Event:
+        if not ev.agent_id or ev.identity is IdentitySource.SPAN_NAME:
             self.fell_back += 1
             ev.agent_id = ev.fallback_agent_id or "unknown"
             ev.identity = IdentitySource.RESOURCE if ev.fallback_agent_id else IdentitySource.UNKNOWN
+            if tr is not None:
+                tr.fell_back.setdefault(ev.agent_id, []).append(ev.event_id)
         return ev
+
+    def _relink(self, trace_id: str, tr: _Trace, agent: str) -> None:
+        for fallback, event_ids in tr.fell_back.items():
+            if fallback != agent:
+                self._relinks.append(Relink(trace_id, fallback, agent, tuple(event_ids)))
+        tr.fell_back.clear()
 
     def _expire(self) -> list[Event]:
         wm = self.watermark.value
@@ -175,6 +348,7 @@ class IdentityResolver:
             # waited the allowed lateness past the trace's newest span: decide now
             out.extend(self._resolve(tr, final=True))
             # keep the span tree a while longer so a straggler still finds its ancestor
+            # (and a late agent span can still be linked to the spans that fell back)
             if tr.last_ts <= wm - lateness:
                 del traces[trace_id]
             else:

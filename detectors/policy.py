@@ -165,6 +165,16 @@ class IdentityMapEntry(_Strict):
     agent_id: str = Field(min_length=1)
 
 
+class IdentityRule(_Strict):
+    """Agent identity for spans no instrumentation names well (detectors/identity.py): when every
+    ``match`` glob matches (keys: kept span/resource attributes such as service.name,
+    service.namespace, k8s.deployment.name, or span.name / tenant), the span's agent is
+    ``agent_id``, a template that may use ``{attribute}``. First match wins, before any other source."""
+
+    match: dict[str, str] = Field(min_length=1)
+    agent_id: str = Field(min_length=1)
+
+
 class JoinConfig(_Strict):
     """The span/audit join (detectors/join.py)."""
 
@@ -222,6 +232,9 @@ class Policy(_Strict):
     join: JoinConfig = Field(default_factory=JoinConfig)
     identity_map: list[IdentityMapEntry] = Field(
         default_factory=list, description="audit principal glob -> agent_id, first match wins"
+    )
+    identity_rules: list[IdentityRule] = Field(
+        default_factory=list, description="span/resource attribute globs -> agent_id, first match wins"
     )
     # agent_id -> globs over audit resources that run that agent (its Deployment, pods, function):
     # restarting or scaling them while the agent is halted is shielding it (peer_preservation c)

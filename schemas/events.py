@@ -37,8 +37,11 @@ class IdentitySource(StrEnum):
 
     ATTRIBUTE = "attribute"  # the event itself names the agent
     ANCESTOR = "ancestor"  # inherited from the nearest agent span of the same trace
-    RESOURCE = "resource"  # fell back to service.instance.id / service.name
-    IDENTITY_MAP = "identity_map"  # audit principal mapped through the policy
+    # an agent span named only by its span name (OpenInference AGENT): it yields to the
+    # outermost such span enclosing it, so the decoder's name is only a candidate
+    SPAN_NAME = "span_name"
+    RESOURCE = "resource"  # fell back to the resource: service.name (never a per-process instance id)
+    IDENTITY_MAP = "identity_map"  # mapped through the policy (audit principal, or an identity rule)
     JOIN = "join"  # audit event joined with the span that caused it
     NATIVE = "native"  # given by the agentwatch client
     UNKNOWN = "unknown"

@@ -220,7 +220,7 @@ class CorrelateStage:
     """
 
     def __init__(self, policy: Policy) -> None:
-        self.resolver = IdentityResolver(policy.allowed_lateness_s)
+        self.resolver = IdentityResolver(policy.allowed_lateness_s, rules=policy.identity_rules)
         self.joiner = Joiner(policy)
 
     def process(self, events: list[Event], *, wall: float | None = None) -> list[Event]:

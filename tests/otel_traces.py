@@ -14,6 +14,7 @@ fixture files are deterministic. Regenerate them with::
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -181,11 +182,14 @@ def _tool_span(conv: str, step: ToolCall) -> tuple[str, dict[str, Any]]:
             attrs["error.type"] = step.error
         return f"execute_tool {step.tool}", attrs
     if conv == OPENINFERENCE:
+        # tool.parameters is the tool's JSON schema (the same on every call); the call's
+        # arguments are input.value
         attrs = {
             "openinference.span.kind": "TOOL",
             "tool.name": step.tool,
-            "tool.parameters": step.arguments,
+            "tool.parameters": _json_schema_of(step.arguments),
             "input.value": step.arguments,
+            "input.mime_type": "application/json",
         }
         if step.call_id:
             attrs["tool_call.id"] = step.call_id
@@ -196,6 +200,13 @@ def _tool_span(conv: str, step: ToolCall) -> tuple[str, dict[str, Any]]:
         "traceloop.entity.name": step.tool,
         "traceloop.entity.input": '{"args": [], "kwargs": ' + step.arguments + "}",
     }
+
+
+def _json_schema_of(arguments: str) -> str:
+    """The JSON schema an OpenInference TOOL span carries in tool.parameters: property names and types."""
+    types = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+    props = {k: {"type": types.get(type(v), "string")} for k, v in sorted(json.loads(arguments).items())}
+    return json.dumps({"type": "object", "properties": props, "required": sorted(props)})
 
 
 @contextmanager

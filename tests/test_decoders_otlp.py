@@ -109,7 +109,8 @@ def test_genai_retry_loop_fixture():
     assert tools[0].duration_ms == pytest.approx(300)
     for e in result.events:
         assert e.tenant == "acme"
-        assert e.fallback_agent_id == "billing-agent-svc-5f7c9"
+        # service.name, never the instance id: every process of an agent is the same agent
+        assert e.fallback_agent_id == "billing-agent-svc"
         assert e.event_id == stable_id("span", e.trace_id, e.span_id)
         assert e.origin == "file"
     agent = next(e for e in result.events if e.kind is EventKind.AGENT)
@@ -150,7 +151,7 @@ def test_nearest_named_agent_ancestor_wins():
     assert (coder_tool.agent_id, coder_tool.identity) == ("coder", IdentitySource.ANCESTOR)
     assert http.agent_id == "coder"
     assert (coder.agent_id, coder.identity) == ("coder", IdentitySource.ATTRIBUTE)
-    # an anonymous agent span is passed through, as detectors/identity.py does
+    # an agent span named only by its span name yields to a named one, as detectors/identity.py does
     assert helper.is_agent_span and (helper.agent_id, helper.identity) == ("planner", IdentitySource.ANCESTOR)
     assert (helper_tool.agent_id, helper_tool.identity) == ("planner", IdentitySource.ANCESTOR)
     assert planner.agent_id == "planner"
@@ -239,7 +240,8 @@ def test_kind_conventions(name, attrs, kind, lifecycle):
 def test_tool_fallbacks_error_and_kept_attributes():
     attrs = {
         "gen_ai.operation.name": "execute_tool",
-        "tool.parameters": '{"b": 2, "a": 1}',
+        "gen_ai.tool.call.arguments": '{"b": 2, "a": 1}',
+        "tool.parameters": '{"type": "object", "properties": {"a": {}, "b": {}}}',  # a schema: never the arguments
         "tool_call.id": "c-9",
         "aws.request_id": "req-123",
         "http.request.method": "POST",

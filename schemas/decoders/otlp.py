@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from schemas.decoders import DecodeResult, Failure
+from schemas.decoders.otel_profiles import GENERIC, OFFERED_CALLS_ATTR, Profile, offered_calls, profile_for
 from schemas.events import Event, EventKind, IdentitySource, fingerprint_arguments, stable_id
 
 SOURCE_JSON = "otlp_json"
@@ -42,10 +43,12 @@ _ATTR_MAX = 256  # attribute values kept on an event are truncated: they are joi
 _GENAI_LLM_OPS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
 _GENAI_AGENT_OPS = {"invoke_agent": "invoke", "create_agent": "spawn"}
 _OPENINFERENCE_KINDS = {"LLM": EventKind.LLM_CALL, "EMBEDDING": EventKind.LLM_CALL, "TOOL": EventKind.TOOL_CALL}
-_AGENT_ID_KEYS = ("gen_ai.agent.id", "gen_ai.agent.name", "agent.name")
+_AGENT_ID_KEYS = ("gen_ai.agent.id",)  # used only where the instrumentation's profile says it is stable
+_AGENT_NAME_KEYS = ("gen_ai.agent.name", "agent.name")
 _TENANT_KEYS = ("tenant", "agentwatch.tenant", "tenant.id")
 _TOOL_NAME_KEYS = ("gen_ai.tool.name", "tool.name")
-_TOOL_ARGS_KEYS = ("gen_ai.tool.call.arguments", "tool.parameters", "input.value", "traceloop.entity.input")
+# never OpenInference's tool.parameters: that is the tool's JSON schema, the same on every call
+_TOOL_ARGS_KEYS = ("gen_ai.tool.call.arguments", "input.value", "traceloop.entity.input")
 _TOOL_CALL_ID_KEYS = ("gen_ai.tool.call.id", "tool_call.id")
 _INPUT_TOKEN_KEYS = (
     "gen_ai.usage.input_tokens",
@@ -71,6 +74,7 @@ _KEEP_KEYS = frozenset(
         "service.name",
         "service.namespace",
         "service.instance.id",
+        "service.version",
         "deployment.environment",
         "deployment.environment.name",
         "http.method",
@@ -87,15 +91,24 @@ _KEEP_KEYS = frozenset(
         "rpc.method",
         "gen_ai.system",
         "gen_ai.provider.name",
+        # kept so the policy's identity_rules can map what an instrumentation put there
+        "gen_ai.agent.id",
+        "gen_ai.agent.name",
+        "agent.name",
+        "graph.node.id",
     }
 )
 _KEEP_PREFIXES = ("k8s.", "aws.", "cloud.")
+# attributes that may list tool calls a span offers (otel_profiles.offered_calls)
+_MAY_OFFER_CALLS = ("llm.output_messages.0.message.role", "gen_ai.output.messages", "input.value",
+                    "traceloop.entity.input")
 
 # attribute key -> (role, rank): for each role the lowest-ranked key present wins
 _ROLES: dict[str, tuple[str, int]] = {
     key: (role, rank)
     for role, keys in (
-        ("agent", _AGENT_ID_KEYS),
+        ("agent_id", _AGENT_ID_KEYS),
+        ("agent_name", _AGENT_NAME_KEYS),
         ("tenant", _TENANT_KEYS),
         ("tool_name", _TOOL_NAME_KEYS),
         ("args", _TOOL_ARGS_KEYS),
@@ -188,6 +201,8 @@ class _Span:
     # spans without error.type need it, so it is not read up front
     events: Any
     read_exception_type: Callable[[Any], str]
+    # what the instrumentation that made the span means by its attributes (by scope name)
+    profile: Profile = GENERIC
 
 
 def _as_int(v: Any) -> int:
@@ -207,6 +222,28 @@ def _as_text(v: Any) -> str:
     return text if len(text) <= _ATTR_MAX else text[:_ATTR_MAX]
 
 
+def _is_uuid(v: str) -> bool:
+    return len(v) == 36 and v.count("-") == 4 and all(c in "0123456789abcdefABCDEF-" for c in v)
+
+
+def resource_agent_id(attrs: dict[str, Any]) -> str:
+    """The agent a resource is when no span names one.
+
+    ``service.name`` first: it is what the deployment calls the agent and it is
+    the same in every process, restart and replica. ``service.instance.id``
+    only when the service is unnamed (the SDK's ``unknown_service``) and the
+    instance id is not a UUID: the OTel SDK sets a fresh random UUID4 per
+    process, which would make every process a different agent.
+    """
+    service = str(attrs.get("service.name") or "")
+    if service and not service.startswith("unknown_service"):
+        return service
+    instance = str(attrs.get("service.instance.id") or "")
+    if instance and not _is_uuid(instance):
+        return instance
+    return service
+
+
 def _resource(attrs: dict[str, Any], origin: str, source: str) -> _Resource:
     service = attrs.get("service.name") or ""
     kept: dict[str, str] = {}
@@ -217,7 +254,7 @@ def _resource(attrs: dict[str, Any], origin: str, source: str) -> _Resource:
         ts=_EPOCH,
         source=source,
         origin=origin or str(service),
-        fallback_agent_id=str(attrs.get("service.instance.id") or service),
+        fallback_agent_id=resource_agent_id(attrs),
     )
     return _Resource(tenant=str(roles.get("tenant") or ""), kept=kept, template=template)
 
@@ -276,11 +313,29 @@ def _tool_name(span: _Span, roles: dict[str, Any]) -> str:
     return str(name)
 
 
-def _agent_attribute(span: _Span, roles: dict[str, Any], kind: EventKind) -> str:
-    agent = roles.get("agent")
-    if agent is None and kind is EventKind.AGENT and span.attrs.get("traceloop.span.kind") == "agent":
-        agent = span.attrs.get("traceloop.entity.name")  # OpenLLMetry names its agent spans this way
-    return "" if agent is None else str(agent)
+def _agent_attribute(span: _Span, roles: dict[str, Any], kind: EventKind) -> tuple[str, IdentitySource]:
+    """The agent a span names itself, and how sure that is (see detectors/identity.py for the order)."""
+    agent = roles.get("agent_id") if span.profile.stable_agent_id else None
+    if agent is None:
+        agent = roles.get("agent_name")
+    if agent is None and kind is EventKind.AGENT:
+        if span.attrs.get("traceloop.span.kind") == "agent":
+            agent = span.attrs.get("traceloop.entity.name")  # OpenLLMetry names its agent spans this way
+        elif span.profile.agent_span_name is not None and span.attrs.get("openinference.span.kind") is not None:
+            # only the span name: a candidate that yields to an enclosing agent span
+            name = span.profile.agent_span_name(span.name, span.attrs)
+            return (name, IdentitySource.SPAN_NAME) if name else ("", IdentitySource.UNKNOWN)
+    return ("", IdentitySource.UNKNOWN) if agent is None else (str(agent), IdentitySource.ATTRIBUTE)
+
+
+def _tool_args(span: _Span, roles: dict[str, Any]) -> Any:
+    """The call's arguments: where the span's instrumentation puts them, else the conventions' keys."""
+    extract = span.profile.tool_args
+    if extract is not None:
+        value = extract(span.attrs)
+        if value is not None:
+            return value
+    return roles.get("args")
 
 
 def _span_event(span: _Span, res: _Resource) -> Event:
@@ -305,10 +360,10 @@ def _span_event(span: _Span, res: _Resource) -> Event:
     if span.start_ns and span.end_ns >= span.start_ns:
         kw["duration_ms"] = (span.end_ns - span.start_ns) / 1e6
 
-    agent = _agent_attribute(span, roles, kind)
+    agent, identity = _agent_attribute(span, roles, kind)
     if agent:
         kw["agent_id"] = agent
-        kw["identity"] = IdentitySource.ATTRIBUTE
+        kw["identity"] = identity
 
     error_type = attrs.get("error.type")
     if span.status_code == _STATUS_ERROR or error_type is not None:
@@ -319,10 +374,12 @@ def _span_event(span: _Span, res: _Resource) -> Event:
 
     if kind is EventKind.TOOL_CALL:
         kw["tool_name"] = _tool_name(span, roles)
-        if "args" in roles:
-            kw["args_fingerprint"] = _fingerprint(roles["args"])
-        if "call_id" in roles:
-            kw["tool_call_id"] = str(roles["call_id"])
+        args = _tool_args(span, roles)
+        if args is not None and args != "":
+            kw["args_fingerprint"] = _fingerprint(args)
+        call_id = roles.get("call_id") or span.profile.tool_call_id(attrs)
+        if call_id:
+            kw["tool_call_id"] = str(call_id)
     elif kind is EventKind.AGENT:
         kw["lifecycle"] = lifecycle
         if lifecycle == "spawn" and agent:
@@ -345,6 +402,10 @@ def _span_event(span: _Span, res: _Resource) -> Event:
         kept[_CONVERSATION_ATTR] = _as_text(roles["conversation"])
     if 2 <= span.kind <= 5:  # server/client/producer/consumer: tells a downstream call from internal work
         kept["span.kind"] = _SPAN_KIND_NAMES[span.kind]
+    if kind is not EventKind.TOOL_CALL and any(k in attrs for k in _MAY_OFFER_CALLS):
+        offers = offered_calls(attrs)
+        if offers:  # tool calls a model or chain span records: the call ids of tool spans that lack one
+            kept[OFFERED_CALLS_ATTR] = orjson.dumps(offers).decode()
     return _event_from(res.template, kw)
 
 
@@ -353,13 +414,15 @@ def _resolve_in_record(events: list[Event]) -> None:
 
     Only a convenience: parents usually arrive in later records, and the
     stateful resolver in detectors/identity.py handles that. It follows the
-    same rules (anonymous agent spans are passed through, a "default" tenant is
-    taken from the agent span) so an event's identity does not depend on how
-    the exporter happened to batch its trace.
+    same rules (the nearest attribute-named agent span wins, anonymous and
+    span-named agent spans are passed through, a "default" tenant is taken from
+    the agent span) so an event's identity does not depend on how the exporter
+    happened to batch its trace. Which span-named agent span is outermost is
+    left to the resolver: it needs the whole chain.
     """
     by_span = {(e.trace_id, e.span_id): e for e in events}
     for e in events:
-        if e.agent_id:
+        if e.agent_id and e.identity is not IdentitySource.SPAN_NAME:
             continue
         parent = by_span.get((e.trace_id, e.parent_span_id))
         hops = 0
@@ -461,6 +524,7 @@ def decode_otlp_proto(payload: bytes, *, origin: str = "") -> DecodeResult:
     for ri, rs in enumerate(req.resource_spans):
         res = _resource(_proto_attrs(rs.resource.attributes), origin, SOURCE_PROTO)
         for si, ss in enumerate(rs.scope_spans):
+            profile = profile_for(ss.scope.name)
             for pi, sp in enumerate(ss.spans):
                 trace_id, span_id, parent_id = sp.trace_id, sp.span_id, sp.parent_span_id
                 start_ns, end_ns = sp.start_time_unix_nano, sp.end_time_unix_nano
@@ -494,6 +558,7 @@ def decode_otlp_proto(payload: bytes, *, origin: str = "") -> DecodeResult:
                     attrs=_proto_attrs(sp.attributes),
                     events=sp.events,
                     read_exception_type=_proto_exception_type,
+                    profile=profile,
                 )
                 result.events.append(_span_event(span, res))
     return _finish(result)
@@ -639,7 +704,7 @@ def _json_exception_type(events: Any) -> str:
     return ""
 
 
-def _json_span(sp: dict[str, Any]) -> _Span:
+def _json_span(sp: dict[str, Any], profile: Profile) -> _Span:
     status = sp.get("status")
     status = status if isinstance(status, dict) else {}
     start_ns = _json_int64(sp.get("startTimeUnixNano") or sp.get("start_time_unix_nano"), "startTimeUnixNano")
@@ -659,6 +724,7 @@ def _json_span(sp: dict[str, Any]) -> _Span:
         attrs=_json_attrs(sp.get("attributes")),
         events=sp.get("events"),
         read_exception_type=_json_exception_type,
+        profile=profile,
     )
 
 
@@ -716,6 +782,9 @@ def _decode_json_request(doc: Any, raw: bytes, prefix: str, origin: str, result:
                 fail(s_where, f"expected an object, got {type(ss).__name__}", orjson.dumps({"resourceSpans": [rs]}))
                 continue
             spans = ss.get("spans")
+            scope = ss.get("scope") or ss.get("instrumentationLibrary")
+            name = scope.get("name") if isinstance(scope, dict) else None
+            profile = profile_for(name) if isinstance(name, str) else GENERIC
             if not isinstance(spans, list):
                 if spans is not None:
                     fail(s_where, "spans: expected a list", _json_single(rs, ss, spans))
@@ -724,7 +793,7 @@ def _decode_json_request(doc: Any, raw: bytes, prefix: str, origin: str, result:
                 try:
                     if not isinstance(sp, dict):
                         raise _Bad(f"expected an object, got {type(sp).__name__}")
-                    span = _json_span(sp)
+                    span = _json_span(sp, profile)
                 except _Bad as exc:
                     fail(f"{s_where}.spans[{pi}]", str(exc), _json_single(rs, ss, sp))
                     continue
