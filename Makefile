@@ -11,7 +11,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench system-deps clean
+.PHONY: demo test bench system-deps clean frameworks
 
 $(BIN)/agentwatch: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python >= 3.11 is required" >&2; exit 1; }
@@ -39,7 +39,12 @@ system-deps:
 demo: system-deps $(BIN)/agentwatch
 	$(BIN)/agentwatch demo
 
-test: system-deps $(BIN)/agentwatch
+# One virtualenv per agent framework of the test matrix (tests/frameworks/requirements/*.txt):
+# their dependencies clash with ours and each other. Created once, reused while unchanged.
+frameworks: $(BIN)/agentwatch
+	$(BIN)/python -m tests.frameworks.venvs
+
+test: system-deps $(BIN)/agentwatch frameworks
 	$(BIN)/pytest -q -ra
 
 bench: system-deps $(BIN)/agentwatch
@@ -47,4 +52,4 @@ bench: system-deps $(BIN)/agentwatch
 
 clean:
 	-$(BIN)/agentwatch broker down
-	rm -rf $(VENV) .agentwatch
+	rm -rf $(VENV) .agentwatch .venv-frameworks

@@ -42,6 +42,7 @@ from detectors import state as st
 from detectors.base import Detector, Finding
 from detectors.disallowed_access import DisallowedAccess
 from detectors.escalation_bypass import EscalationBypass
+from detectors.identity import IDENTIFIED
 from detectors.join_detectors import UnattributedSideEffect, UnconfirmedAction
 from detectors.peer_preservation import PeerPreservation
 from detectors.policy import Policy
@@ -163,11 +164,26 @@ class DetectionEngine:
                 agent = self.policy.agent_for_principal(ev.principal)
                 if agent:
                     ev.agent_id, ev.identity = agent, IdentitySource.IDENTITY_MAP
+            if ev.kind is EventKind.AGENT and ev.lifecycle == IDENTIFIED:
+                self._identified(ev, out)  # detectors/identity.py: not an agent's action
+                continue
             for det in self.detectors:
                 for f in det.observe(ev):
                     self._merge(f, out)
         out.extend(self._tick())
         return out
+
+    def _identified(self, ev: Event, out: list[Alert]) -> None:
+        """Spans of ``ev.trace_id`` fell back to ``ev.agent_id`` before their agent span named
+        ``ev.target_agent_id``: link the fallback's open alerts of that trace to the real agent."""
+        for ep in self._episodes.values():
+            a = ep.alert
+            if (a.agent_id == ev.agent_id and a.tenant == ev.tenant and ev.trace_id in a.trace_ids
+                    and a.labels.get("identified_agent_id") != ev.target_agent_id):
+                a.labels["identified_agent_id"] = ev.target_agent_id
+                a.summary += (f" [agent identified later as {ev.target_agent_id}: its spans fell back to"
+                              f" {ev.agent_id} before its agent span arrived]")
+                out.append(a.model_copy(deep=True))
 
     def advance(self, now: float) -> list[Alert]:
         """Move event time forward from outside (wall clock in the worker)."""

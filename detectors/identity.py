@@ -18,8 +18,11 @@ Sources, in the order they decide a span's agent (docs/frameworks/README.md):
 In real traces the agent span ends last, so it is often exported in a later
 batch than its children: a span whose ancestor chain is incomplete waits, up to
 the allowed lateness, before falling back. When an agent span then turns up for
-a trace whose spans already fell back, ``take_relinks()`` reports which fallback
-identity it really was, so alerts raised under the fallback can be linked.
+a trace whose spans already fell back (within another allowed lateness), the
+resolver emits an ``identified`` notice: an ``agent`` event under the fallback
+id, lifecycle ``identified``, ``target_agent_id`` the real agent, same trace.
+The detection engine links the fallback's open alerts of that trace to the real
+agent and says so in them.
 
 The resolver is fed events of any traces (the live worker keys this stage by
 trace id) and returns events whose ``agent_id`` is decided.
@@ -45,7 +48,7 @@ import orjson
 from detectors import state as st
 from detectors.windows import FOREVER, ExpiryQueue, Watermark
 from schemas.decoders.otel_profiles import OFFERED_CALLS_ATTR
-from schemas.events import Event, EventKind, IdentitySource
+from schemas.events import Event, EventKind, IdentitySource, stable_id
 
 _MAX_HOPS = 256
 
@@ -97,14 +100,7 @@ def _field(ev: Event, key: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Relink:
-    """Spans of ``trace_id`` fell back to ``fallback_agent_id``; their agent span says ``agent_id``."""
-
-    trace_id: str
-    fallback_agent_id: str
-    agent_id: str
-    event_ids: tuple[str, ...]
+IDENTIFIED = "identified"  # lifecycle of the notice that a fallback identity was really another agent
 
 
 @dataclass(slots=True)
@@ -154,7 +150,7 @@ class IdentityResolver:
         self._due: ExpiryQueue[str] = ExpiryQueue()
         self._seq = 0
         self._rules = tuple(_Rule(tuple(r.match.items()), r.agent_id) for r in rules)
-        self._relinks: list[Relink] = []
+        self._notices: list[Event] = []
         self.resolved_by_ancestor = 0
         self.fell_back = 0
         self.mapped_by_rule = 0
@@ -193,7 +189,7 @@ class IdentityResolver:
                 else:
                     tr.agent[ev.span_id] = ev.agent_id
                     if tr.fell_back:
-                        self._relink(ev.trace_id, tr, ev.agent_id)
+                        self._relink(ev, tr)
                 tr.tenant[ev.span_id] = ev.tenant
             if ev.agent_id and not weak:
                 # carries its own identity; its descendants may still be waiting on it
@@ -209,6 +205,12 @@ class IdentityResolver:
         for trace_id in touched:
             out.extend(self._resolve(self._traces[trace_id], final=False))
         out.extend(self._expire())
+        if self._notices:
+            out.extend(self._notices)
+            self._notices = []
+        # in event-time order: a span that waited for its agent span must not reach the detectors
+        # after a later one that went straight through, or it would be late there
+        out.sort(key=_event_time)
         return out
 
     def advance(self, now: float) -> list[Event]:
@@ -253,11 +255,6 @@ class IdentityResolver:
                     offers=[st.texts(o) for o in st.seq(offers)], claimed=set(st.texts(claimed)), seq=r._seq)
                 r._due.touch(st.text(tid), tr.last_ts)
         return r
-
-    def take_relinks(self) -> list[Relink]:
-        """Fallback identities found out since the last call (see the module docstring)."""
-        out, self._relinks = self._relinks, []
-        return out
 
     # -- internals -----------------------------------------------------------------------
 
@@ -314,7 +311,9 @@ class IdentityResolver:
                 if ev.tenant == "default":
                     ev.tenant = tr.tenant.get(span, ev.tenant)
                 out.append(ev)
-            elif found is None or final:
+            elif found is None:  # the whole chain is known and names no agent: the resource
+                out.append(self._fallback(ev, None))
+            elif final:  # waited long enough for a missing ancestor: may still turn out to be an agent's
                 out.append(self._fallback(ev, tr))
             else:
                 still.append(ev)
@@ -330,10 +329,14 @@ class IdentityResolver:
                 tr.fell_back.setdefault(ev.agent_id, []).append(ev.event_id)
         return ev
 
-    def _relink(self, trace_id: str, tr: _Trace, agent: str) -> None:
-        for fallback, event_ids in tr.fell_back.items():
-            if fallback != agent:
-                self._relinks.append(Relink(trace_id, fallback, agent, tuple(event_ids)))
+    def _relink(self, agent_span: Event, tr: _Trace) -> None:
+        for fallback in tr.fell_back:
+            if fallback != agent_span.agent_id:
+                self._notices.append(Event(
+                    event_id=stable_id(IDENTIFIED, agent_span.trace_id, fallback, agent_span.agent_id),
+                    kind=EventKind.AGENT, ts=agent_span.ts, agent_id=fallback, identity=IdentitySource.RESOURCE,
+                    tenant=agent_span.tenant, trace_id=agent_span.trace_id, source=agent_span.source,
+                    name=IDENTIFIED, lifecycle=IDENTIFIED, target_agent_id=agent_span.agent_id))
         tr.fell_back.clear()
 
     def _expire(self) -> list[Event]:
@@ -354,6 +357,10 @@ class IdentityResolver:
             else:
                 self._due.touch(trace_id, tr.last_ts + lateness)
         return out
+
+
+def _event_time(ev: Event) -> float:
+    return ev.ts_seconds
 
 
 def _strings(v: object) -> dict[str, str]:
