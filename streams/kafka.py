@@ -131,13 +131,23 @@ async def ensure_topics(
         configs = {"min.insync.replicas": str(min_insync_replicas)} if min_insync_replicas else {}
         if missing:
             try:
-                await admin.create_topics(
+                response = await admin.create_topics(
                     [NewTopic(t, num_partitions=(overrides or {}).get(t, partitions),
                               replication_factor=replication_factor, topic_configs=configs)
                      for t in missing]
                 )
+                # the broker answers per topic: an error code is not raised (36: already exists)
+                failed = [(err[0], err[2] if len(err) > 2 else err[1]) for err in response.topic_errors
+                          if err[1] not in (0, 36)]
             except TopicAlreadyExistsError:
-                pass
+                failed = []
+            except KafkaError as exc:
+                failed = [(", ".join(missing), str(exc))]
+            if failed:  # e.g. a replication factor larger than the cluster
+                raise BrokerError(
+                    f"creating topics at {bootstrap} (replication factor {replication_factor}, min.insync.replicas "
+                    f"{min_insync_replicas or 'default'}): " + "; ".join(f"{t}: {why}" for t, why in failed)
+                )
             log.info("created topics", extra={"topics": missing})
         # just-created topics can show no partitions until the metadata settles
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -141,3 +141,32 @@ def test_untrusted_broker_certificate_is_a_one_line_error(secure_broker, tmp_pat
     other = make_pki(tmp_path / "other", name="someone-else")
     line = _worker_fails(_env(secure, pki, AGENTWATCH_KAFKA_SSL_CAFILE=str(other["ca"])), tmp_path)
     assert "certificate" in line.lower(), line
+
+
+def test_created_topics_take_the_configured_replication_and_min_insync_replicas(secure_broker):
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from schemas.errors import BrokerError
+    from streams.kafka import ensure_topics
+
+    plain, secure, pki = secure_broker
+    settings = load_settings(**{k.removeprefix("AGENTWATCH_").lower(): v for k, v in _env(secure, pki).items()},
+                             kafka_min_insync_replicas=2)
+    options = kafka_options(settings)
+
+    async def go() -> str:
+        await ensure_topics(secure, ["isr-topic"], 1, security=options, replication_factor=1,
+                            min_insync_replicas=settings.kafka_min_insync_replicas)
+        admin = AIOKafkaAdminClient(bootstrap_servers=plain)
+        await admin.start()
+        try:
+            (resp,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "isr-topic")])
+        finally:
+            await admin.close()
+        return {name: value for name, value, *_ in resp.resources[0][4]}["min.insync.replicas"]
+
+    assert asyncio.run(go()) == "2"
+    # one broker cannot hold three replicas: a one-line error naming the setting's value
+    with pytest.raises(BrokerError, match="replication factor 3"):
+        asyncio.run(ensure_topics(secure, ["rf-topic"], 1, security=options, replication_factor=3))
