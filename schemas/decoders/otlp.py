@@ -402,7 +402,7 @@ def _span_event(span: _Span, res: _Resource) -> Event:
         kept[_CONVERSATION_ATTR] = _as_text(roles["conversation"])
     if 2 <= span.kind <= 5:  # server/client/producer/consumer: tells a downstream call from internal work
         kept["span.kind"] = _SPAN_KIND_NAMES[span.kind]
-    if kind is not EventKind.TOOL_CALL and any(k in attrs for k in _MAY_OFFER_CALLS):
+    if kind is not EventKind.TOOL_CALL and not attrs.keys().isdisjoint(_MAY_OFFER_CALLS):
         offers = offered_calls(attrs)
         if offers:  # tool calls a model or chain span records: the call ids of tool spans that lack one
             kept[OFFERED_CALLS_ATTR] = orjson.dumps(offers).decode()
