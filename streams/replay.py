@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import orjson
 from detectors.policy import Policy
 from schemas.alerts import Alert
 from schemas.decoders import DecodeResult
-from schemas.decoders.audit import decode_audit
+from schemas.decoders.audit import AuditDecoder, Stitched, decode_audit
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
 from schemas.decoders.pgaudit import looks_like_pg_text, pg_log_records
@@ -55,6 +56,28 @@ _DECODERS = {"otlp": decode_otlp, "audit": decode_audit, "native": decode_native
 def decode_any(payload: bytes, *, origin: str = "") -> DecodeResult:
     """Pick the decoder for one recorded record by what it contains."""
     return _DECODERS[classify(payload)](payload, origin=origin)
+
+
+class _ReplayDecoder:
+    """``decode_any`` with every PostgreSQL record of a file fed through one audit
+    decoder, so a backend's connection record names the user of its later records
+    (prefixes without %u) as it does in the worker."""
+
+    def __init__(self) -> None:
+        self.audit = AuditDecoder()
+
+    def __call__(self, payload: bytes, *, origin: str = "") -> DecodeResult:
+        return decode_any(payload, origin=origin)
+
+    def feed(self, payload: bytes, *, stream: Hashable, offset: int, origin: str = "",
+             received_at: datetime | None = None, wall: float = 0.0) -> list[Stitched]:
+        if classify(payload) != "audit":
+            return [Stitched(decode_any(payload, origin=origin), offset)]
+        return self.audit.feed(payload, stream=stream, offset=offset, origin=origin, received_at=received_at,
+                               wall=wall)
+
+    def flush(self, wall: float, *, force: bool = False) -> list[tuple[Hashable, Stitched]]:
+        return self.audit.flush(wall, force=force)
 
 
 def _is_pg_text(payload: bytes) -> bool:
@@ -125,7 +148,7 @@ def replay(paths: list[Path], policy: Policy) -> ReplayResult:
     for p in paths:
         if not p.is_file():
             raise AgentwatchError(f"{p}: no such file")
-    ingest = IngestStage({}, default=decode_any)
+    ingest = IngestStage({}, default=_ReplayDecoder())
     correlate = CorrelateStage(policy)
     detect = DetectStage(policy)
     latest: dict[str, Alert] = {}
@@ -135,8 +158,9 @@ def replay(paths: list[Path], policy: Policy) -> ReplayResult:
         for a in alerts:
             latest[a.alert_id] = a
 
-    for rec in records_in_event_time(paths):
-        routed = ingest.process([rec])
+    for rec in [*records_in_event_time(paths), None]:
+        # None: the end, where records still open (an ERROR awaiting followers) are decoded
+        routed = ingest.process([rec]) if rec is not None else ingest.tick(math.inf)
         result.events += routed.events
         result.dead.extend(routed.dead)
         batch = [ev for evs in routed.by_trace.values() for ev in evs]

@@ -121,6 +121,46 @@ def botocore_attrs(request_id: str) -> dict[str, Any]:
             "aws.region": "eu-west-1", "aws.request_id": request_id, "http.status_code": 200}
 
 
+PG_ROLE = "agent_sql"
+PG_PID = 4711
+
+
+def _pg_ts(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def pg_session_log(write: Caused, denied: Caused, untraced_at_ns: int) -> bytes:
+    """The server log of one agent session, as PostgreSQL 15 + pgaudit 1.7 write it under
+    PostgreSQL's default log_line_prefix '%m [%p] ' (shapes copied from a real server's
+    log, tests/fixtures/audit/pg): the traced multi-line UPDATE (continuation lines start
+    with a TAB), a traced SELECT refused with its STATEMENT record, then with no span an
+    untraced DELETE and a read of the protected hr.salaries, amid the server's own records."""
+    p = f"[{PG_PID}]"
+    t = _pg_ts
+    at = untraced_at_ns
+    lines = [
+        f"{t(write.start_ns)} {p} LOG:  connection received: host=10.0.4.12 port=51514",
+        f"{t(write.start_ns + MS)} {p} LOG:  connection authorized: user={PG_ROLE} database=appdb "
+        "application_name=agent-sql",
+        f"{t(write.start_ns + 560 * MS)} {p} LOG:  AUDIT: SESSION,1,1,WRITE,UPDATE,,,\"UPDATE orders",
+        "\t   SET status = 'refunded'",
+        f"\t WHERE id = $1 /*traceparent='{write.traceparent}'*/\",<not logged>",
+        f"{t(denied.start_ns + 560 * MS)} {p} ERROR:  permission denied for table bonuses",
+        f"{t(denied.start_ns + 560 * MS)} {p} STATEMENT:  SELECT amount FROM hr.bonuses WHERE id = $1 "
+        f"/*traceparent='{denied.traceparent}'*/",
+        f"{t(at)} [77] LOG:  checkpoint starting: time",
+        f"{t(at + 10 * MS)} {p} LOG:  AUDIT: SESSION,3,1,WRITE,DELETE,,,DELETE FROM orders WHERE id = $1,<not logged>",
+        f"{t(at + 20 * MS)} {p} LOG:  AUDIT: SESSION,4,1,READ,SELECT,,,SELECT amount FROM hr.salaries WHERE id = 1,"
+        "<not logged>",
+        f"{t(at + 30 * MS)} {p} LOG:  disconnection: session time: 0:00:25.012 user={PG_ROLE} database=appdb "
+        "host=10.0.4.12 port=51514",
+        f"{t(at + 900 * MS)} [77] LOG:  checkpoint complete: wrote 3 buffers (0.0%); 0 WAL file(s) added, 0 removed, "
+        "0 recycled; write=0.302 s, sync=0.001 s, total=0.312 s; sync files=3, longest=0.001 s, average=0.001 s; "
+        "distance=5 kB, estimate=5 kB",
+    ]
+    return "".join(line + "\n" for line in lines).encode()
+
+
 K8S_CLIENT = "PUT"
 K8S_CLIENT_ATTRS = {"http.request.method": "PUT", "server.address": "kubernetes.default.svc",
                     "url.full": "https://kubernetes.default.svc/apis/apps/v1/namespaces/prod/deployments/payments/scale"}
@@ -132,6 +172,8 @@ K8S_CLIENT_ATTRS = {"http.request.method": "PUT", "server.address": "kubernetes.
 def _policy() -> str:
     corpus = yaml.safe_load((SCENARIOS / "policy.yaml").read_text())
     corpus.setdefault("detectors", {})["unconfirmed_action"] = {"tools": ["scale_deployment", "export_report"]}
+    corpus["identity_map"] = corpus.get("identity_map", []) + [{"principal": PG_ROLE, "agent_id": "agent-sql"}]
+    corpus["protected_resources"] = corpus.get("protected_resources", []) + ["hr.salaries"]
     corpus["join"] = {"window_s": 120}
     return "# the corpus policy plus the tools that must leave an audit record\n" + yaml.safe_dump(corpus, sort_keys=False)
 
@@ -188,6 +230,22 @@ def write_scenarios() -> None:
            [{"detector": "unconfirmed_action", "agent_id": "agent-data"},
             {"detector": "unattributed_side_effect", "agent_id": "agent-data"}],
            {"spans.jsonl": to_records(liar.spans, 4), "cloudtrail.json": orjson.dumps(stray, option=orjson.OPT_INDENT_2)})
+
+
+    # PostgreSQL: an agent's SQL carries sqlcommenter traceparents; the server log holds the rest
+    sdk = make_sdk("agent-sql-svc", instance_id="agent-sql-svc-0", seed=404)
+    db = {"db.system": "postgresql", "db.namespace": "appdb"}
+    write = tool_run(sdk, "agent-sql", "refund_order", at_s=500, call_id="call_refund_1", client="UPDATE",
+                     client_attrs=db)
+    denied = tool_run(sdk, "agent-sql", "read_bonus", at_s=510, call_id="call_bonus_1", client="SELECT",
+                      client_attrs=db)
+    _write("join_pgaudit", "an agent's traced UPDATE and refused SELECT join their tool calls through the SQL "
+           "comment; with the same role and no span it deletes a row and reads the protected hr.salaries",
+           [{"detector": "unattributed_side_effect", "agent_id": "agent-sql"},
+            {"detector": "disallowed_access", "agent_id": "agent-sql", "pattern": "protected"},
+            {"detector": "disallowed_access", "agent_id": "agent-sql", "pattern": "deny"}],
+           {"spans.jsonl": to_records(write.spans + denied.spans, 2),
+            "postgres.log": pg_session_log(write, denied, BASE_NS + 530 * 10**9)})
 
 
 if __name__ == "__main__":

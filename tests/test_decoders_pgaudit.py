@@ -19,6 +19,7 @@ from schemas.decoders.pgaudit import PgLogConfig, pg_log_records, sql_tables
 from schemas.events import Event
 from streams.replay import classify
 from streams.stages import IngestStage, RawRecord, Routed
+from tests.pg_server import one_record_per_message
 
 PG = Path(__file__).parent / "fixtures" / "audit" / "pg"
 TOPIC = "audit.in"
@@ -42,18 +43,6 @@ def summary(events: list[Event]) -> list[tuple[str, str, str, str, str]]:
 
 def events_of(routed: Routed) -> list[Event]:
     return [e for evs in (*routed.by_trace.values(), *routed.by_agent.values()) for e in evs]
-
-
-def one_record_per_message(text: str) -> list[bytes]:
-    """A shipper whose multi-line rule starts a message at every line with a timestamp
-    (Fluent Bit / Vector style): an ERROR and its STATEMENT are two messages."""
-    out: list[str] = []
-    for line in text.splitlines():
-        if line[:1].isdigit() or not out:
-            out.append(line)
-        else:
-            out[-1] += "\n" + line
-    return [m.encode() for m in out]
 
 
 def shipped(name: str, mode: str) -> list[bytes]:

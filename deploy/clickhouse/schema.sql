@@ -206,33 +206,22 @@ WHERE action = 'halt' AND expires_at > now64(6);
 -- 'identity_map'), the causing tool_call_id and correlation['joined_span_id',
 -- 'joined_event_id', 'join.via']; a tool-call row of an auditable tool carries
 -- attributes['join'] (matched or unconfirmed) and
--- correlation['join.audit_event_id']. This view puts each audit record beside
+-- correlation['join.audit_event_id']. These views put each audit record beside
 -- the tool call that caused it: "which tool call of which agent caused this
--- write" and "which side effects have no span" are plain WHERE clauses on it.
-CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution AS
+-- write" and "which side effects have no span" are plain WHERE clauses on them.
+--
+-- audit_attribution_between(since = ..., until = ...) is the one to query: both
+-- sides of its join are bounded by the primary key's time (a tool call ends
+-- within an hour of the audit records it caused), so a question about a day
+-- reads that day's granules, not the table.
+CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution_between AS
 SELECT
-    a.ts AS ts,
-    a.event_id AS audit_event_id,
-    a.source AS audit_source,
-    a.principal AS principal,
-    a.action AS action,
-    a.resource AS resource,
-    a.outcome AS outcome,
-    a.join_status AS join_status,
-    a.joined_via AS joined_via,
-    a.agent_principal AS agent_principal,
-    a.agent_id AS agent_id,
-    a.identity AS identity,
-    a.tenant AS tenant,
-    a.trace_id AS trace_id,
-    a.tool_span_id AS tool_span_id,
-    a.tool_call_id AS tool_call_id,
-    t.tool_name AS tool_name,
-    t.ts AS tool_ended_at,
-    t.outcome AS tool_outcome,
-    a.topic AS topic,
-    a.partition AS partition,
-    a.offset AS offset
+    a.ts AS ts, a.event_id AS audit_event_id, a.source AS audit_source, a.principal AS principal, a.action AS action,
+    a.resource AS resource, a.outcome AS outcome, a.join_status AS join_status, a.joined_via AS joined_via,
+    a.agent_principal AS agent_principal, a.agent_id AS agent_id, a.identity AS identity, a.tenant AS tenant,
+    a.trace_id AS trace_id, a.tool_span_id AS tool_span_id, a.tool_call_id AS tool_call_id,
+    t.tool_name AS tool_name, t.ts AS tool_ended_at, t.outcome AS tool_outcome,
+    a.topic AS topic, a.partition AS partition, a.offset AS offset
 FROM
 (
     SELECT
@@ -244,14 +233,23 @@ FROM
         correlation['joined_span_id'] AS tool_span_id,
         correlation['joined_event_id'] AS tool_event_id
     FROM agentwatch.events FINAL
-    WHERE kind = 'audit'
+    WHERE kind = 'audit' AND ts >= {since:DateTime64(6, 'UTC')} AND ts < {until:DateTime64(6, 'UTC')}
 ) AS a
 LEFT JOIN
 (
     SELECT event_id, tool_name, ts, outcome
     FROM agentwatch.events FINAL
     WHERE kind = 'tool_call'
+      AND ts >= {since:DateTime64(6, 'UTC')} - INTERVAL 1 HOUR AND ts < {until:DateTime64(6, 'UTC')} + INTERVAL 1 HOUR
 ) AS t ON t.event_id = a.tool_event_id;
+
+-- Every audit record, unbounded (dashboards that add their own time filter on ts).
+CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution AS
+SELECT *
+FROM agentwatch.audit_attribution_between(since = '1970-01-01 00:00:00', until = '2299-12-31 00:00:00');
+
+-- Audit queries filter on the resource a record touched (a table, an object, an ARN).
+ALTER TABLE agentwatch.events ADD INDEX IF NOT EXISTS idx_resource resource TYPE bloom_filter GRANULARITY 4;
 
 -- Auditable tool calls (policy detectors.unconfirmed_action.tools) and whether
 -- an audit record confirmed them: the other direction of the join.
