@@ -94,7 +94,7 @@ JOINED_EVENT = "joined_event_id"
 AUDIT_EVENT = "join.audit_event_id"
 
 # secondary keys, in order of preference; each names the span attribute that
-# carries the same id (schemas/decoders/audit.py CORR_* constants)
+# carries the same id (schemas/decoders/audit_base.py CORR_* constants)
 KEY_AWS_REQUEST_ID = "aws.request_id"
 KEY_TOOL_CALL_ID = "gen_ai.tool.call.id"
 SECONDARY_KEYS = (KEY_AWS_REQUEST_ID, KEY_TOOL_CALL_ID)

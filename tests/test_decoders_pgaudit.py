@@ -176,3 +176,10 @@ def test_replay_recognises_and_splits_postgres_logs_by_shape() -> None:
     assert len(records) == 7  # the UPDATE with its continuation lines, the ERROR with its STATEMENT
     assert any(r.count("\n") == 2 and "UPDATE orders" in r for r in records)
     assert any("ERROR:" in r and "STATEMENT:" in r for r in records)
+
+
+def test_continuation_lines_whose_tab_a_shipper_trimmed_still_continue_the_record() -> None:
+    lines = [line.lstrip("\t").encode() for line in (PG / "postgres_default.log").read_text().splitlines()]
+    routed, flushed = ingest(PgLogConfig("postgres"), lines)
+    assert summary(events_of(routed) + events_of(flushed)) == sorted(SESSION)
+    assert not routed.dead and not flushed.dead

@@ -1,9 +1,9 @@
 """What every audit decoder shares: source names, correlation keys, field access,
 time parsing, and turning one record's problems into a ``Failure``.
 
-One module per audit format (``k8s``, ``cloudtrail``, ``ocsf``, ``pgaudit``,
-``native_audit`` sections of ``schemas.decoders.audit``, and
-``schemas.decoders.pgaudit``) builds on these; ``decode_audit`` dispatches.
+One module per audit format (``schemas.decoders.k8s``, ``cloudtrail``, ``ocsf``,
+``pgaudit``, ``native_audit``) builds on these; ``schemas.decoders.audit``
+detects the format and dispatches.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ def find_traceparent(text: str) -> tuple[str, str] | None:
 
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_HEX16 = re.compile(r"^[0-9a-fA-F]{16}$")
 
 
 def _parse_ts(value: Any, field: str, fmt: str) -> datetime:

@@ -121,6 +121,8 @@ _PG_ESCAPES: dict[str, tuple[str, str]] = {
 _SEVERITIES = "DEBUG[1-5]?|INFO|NOTICE|WARNING|ERROR|LOG|FATAL|PANIC|STATEMENT|DETAIL|HINT|CONTEXT|QUERY|LOCATION"
 _PG_SEVERITY = rf"(?P<severity>{_SEVERITIES}):\s+"
 _PG_BARE = re.compile(_PG_SEVERITY + r"(?P<message>.*)\Z", re.S)
+# a record head of any prefix: a timestamp early on, then "SEVERITY:  " (two spaces, as the server writes)
+_PG_LOOSE = re.compile(r"^\S.{0,200}?\b(?:" + _SEVERITIES + r"):  \S")
 
 
 @lru_cache(maxsize=32)  # called per record with the same setting
@@ -667,6 +669,11 @@ class PgStitcher:
             out.extend(self._close(st))
         return out
 
+    def is_open(self, stream: Hashable) -> bool:
+        """Does this stream hold a record that text without a prefix would continue?"""
+        st = self._streams.get(stream)
+        return st is not None and st.open is not None
+
     def _close(self, st: _Stream) -> list[Stitched]:
         rec, st.open = st.open, None
         if rec is None or st.open_ctx is None:
@@ -682,10 +689,6 @@ class PgStitcher:
             if st.open is not None and (force or wall >= st.deadline):
                 out.extend((key, s) for s in self._close(st))
         return out
-
-    @property
-    def open_records(self) -> int:
-        return sum(1 for st in self._streams.values() if st.open is not None)
 
 
 # --------------------------------------------------------------------------- one-shot decoding
@@ -745,9 +748,6 @@ def looks_like_pg_text(text: str, cfg: PgLogConfig = PgLogConfig()) -> bool:
     first = text.lstrip().split("\n", 1)[0]
     return "AUDIT:" in text or _parse_head(first, cfg.lines) is not None or bool(_PG_LOOSE.search(first))
 
-
-# a record head of any prefix: a timestamp early on, then "SEVERITY:  " (two spaces, as the server writes)
-_PG_LOOSE = re.compile(r"^\S.{0,200}?\b(?:" + _SEVERITIES + r"):  \S")
 
 
 # --------------------------------------------------------------------------- jsonlog
