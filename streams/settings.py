@@ -7,11 +7,12 @@ prints them all with their current values and descriptions.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import SettingsConfigDict, SettingsError
 
 from schemas.alerts import Severity
 from schemas.decoders.pgaudit import AUTO_PREFIX, PG_PREFIX_PRESETS, PgLogConfig, check_timezone
@@ -246,6 +247,10 @@ def load_settings(**overrides: object) -> Settings:
         err = exc.errors()[0]
         key = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else "(settings)"
         raise ConfigError(key, err["msg"].removeprefix("Value error, ")) from None
+    except SettingsError as exc:  # a structured (JSON) setting that does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        key = ENV_PREFIX + field.group(1).upper() if field else "(settings)"
+        raise ConfigError(key, "is not valid JSON for this setting") from None
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, str, str]]:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from detectors.join import is_index_copy
 from schemas.decoders.otlp import decode_otlp
+from schemas.errors import ConfigError
 from schemas.otlp_json import request_to_otlp_json
+from streams.settings import load_settings
 from streams.stages import IngestStage, RawRecord, header_pairs
 from tests.otel_traces import make_sdk, to_records
 
@@ -62,3 +66,12 @@ def test_no_mapping_means_headers_are_ignored() -> None:
 def test_header_pairs_from_a_list_or_a_mapping() -> None:
     assert header_pairs([("a", b"1")]) == header_pairs({"a": b"1"}) == (("a", b"1"),)
     assert header_pairs(None) == ()
+
+
+def test_the_setting_is_json_and_a_bad_value_names_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv("AGENTWATCH_HEADER_IDENTITY", '{"x-tenant-id": "tenant"}')
+    assert load_settings().header_identity == {"x-tenant-id": "tenant"}
+    monkeypatch.setenv("AGENTWATCH_HEADER_IDENTITY", "x-tenant-id=tenant")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "AGENTWATCH_HEADER_IDENTITY" in str(err.value)

@@ -3,7 +3,7 @@ OpenTelemetry SDK spans and sqlcommenter ``traceparent`` comments, the server lo
 shipped to the real broker as log shippers send it, and live workers.
 
 One server for the module, several shipping modes through it, one worker per
-prefix configuration:
+prefix configuration (the first also maps the Kafka header x-tenant-id to the tenant):
 
 * PostgreSQL's default prefix ``%m [%p] `` in UTC: one record per message, one line
   per message, and the jsonlog written beside it (worker configured ``postgres``);
@@ -96,7 +96,10 @@ def _policy(home: Path) -> Path:
 def workers(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     home = tmp_path_factory.mktemp("pg-live")
     policy = _policy(home)
-    default = LiveWorker(kafka_bootstrap, home, policy=policy, env={"AGENTWATCH_PG_LOG_LINE_PREFIX": "postgres"})
+    default = LiveWorker(kafka_bootstrap, home, policy=policy, env={
+        "AGENTWATCH_PG_LOG_LINE_PREFIX": "postgres",
+        # the Collector's kafka exporter with include_metadata_keys: [x-tenant-id]
+        "AGENTWATCH_HEADER_IDENTITY": '{"x-tenant-id": "tenant"}'})
     rds = LiveWorker(kafka_bootstrap, home, policy=policy, env={
         "AGENTWATCH_PG_LOG_LINE_PREFIX": "rds", "AGENTWATCH_PG_LOG_TIMEZONE": "America/New_York"})
     with ThreadPoolExecutor(2) as pool:  # two worker start-ups overlap
@@ -163,8 +166,13 @@ def run_agent(pg: PgServer, mode: str, seed: int, order_id: int) -> Session:
     raise TimeoutError(f"no disconnection record for backend {pid} in the server log")
 
 
+def tenant(mode: str) -> str:
+    return f"tenant-{mode}"
+
+
 def ship(worker: LiveWorker, session: Session, *, audit_first: bool) -> int:
-    """Spans as the Collector's kafka exporter sends them; the log as a shipper would."""
+    """Spans as the Collector's kafka exporter sends them (the client's tenant in a
+    header: the SDK's spans name none); the log as a shipper would."""
     if session.mode.endswith("jsonlog"):
         messages = [line.encode() for line in session.jsonlog.splitlines() if line.strip()]
     elif session.mode.endswith("record"):
@@ -173,19 +181,20 @@ def ship(worker: LiveWorker, session: Session, *, audit_first: bool) -> int:
         messages = [line.encode() for line in session.stderr.splitlines()]
     spans = [request_to_otlp_json(r) for r in to_records(session.spans, 2)]
     s = worker.settings
-    for topic, values, key in [(s.topic_audit_in, messages, SHIPPER_KEY), (s.topic_otlp, spans, None)][
-            :: 1 if audit_first else -1]:
-        worker.produce(topic, values, key=key)
+    headers = [("x-tenant-id", tenant(session.mode).encode())]
+    for topic, values, key, hdrs in [(s.topic_audit_in, messages, SHIPPER_KEY, None),
+                                     (s.topic_otlp, spans, None, headers)][:: 1 if audit_first else -1]:
+        worker.produce(topic, values, key=key, headers=hdrs)
     return len(messages)
 
 
 AUDIT_SQL = (
     "SELECT principal, action, resource, outcome, join_status, tool_name, tool_call_id, trace_id, agent_id, "
-    "toUnixTimestamp64Nano(ts) FROM agentwatch.audit_attribution WHERE audit_source = 'pgaudit'"
+    "toUnixTimestamp64Nano(ts), tenant FROM agentwatch.audit_attribution WHERE audit_source = 'pgaudit'"
 )
 
 
-def check(worker: LiveWorker, sessions: list[Session]) -> None:
+def check(worker: LiveWorker, sessions: list[Session], *, header_tenants: bool) -> None:
     roles = {role(s.mode): s for s in sessions}
     rows = worker.wait_rows(AUDIT_SQL, lambda r: sum(1 for x in r if x[0] in roles and x[4]) >= 5 * len(roles),
                             timeout=120)
@@ -201,6 +210,8 @@ def check(worker: LiveWorker, sessions: list[Session]) -> None:
                                             "denied": "read_bonus"}[what], call_id, trace_id, agent(session.mode)), row
             # the server's time for the statement is the span's time (UTC, whatever log_timezone says)
             assert start - 1_500_000_000 <= row[9] <= end + 1_000_000_000, (session.mode, what, row[9] - start)
+            # the tenant the Kafka header gave its spans (the join hands it to the audit record)
+            assert row[10] == (tenant(session.mode) if header_tenants else "default"), row
         for key in [("DELETE", "public.orders", "allow"), ("SELECT", "hr.salaries", "allow")]:
             assert mine[key][4] == "unattributed" and mine[key][8] == agent(session.mode), mine[key]
     alerts = worker.wait_alerts(lambda a: all(
@@ -228,7 +239,7 @@ def test_default_prefix_shipped_per_record_per_line_and_as_jsonlog(pg: PgServer,
     assert "STATEMENT:" in sessions[0].stderr  # and the denied SELECT an ERROR plus a STATEMENT record
     for i, session in enumerate(sessions):
         ship(workers["default"], session, audit_first=i % 2 == 0)
-    check(workers["default"], sessions)
+    check(workers["default"], sessions, header_tenants=True)
 
 
 def test_rds_prefix_with_a_new_york_log_timezone(pg: PgServer, workers: dict[str, LiveWorker]):
@@ -241,4 +252,4 @@ def test_rds_prefix_with_a_new_york_log_timezone(pg: PgServer, workers: dict[str
     assert " EST:" in sessions[0].stderr or " EDT:" in sessions[0].stderr, sessions[0].stderr[:300]
     for i, session in enumerate(sessions):
         ship(workers["rds"], session, audit_first=i % 2 == 1)
-    check(workers["rds"], sessions)
+    check(workers["rds"], sessions, header_tenants=False)
