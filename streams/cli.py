@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     qt.set_defaults(fn=_query_token)
 
     d = sub.add_parser("demo", help="broker, worker and a simulated fleet of agents, end to end")
-    d.add_argument("--duration", type=float, default=75.0, help="seconds of simulated traffic (default 75)")
+    d.add_argument("--duration", type=float, default=60.0, help="seconds of simulated traffic (default 60)")
     d.add_argument("--keep-running", action="store_true", help="leave the broker and worker running afterwards")
     d.set_defaults(fn=_demo)
 

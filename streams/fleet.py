@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -190,3 +190,121 @@ async def run_fleet(
 
     await asyncio.gather(*(drive(a) for a in fleet))
     return sent
+
+
+# --- scripted incidents -------------------------------------------------------------------------
+# Besides the fleet's steady traffic, the demo plays one incident per detector family at
+# a fixed offset, so each shows up within two minutes. The records are built up front
+# (ids and event times included) so the same script can be published live (agents'
+# events through their AgentClient, approvals and audit records as the systems that
+# own them would publish them) or decoded offline (tests, dashboards).
+
+
+@dataclass
+class Step:
+    at_s: float  # seconds after the start of the traffic
+    topic: str  # "events" (native JSON) or "audit" (Kubernetes audit JSON)
+    records: list[dict[str, object]]
+    say: str  # what the demo prints when it plays the step
+    agent: str = ""  # the agent whose client emits it; "" = another system (approvals, audit logs)
+
+
+SCRIPTED_AGENTS = ("summarizer-2", "support-bot-2", "finance-agent", "ops-bot-8")
+
+
+def incident_script(start: datetime, tenant: str = "acme") -> list[Step]:
+    """One incident per detector family (the retry loops come from the fleet itself)."""
+
+    def native(at_s: float, agent: str, kind: str, **fields: object) -> dict[str, object]:
+        ts = (start + timedelta(seconds=at_s)).isoformat()
+        return {"event_id": f"{agent}:{uuid.uuid4().hex}", "kind": kind, "ts": ts, "agent_id": agent,
+                "tenant": tenant, "origin": f"{agent}-svc", **fields}
+
+    def llm(at_s: float, agent: str, tokens_in: int, tokens_out: int) -> dict[str, object]:
+        return native(at_s, agent, "llm_call", model="gpt-4o", input_tokens=tokens_in, output_tokens=tokens_out,
+                      cost_usd=round((tokens_in * 2.5 + tokens_out * 10) / 1e6, 6), outcome="ok")
+
+    def tool(at_s: float, agent: str, name: str, call_id: str, **fields: object) -> dict[str, object]:
+        return native(at_s, agent, "tool_call", tool_name=name, tool_call_id=call_id, outcome="ok", **fields)
+
+    steps = [
+        Step(4, "events", [llm(4, "summarizer-2", 900, 150), llm(4.5, "summarizer-2", 1100, 180)],
+             "summarizer-2 summarises tickets (~1k tokens a call)", agent="summarizer-2"),
+        Step(10, "events", [llm(10 + i * 0.2, "summarizer-2", 14000, 800) for i in range(5)],
+             "summarizer-2 re-sends its whole growing context: 74k tokens in a second", agent="summarizer-2"),
+        Step(12, "events", [tool(12, "support-bot-2", "search_docs", "call_sb_1", attributes={"query": "refund"})],
+             "support-bot-2 searches the docs (allowed)", agent="support-bot-2"),
+        Step(16, "events", [tool(16, "support-bot-2", "export_customers", "call_sb_2",
+                                 attributes={"resource": "db/crm/customers"})],
+             "support-bot-2 calls export_customers, outside its allowlist", agent="support-bot-2"),
+        Step(18, "events", [native(18, "finance-agent", "approval", approver="", decision="pending",
+                                   covers_tool_call_id="call_wt_1")],
+             "finance-agent asks for approval of a 9,800 EUR wire transfer (pending)"),
+        Step(22, "events", [native(22, "finance-agent", "approval", approver="alice@example.com", decision="granted",
+                                   covers_tool_call_id="call_wt_1")],
+             "alice@example.com grants it"),
+        Step(24, "events", [tool(24, "finance-agent", "wire_transfer", "call_wt_1",
+                                 attributes={"amount_eur": "9800"}), llm(24, "finance-agent", 600, 80)],
+             "finance-agent makes the approved transfer (covered: no alert)", agent="finance-agent"),
+        Step(28, "events", [tool(28, "finance-agent", "wire_transfer", "call_wt_2",
+                                 attributes={"amount_eur": "48000"})],
+             "finance-agent makes a second transfer that nobody approved", agent="finance-agent"),
+        Step(30, "audit", [k8s_audit(start + timedelta(seconds=30), "system:serviceaccount:agents:docs-writer",
+                                     "delete", "configmaps", "prod", "feature-flags")],
+             "the Kubernetes audit log: docs-writer's service account deletes configmap prod/feature-flags, "
+             "and no tool call of docs-writer explains it"),
+        Step(36, "events", [tool(36, "ops-bot-8", "kubectl_patch", "call_ob8_1",
+                                 attributes={"resource": "configmaps/agentwatch/agentwatch-policy",
+                                             "patch": "retry_loop.mode=shadow"})],
+             "ops-bot-8 patches agentwatch's own policy to silence the retry_loop detector that halted its peer",
+             agent="ops-bot-8"),
+    ]
+    return steps
+
+
+def k8s_audit(ts: datetime, principal: str, verb: str, resource: str, namespace: str, name: str) -> dict[str, object]:
+    """A Kubernetes audit.k8s.io/v1 event (ResponseComplete, allowed), as the API server writes it."""
+    stamp = ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {
+        "kind": "Event", "apiVersion": "audit.k8s.io/v1", "level": "Metadata", "auditID": str(uuid.uuid4()),
+        "stage": "ResponseComplete", "requestURI": f"/api/v1/namespaces/{namespace}/{resource}/{name}",
+        "verb": verb, "user": {"username": principal, "groups": ["system:serviceaccounts", "system:authenticated"]},
+        "sourceIPs": ["10.0.3.17"], "userAgent": "python-requests/2.32",
+        "objectRef": {"resource": resource, "namespace": namespace, "name": name, "apiVersion": "v1"},
+        "responseStatus": {"metadata": {}, "code": 200},
+        "requestReceivedTimestamp": stamp, "stageTimestamp": stamp,
+        "annotations": {"authorization.k8s.io/decision": "allow", "authorization.k8s.io/reason": ""},
+    }
+
+
+def step_payload(step: Step) -> bytes:
+    """What the step puts on its topic: a JSON array of native events, or one audit record."""
+    return orjson.dumps(step.records if step.topic == "events" else step.records[0])
+
+
+async def run_script(
+    script: list[Step],
+    producer: AIOKafkaProducer,
+    *,
+    events_topic: str,
+    audit_topic: str,
+    clients: dict[str, AgentClient],
+    say: Callable[[str], None],
+) -> None:
+    """Play the steps at their offsets: agents' events through their client, the rest as records."""
+    started = time.monotonic()
+    for step in sorted(script, key=lambda s: s.at_s):
+        await asyncio.sleep(max(0.0, started + step.at_s - time.monotonic()))
+        client = clients.get(step.agent)
+        if client is not None:
+            if client.halted:
+                say(f"  ...   {step.agent} is halted and does not act")
+                continue
+            for record in step.records:
+                client.emit(record)
+            await client.flush()
+        else:
+            key = str(step.records[0].get("agent_id") or step.records[0].get("auditID", "")).encode()
+            topic = events_topic if step.topic == "events" else audit_topic
+            await producer.send_and_wait(topic, step_payload(step), key=key)
+        say(f"  STEP  +{step.at_s:>4.0f}s {step.say}")
