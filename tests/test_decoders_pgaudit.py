@@ -183,3 +183,32 @@ def test_continuation_lines_whose_tab_a_shipper_trimmed_still_continue_the_recor
     routed, flushed = ingest(PgLogConfig("postgres"), lines)
     assert summary(events_of(routed) + events_of(flushed)) == sorted(SESSION)
     assert not routed.dead and not flushed.dead
+
+
+def test_a_statement_shape_is_parsed_once_whatever_its_values_and_comments() -> None:
+    from schemas.decoders.pgaudit import _shape_tables
+
+    _shape_tables.cache_clear()
+    for i in range(50):
+        sql = (f"UPDATE billing.invoices SET note = 'it''s {i}', paid = {i}.5 WHERE id = {i} "
+               f"/*traceparent='00-{i:032x}-{i + 1:016x}-01'*/ -- run {i}")
+        assert sql_tables(sql) == ("billing.invoices",)
+    assert _shape_tables.cache_info().misses == 1
+    assert sql_tables("SELECT * FROM t1 JOIN s2.t3 ON t1.id = t3.id") == ("public.t1", "s2.t3")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "line"),
+    [
+        ("cloudsql", "2026-11-25 08:43:19.163 UTC [412]: [5-1] db=appdb,user=agent_sql LOG:  AUDIT: "),
+        ("pgbadger", "2026-11-25 08:43:19 UTC [412]: user=agent_sql,db=appdb,app=psql,client=10.0.0.7 LOG:  AUDIT: "),
+        ("debian", "2026-11-25 08:43:19.163 UTC [412] agent_sql@appdb LOG:  AUDIT: "),
+        ("rds", "2026-11-25 08:43:19 UTC:10.0.0.7(51514):agent_sql@appdb:[412]:LOG:  AUDIT: "),
+    ],
+)
+def test_each_preset_prefix_names_the_principal_and_database(prefix: str, line: str) -> None:
+    record = (line + "SESSION,1,1,READ,SELECT,,,SELECT 1 FROM hr.salaries,<not logged>").encode()
+    for setting in (prefix, "auto"):
+        [event] = decode_audit(record, log_line_prefix=setting).events
+        assert (event.principal, event.attributes["pg.database"], event.resource) == (
+            "agent_sql", "appdb", "hr.salaries"), setting

@@ -395,13 +395,31 @@ def _pg_statement_context(statement: str) -> tuple[str, str, str, dict[str, str]
 _WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Merge)
 
 
-@lru_cache(maxsize=4096)  # agents repeat their statements
+# comments, string literals and numbers: what differs between runs of one statement shape
+_SQL_VARIABLE = re.compile(r"/\*.*?\*/|--[^\n]*|'(?:[^']|'')*'|(?<![\w$])\d+(?:\.\d+)?(?![\w.])", re.S)
+
+
+def _shape(statement: str) -> str:
+    def blank(m: re.Match[str]) -> str:
+        text = m.group(0)
+        return " " if text.startswith(("/*", "--")) else "''" if text.startswith("'") else "0"
+
+    return " ".join(_SQL_VARIABLE.sub(blank, statement).split())
+
+
 def sql_tables(statement: str) -> tuple[str, ...]:
     """``schema.table`` of every table a statement touches, the written one first.
 
     CTE names are not tables; an unqualified name is taken as ``public`` (the log
     does not say the session's search_path). Empty when the SQL does not parse.
+    Parsed once per statement shape (literals and comments left out): an agent's
+    statements differ in their values and trace comments, not in their tables.
     """
+    return _shape_tables(_shape(statement))
+
+
+@lru_cache(maxsize=4096)
+def _shape_tables(statement: str) -> tuple[str, ...]:
     try:
         trees = [t for t in sqlglot.parse(statement, read="postgres") if t is not None]
     except (sqlglot.errors.SqlglotError, RecursionError, ValueError):
