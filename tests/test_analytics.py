@@ -4,16 +4,30 @@ panel's SQL."""
 
 from __future__ import annotations
 
+import json
+import math
+import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import orjson
 import pytest
+import yaml
 
+from deploy.grafana.dashboards import DASHBOARDS, render
+from deploy.grafana.dashboards import OUT as DASHBOARD_DIR
+from detectors.policy import load_policy
+from schemas.control import KillSwitchCommand, Target, generate_keypair, load_private_key, sign
 from schemas.events import Event, EventKind, stable_id
-from sinks.clickhouse import ClickHouseStore, Retention, default_schema, open_store, split_statements
+from sinks.clickhouse import ClickHouseStore, DlqRecord, Retention, default_schema, open_store, split_statements
+from streams.demo import DEMO_POLICY
+from streams.fleet import SimAgent, default_fleet, incident_script, native_turn
+from streams.replay import _ReplayDecoder, records_in_event_time, replay
+from streams.stages import CorrelateStage, DetectStage, IngestStage
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0) - timedelta(minutes=5)
@@ -81,10 +95,103 @@ def test_cluster_ddl_is_generated_from_the_schema_and_parses(store: ClickHouseSt
     statements = split_statements(out.stdout)
     single = split_statements(default_schema())
     tables = [s for s in single if s.startswith("CREATE TABLE")]
-    assert len(statements) == len(single) + len(tables) + sum(s.startswith("ALTER") for s in single)
+    add_columns = sum(s.startswith("ALTER") and " ADD COLUMN " in s for s in single)
+    assert len(statements) == len(single) + len(tables) + add_columns
     for stmt in statements:
         assert "ON CLUSTER" in stmt, stmt[:80]
         # ClickHouse's own parser (formatQuery parses without executing)
         store.query("SELECT formatQuery({q:String})", {"q": stmt})
     assert sum("ENGINE = Distributed(" in s for s in statements) == len(tables)
     assert all("Replicated" in s for s in statements if s.startswith("CREATE TABLE") and "_local ON" in s)
+
+
+# --- dashboards ------------------------------------------------------------------------------------
+
+DEMO_AGENT = "docs-writer"  # has LLM calls, tool calls, an audit record and an alert in the traffic below
+
+
+def _expand(sql: str) -> str:
+    """The grafana-clickhouse-datasource macros and the dashboard variable, as Grafana fills them in."""
+    sql = re.sub(r"\$__timeFilter\((\w+)\)", r"(\1 >= now() - INTERVAL 8 DAY AND \1 <= now() + INTERVAL 1 DAY)", sql)
+    sql = re.sub(r"\$__timeInterval\((\w+)\)", r"toStartOfInterval(\1, INTERVAL 60 second)", sql)
+    return sql.replace("${agent}", DEMO_AGENT)
+
+
+@pytest.fixture(scope="module")
+def demo_traffic(store: ClickHouseStore, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The demo's traffic, through the real decoders, correlate and detect stages, into the store."""
+    tmp = tmp_path_factory.mktemp("demo-traffic")
+    start = datetime.now(timezone.utc) - timedelta(minutes=3)
+    native, audit = tmp / "native.jsonl", tmp / "audit.jsonl"
+    with native.open("wb") as nv, audit.open("wb") as au:
+        for step in incident_script(start):
+            for record in step.records:
+                (nv if step.topic == "events" else au).write(orjson.dumps(record) + b"\n")
+        fleet = [a for a in default_fleet() if a.agent_id in (DEMO_AGENT, "research-agent-3")]
+        fleet.append(SimAgent("ops-bot-9", "ops-svc", "native", "retry_loop", 1.0, rng=random.Random(3)))
+        for _ in range(8):
+            for agent in fleet:
+                for record in orjson.loads(native_turn(agent)):
+                    nv.write(orjson.dumps(record) + b"\n")
+    policy = load_policy(DEMO_POLICY)
+    ingest, correlate, detect = IngestStage({}, default=_ReplayDecoder()), CorrelateStage(policy), DetectStage(policy)
+    events: list[Event] = []
+    for rec in [*records_in_event_time([native, audit]), None]:
+        routed = ingest.process([rec]) if rec is not None else ingest.tick(math.inf)
+        attributed = correlate.process_local([ev for evs in routed.by_trace.values() for ev in evs])
+        attributed += [ev for evs in routed.by_agent.values() for ev in evs]
+        events += attributed
+        detect.process(attributed)
+    tail = correlate.finish_local()
+    events += tail
+    detect.process(tail)
+    store.insert_events(events)
+    store.insert_alerts(replay([native, audit], policy).alerts)
+    store.insert_dlq([DlqRecord("otlp_spans", 0, 1, "otlp_proto", "otlp_proto: not an ExportTraceServiceRequest",
+                                b"\x0a\xff", datetime.now(timezone.utc))])
+    private, _ = generate_keypair()
+    halt = KillSwitchCommand(command_id="demo-halt", action="halt", target=Target(kind="agent", value="ops-bot-7"),
+                             reason="retry_loop", issued_by="agentwatch", issued_at=datetime.now(timezone.utc),
+                             expires_at=datetime.now(timezone.utc) + timedelta(hours=1))
+    store.insert_killswitches([sign(halt, load_private_key(private))])
+
+
+def test_dashboards_are_generated_from_their_description() -> None:
+    for name in DASHBOARDS:
+        assert (DASHBOARD_DIR / f"{name}.json").read_text() == render(name), (
+            f"{name}.json is stale: python -m deploy.grafana.dashboards")
+    assert {p.stem for p in DASHBOARD_DIR.glob("*.json")} == set(DASHBOARDS)
+
+
+def test_every_panel_query_runs_on_the_store_and_returns_rows(store: ClickHouseStore, demo_traffic: None) -> None:
+    queries = []
+    for name in DASHBOARDS:
+        board = json.loads((DASHBOARD_DIR / f"{name}.json").read_text())
+        for var in board["templating"]["list"]:
+            queries.append((f"{name}: variable {var['name']}", var["query"]))
+        for panel in board["panels"]:
+            for target in panel["targets"]:
+                if "rawSql" in target:
+                    assert target["datasource"]["uid"] == "agentwatch-clickhouse"
+                    queries.append((f"{name}: {panel['title']}", target["rawSql"]))
+    assert len(queries) >= 18
+    empty = []
+    for label, sql in queries:
+        rows = store.query(_expand(sql)).rows  # raises StoreError on any SQL error
+        if not rows:
+            empty.append(label)
+    assert not empty, f"panels with no rows after the demo's traffic: {empty}"
+
+
+def test_every_prometheus_panel_parses(tmp_path: Path) -> None:
+    """promtool parses the PromQL of the Prometheus panels (as recording rules)."""
+    exprs = [t["expr"] for name in DASHBOARDS
+             for p in json.loads((DASHBOARD_DIR / f"{name}.json").read_text())["panels"]
+             for t in p["targets"] if "expr" in t]
+    assert exprs
+    rules = {"groups": [{"name": "dashboards", "rules": [
+        {"record": f"agentwatch:panel_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr

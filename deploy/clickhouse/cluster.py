@@ -71,6 +71,9 @@ def cluster_schema(schema_sql: str, cluster: str = "{cluster}") -> str:
                                 f"ON CLUSTER '{cluster}' TO agentwatch.{target}_local AS", 1)
             # fire on each shard's own inserts: read the local table
             out.append(re.sub(r"FROM agentwatch\.(\w+)\b", r"FROM agentwatch.\1_local", body))
+        elif m := re.match(r"^ALTER TABLE agentwatch\.(\w+) (ADD INDEX .*)$", stmt, re.S):
+            # a skip index lives with the data: the local tables only
+            out.append(f"ALTER TABLE agentwatch.{m.group(1)}_local ON CLUSTER '{cluster}' {m.group(2)}")
         elif m := re.match(r"^ALTER TABLE agentwatch\.(\w+) (ADD COLUMN .*)$", stmt, re.S):
             # a column added to an existing store: the local tables and the Distributed one over them
             out.append(f"ALTER TABLE agentwatch.{m.group(1)}_local ON CLUSTER '{cluster}' {m.group(2)}")

@@ -161,30 +161,14 @@ FROM
 )
 WHERE action = 'halt' AND expires_at > now64(6);
 
-CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution ON CLUSTER '{cluster}' AS
+CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution_between ON CLUSTER '{cluster}' AS
 SELECT
-    a.ts AS ts,
-    a.event_id AS audit_event_id,
-    a.source AS audit_source,
-    a.principal AS principal,
-    a.action AS action,
-    a.resource AS resource,
-    a.outcome AS outcome,
-    a.join_status AS join_status,
-    a.joined_via AS joined_via,
-    a.agent_principal AS agent_principal,
-    a.agent_id AS agent_id,
-    a.identity AS identity,
-    a.tenant AS tenant,
-    a.trace_id AS trace_id,
-    a.tool_span_id AS tool_span_id,
-    a.tool_call_id AS tool_call_id,
-    t.tool_name AS tool_name,
-    t.ts AS tool_ended_at,
-    t.outcome AS tool_outcome,
-    a.topic AS topic,
-    a.partition AS partition,
-    a.offset AS offset
+    a.ts AS ts, a.event_id AS audit_event_id, a.source AS audit_source, a.principal AS principal, a.action AS action,
+    a.resource AS resource, a.outcome AS outcome, a.join_status AS join_status, a.joined_via AS joined_via,
+    a.agent_principal AS agent_principal, a.agent_id AS agent_id, a.identity AS identity, a.tenant AS tenant,
+    a.trace_id AS trace_id, a.tool_span_id AS tool_span_id, a.tool_call_id AS tool_call_id,
+    t.tool_name AS tool_name, t.ts AS tool_ended_at, t.outcome AS tool_outcome,
+    a.topic AS topic, a.partition AS partition, a.offset AS offset
 FROM
 (
     SELECT
@@ -196,14 +180,21 @@ FROM
         correlation['joined_span_id'] AS tool_span_id,
         correlation['joined_event_id'] AS tool_event_id
     FROM agentwatch.events FINAL
-    WHERE kind = 'audit'
+    WHERE kind = 'audit' AND ts >= {since:DateTime64(6, 'UTC')} AND ts < {until:DateTime64(6, 'UTC')}
 ) AS a
 GLOBAL LEFT JOIN
 (
     SELECT event_id, tool_name, ts, outcome
     FROM agentwatch.events FINAL
     WHERE kind = 'tool_call'
+      AND ts >= {since:DateTime64(6, 'UTC')} - INTERVAL 1 HOUR AND ts < {until:DateTime64(6, 'UTC')} + INTERVAL 1 HOUR
 ) AS t ON t.event_id = a.tool_event_id;
+
+CREATE VIEW IF NOT EXISTS agentwatch.audit_attribution ON CLUSTER '{cluster}' AS
+SELECT *
+FROM agentwatch.audit_attribution_between(since = '1970-01-01 00:00:00', until = '2299-12-31 00:00:00');
+
+ALTER TABLE agentwatch.events_local ON CLUSTER '{cluster}' ADD INDEX IF NOT EXISTS idx_resource resource TYPE bloom_filter GRANULARITY 4;
 
 CREATE VIEW IF NOT EXISTS agentwatch.tool_call_confirmation ON CLUSTER '{cluster}' AS
 SELECT
