@@ -170,6 +170,8 @@ def _flattened_calls(attrs: dict[str, Any]) -> Iterator[tuple[str, Any, str]]:
 
 def _genai_output_calls(value: Any) -> Iterator[tuple[str, Any, str]]:
     """GenAI semconv gen_ai.output.messages: [{"parts": [{"type": "tool_call", "id", "name", "arguments"}]}]."""
+    if isinstance(value, str) and "tool_call" not in value:
+        return  # most model answers call no tool: not worth parsing
     doc = _json(value)
     for msg in doc if isinstance(doc, list) else ():
         parts = msg.get("parts") if isinstance(msg, dict) else None
@@ -178,10 +180,15 @@ def _genai_output_calls(value: Any) -> Iterator[tuple[str, Any, str]]:
                 yield str(part.get("name") or ""), part.get("arguments"), part["id"]
 
 
+_TOOL_NODE_INPUTS = ('{"__type": "tool_call_with_context"', '{"inputs": {"__type": "tool_call_with_context"',
+                     '{"__type":"tool_call_with_context"', '{"inputs":{"__type":"tool_call_with_context"')
+
+
 def _chain_input_call(value: Any) -> Iterator[tuple[str, Any, str]]:
     """LangGraph's ToolNode input (both instrumentations): {"__type": "tool_call_with_context", "tool_call": {...}},
     bare (OpenInference input.value) or in OpenLLMetry's envelope under "inputs"."""
-    if not isinstance(value, str) or "tool_call_with_context" not in value:
+    # by prefix: every LangGraph span's input holds the graph state, which may mention the marker
+    if not isinstance(value, str) or not value.startswith(_TOOL_NODE_INPUTS):
         return
     doc = _json(value)
     if isinstance(doc, dict) and isinstance(doc.get("inputs"), dict):
