@@ -471,11 +471,28 @@ def _choose_ports(state_dir: Path, port: int | None, controller_port: int | None
                     "or stop what is listening there."
                 )
             chosen.append(wanted)
-        elif old is not None and old not in chosen and _port_free(old):
+        elif old is not None and old not in chosen and _wait_port_free(old, _KEEP_PORT_WAIT_S):
             chosen.append(old)
         else:
+            if old is not None:
+                log.warning("%s port %d of the previous run is taken; clients must use the new port", what, old)
             chosen.append(_free_port(exclude=chosen))
     return chosen[0], chosen[1]
+
+
+# How long a restart waits for the previous run's port to be released (a broker
+# that is still exiting). Workers and agents keep their bootstrap address only
+# if the port stays the same, so it is worth a few seconds.
+_KEEP_PORT_WAIT_S = 15.0
+
+
+def _wait_port_free(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _port_free(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def _previous_ports(props: Path) -> tuple[int | None, int | None]:
@@ -490,7 +507,14 @@ def _previous_ports(props: Path) -> tuple[int | None, int | None]:
 
 
 def _port_free(port: int) -> bool:
+    """Whether the broker could listen on ``port`` now.
+
+    The probe sets SO_REUSEADDR as the broker's own listener does (Java sets it
+    on server sockets): connections of the previous run left in TIME_WAIT do not
+    keep the port from being reused, while a live listener still does.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
