@@ -54,10 +54,11 @@ from sinks.clickhouse import (
 from streams import faults
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
-from streams.kafka_security import faust_credentials
+from streams.kafka_security import faust_credentials, kafka_options
 from streams.metrics import Metrics
 from streams.outputs import build_router
 from streams.progress import StageProgress
+from streams.state import OFFSET_HEADER, PartitionedState
 from streams.query_api import QueryApi, health
 from streams.settings import Settings
 from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed,
@@ -99,6 +100,10 @@ class Pipeline:
             web_port=s.web_port,
             datadir=str(s.home_dir / "faust"),
             stream_buffer_maxsize=max(4096, s.batch_max_messages * 4),
+            # a worker that died is noticed in ~10 s (faust's default is 60 s): its partitions,
+            # and their state, move to the survivors that much sooner
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=2.0,
         )
         raw = dict(value_type=bytes, key_type=bytes, value_serializer="raw", key_serializer="raw")
         self.inputs = self.app.topic(s.topic_otlp, s.topic_events_in, s.topic_audit_in, **raw)
@@ -115,8 +120,17 @@ class Pipeline:
 
         self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in, pg=s.pg_log),
                                   header_identity=s.header_identity, redactor=policy.redaction.redactor())
-        self.correlate = CorrelateStage(policy)
-        self.detect = DetectStage(policy)
+        # partition-scoped state (streams/state.py): one stage object per input partition
+        state = dict(bootstrap=bootstrap, state_topic=s.topic_state, snapshot_s=s.state_snapshot_s,
+                     security=kafka_options(s))
+        self.correlates = PartitionedState(
+            "correlate", s.topic_by_trace, make=lambda: CorrelateStage(self.policy),
+            restore=lambda data: CorrelateStage.restore(self.policy, data), replay=_replay_correlate, **state)
+        self.detects = PartitionedState(
+            "detect", s.topic_by_agent, make=lambda: DetectStage(self.policy),
+            restore=lambda data: DetectStage.restore(self.policy, data), replay=_replay_detect, **state)
+        self.state_topic = self.app.topic(s.topic_state, **raw)
+        self._correlate_lock = asyncio.Lock()
 
         # chDB is an in-process engine: one thread owns every call into it
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
@@ -187,6 +201,8 @@ class Pipeline:
             app.task(self._start_outputs)
         app.timer(interval=5.0)(self._measure_lag)
         app.on_before_shutdown.connect(self._on_before_shutdown)
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)
         app.page("/metrics")(_view(get=self._metrics_view))
         app.page("/query")(_view(post=self._query_view))
         app.on_before_shutdown.connect(self.query_api.on_shutdown)
@@ -305,39 +321,106 @@ class Pipeline:
             self.metrics.records_skipped.labels(topic).inc(n)
         await self._deliver(outs)
 
+    async def _by_partition(self, states: PartitionedState, batch: list[EventT],
+                            dead: list[DeadLetter]) -> dict[int, list[Event]]:
+        """The batch's events per input partition, each partition's state restored and
+        caught up first; messages a restored snapshot already includes are left out."""
+        parts: dict[int, list[EventT]] = {}
+        for e in batch:
+            parts.setdefault(e.message.partition, []).append(e)
+        restored = await states.ensure(set(parts))
+        if restored and states is self.detects:
+            self._announce_open(restored)
+        out: dict[int, list[Event]] = {}
+        for p, msgs in parts.items():
+            done_below = await states.catch_up(p, msgs[0].message.offset)
+            out[p] = self._unpack([e for e in msgs if e.message.offset >= done_below], dead)
+            states.advanced(p, msgs[-1].message.offset + 1)
+        return out
+
+    def _snapshots(self, states: PartitionedState, **kw: Any) -> list[Out]:
+        return [Out(self.state_topic, key.encode(), data, {OFFSET_HEADER: str(offset).encode()}, partition=0)
+                for key, offset, data in states.due(**kw)]
+
     async def _correlate_agent(self, stream: Any) -> None:
         async for batch in self._batches("correlate", stream):
-            dead: list[DeadLetter] = []
-            events = self._unpack(batch, dead)
-            self._batch_events = len(events)
-            late_before = self.correlate.late_events
-            attributed = self._isolated("correlate", lambda evs: self.correlate.process(evs, wall=_now()),
-                                        events, dead, _event_dead_letter)
-            self.metrics.late_events.labels("correlate").inc(self.correlate.late_events - late_before)
-            outs = self._forward(attributed, dead)
-            # audit records matched through a secondary key (CloudTrail requestID ...) go
-            # round once more keyed by their trace, before this batch is acked
-            outs += self._pack(self.by_trace, self.correlate.take_rekeyed(), dead)
-            outs += [self._dead_out(d, "correlate") for d in dead]
-            await self._deliver(outs)
-            self.metrics.identity_pending.set(self.correlate.resolver.pending_count)
+            async with self._correlate_lock:
+                dead: list[DeadLetter] = []
+                outs: list[Out] = []
+                for p, events in (await self._by_partition(self.correlates, batch, dead)).items():
+                    stage: CorrelateStage = self.correlates.states[p]  # type: ignore[assignment]
+                    self._batch_events += len(events)
+                    late_before = stage.late_events
+                    attributed = self._isolated("correlate", lambda evs: stage.process(evs, wall=_now()),
+                                                events, dead, _event_dead_letter)
+                    self.metrics.late_events.labels("correlate").inc(stage.late_events - late_before)
+                    outs += self._forward(attributed, dead)
+                    # audit records matched through a secondary key (CloudTrail requestID ...) go
+                    # round once more keyed by their trace, before this batch is acked
+                    outs += self._pack(self.by_trace, stage.take_rekeyed(), dead)
+                outs += [self._dead_out(d, "correlate") for d in dead]
+                await self._deliver(outs + self._snapshots(self.correlates))
+                self.metrics.identity_pending.set(sum(st.resolver.pending_count  # type: ignore[attr-defined]
+                                                      for st in self.correlates.states.values()))
 
     async def _detect_agent(self, stream: Any) -> None:
         assert self.event_sink is not None
         async for batch in self._batches("detect", stream):
-            dead: list[DeadLetter] = []
-            events = self._unpack(batch, dead)
-            self._batch_events = len(events)
-            engine = self.detect.engine
             async with self._alert_order:
-                dup_before, late_before = engine.duplicates_skipped, engine.watermark.late_events
-                alerts = self._isolated("detect", lambda evs: self.detect.process(evs, wall=_now()),
-                                        events, dead, _event_dead_letter)
-                self.metrics.events_detected.inc(len(events))
-                self.metrics.duplicate_events.inc(engine.duplicates_skipped - dup_before)
-                self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
-                self.event_sink.extend(events)
-                await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead])
+                dead: list[DeadLetter] = []
+                alerts: list[Alert] = []
+                for p, events in (await self._by_partition(self.detects, batch, dead)).items():
+                    engine = self.detects.states[p].engine  # type: ignore[attr-defined]
+                    self._batch_events += len(events)
+                    dup_before, late_before = engine.duplicates_skipped, engine.watermark.late_events
+                    alerts += self._isolated("detect", lambda evs: engine.process(evs, wall=_now()),
+                                             events, dead, _event_dead_letter)
+                    self.metrics.events_detected.inc(len(events))
+                    self.metrics.duplicate_events.inc(engine.duplicates_skipped - dup_before)
+                    self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
+                    self.event_sink.extend(events)
+                await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead]
+                                           + self._snapshots(self.detects))
+
+    def _engines(self) -> list[Any]:
+        return [st.engine for st in self.detects.states.values()]  # type: ignore[attr-defined]
+
+    def _announce_open(self, partitions: list[int]) -> None:
+        """Alerts still open in restored state: on-call outputs keep no state of ours, so
+        announce them again (a restart, a moved partition), or they could never resolve."""
+        if self.router is None:
+            return
+        for p in partitions:
+            for alert in self.detects.states[p].engine.open_alerts:  # type: ignore[attr-defined]
+                self.router.submit(alert.model_copy(deep=True))
+
+    async def _on_assigned(self, app: Any, assigned: Any = None, **kwargs: Any) -> None:
+        """Restore assigned partitions' state right away (not at their next message),
+        so their timers fire after a restart or a rebalance with no new traffic."""
+        asyncio.get_running_loop().create_task(self._restore_assigned(set(assigned or ())))
+
+    async def _restore_assigned(self, assigned: set[Any]) -> None:
+        try:
+            async with self._correlate_lock:
+                await self.correlates.ensure({tp.partition for tp in assigned if tp.topic == self.correlates.topic})
+            async with self._alert_order:
+                restored = await self.detects.ensure({tp.partition for tp in assigned
+                                                      if tp.topic == self.detects.topic})
+                self._announce_open(restored)
+        except Exception as exc:  # the next batch of the partition restores it instead
+            log.error("restoring assigned partitions failed", extra={"error": repr(exc)[:300]})
+
+    async def _on_revoked(self, app: Any, revoked: Any = None, **kwargs: Any) -> None:
+        """A final snapshot of every revoked partition, then its state is dropped: the
+        new owner restores it, and this worker's timers for it stop."""
+        revoked = set(revoked or ())
+        for states, lock in ((self.correlates, self._correlate_lock), (self.detects, self._alert_order)):
+            parts = {tp.partition for tp in revoked if tp.topic == states.topic}
+            if not parts:
+                continue
+            async with lock:
+                await self._deliver(self._snapshots(states, force=True, partitions=parts))
+                states.drop(parts)
 
     async def _dlq_agent(self, stream: Any) -> None:
         assert self.dlq_sink is not None
@@ -393,7 +476,9 @@ class Pipeline:
             return
         error_before = w.last_error
         if w.check():
-            self.detect.engine.reload(w.current)
+            self.policy = w.current
+            for engine in self._engines():
+                engine.reload(w.current)
             self.metrics.policy_reloads.labels("ok").inc()
             log.warning("policy reloaded", extra={"version": w.current.version, "hash": w.current.content_hash})
         elif w.last_error is not None and w.last_error is not error_before:
@@ -404,10 +489,7 @@ class Pipeline:
     async def _start_outputs(self) -> None:
         assert self.router is not None
         await self.router.start()
-        # alerts still open when the previous worker stopped: on-call outputs keep no
-        # state of ours, so announce them again, or they could never be resolved
-        for alert in self.detect.engine.open_alerts:
-            self.router.submit(alert.model_copy(deep=True))
+        self._announce_open(list(self.detects.states))
 
     async def _drain_outputs(self) -> None:
         """At shutdown: what the on-call outputs still queue is delivered, within a bound."""
@@ -422,20 +504,28 @@ class Pipeline:
         now = _now()
         self._check_policy()
         await self._emit_ingested(self.ingest.tick(now))  # PostgreSQL records whose rest never came
-        dead: list[DeadLetter] = []
-        outs = self._forward(self.correlate.tick(now), dead)
-        outs += self._pack(self.by_trace, self.correlate.take_rekeyed(), dead)
-        await self._deliver(outs + [self._dead_out(d, "correlate") for d in dead])
+        async with self._correlate_lock:
+            dead: list[DeadLetter] = []
+            outs: list[Out] = []
+            for stage in list(self.correlates.states.values()):
+                outs += self._forward(stage.tick(now), dead)  # type: ignore[attr-defined]
+                outs += self._pack(self.by_trace, stage.take_rekeyed(), dead)  # type: ignore[attr-defined]
+            self.correlates.touched()
+            await self._deliver(outs + [self._dead_out(d, "correlate") for d in dead]
+                                + self._snapshots(self.correlates))
         async with self._alert_order:
-            resolved, self.detect.engine.resolved = self.detect.engine.resolved, []
-            if self.router is not None:
-                for alert_id in resolved:
-                    # a resolution waits on the output (retries); it must not hold up the tick
-                    asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
-            alerts = self.detect.tick(now) + self.control.tick(now)
-            if alerts:
-                await self._publish_alerts(alerts, [])
-        self.metrics.open_alerts.set(len(self.detect.engine.open_alerts))
+            alerts = []
+            for engine in self._engines():
+                alerts += engine.tick(now)
+                resolved, engine.resolved = engine.resolved, []
+                if self.router is not None:
+                    for alert_id in resolved:
+                        # a resolution waits on the output (retries); it must not hold up the tick
+                        asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
+            self.detects.touched()
+            alerts += self.control.tick(now)
+            await self._publish_alerts(alerts, self._snapshots(self.detects))
+        self.metrics.open_alerts.set(sum(len(e.open_alerts) for e in self._engines()))
 
     async def _measure_lag(self) -> None:
         consumer = self.app.consumer
@@ -637,6 +727,17 @@ class Pipeline:
         """Analyst SQL for `agentwatch query` (see streams/query_api.py)."""
         answer = await self.query_api.handle(request)
         return view.json(answer.body, status=answer.status)
+
+
+def _replay_correlate(stage: CorrelateStage, events: list[Event]) -> None:
+    """Input already processed before a restart, through restored state: outputs discarded."""
+    stage.process(events)
+    stage.take_rekeyed()  # they went round the trace-keyed topic then and are in the replay too
+
+
+def _replay_detect(stage: DetectStage, events: list[Event]) -> None:
+    stage.process(events)
+    stage.engine.resolved.clear()
 
 
 @dataclass(slots=True)

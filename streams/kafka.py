@@ -45,6 +45,7 @@ def all_topics(settings: Settings) -> list[str]:
         settings.topic_acks,
         settings.topic_by_trace,
         settings.topic_by_agent,
+        settings.topic_state,
     ]
 
 
@@ -111,6 +112,7 @@ async def ensure_topics(
     bootstrap: str, topics: list[str], partitions: int, *, timeout_s: float = 15,
     overrides: dict[str, int] | None = None, security: Mapping[str, Any] | None = None,
     replication_factor: int = 1, min_insync_replicas: int = 0,
+    topic_configs: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, int]:
     """Create missing topics (existing ones are left as they are); return each
     topic's actual partition count.
@@ -133,7 +135,8 @@ async def ensure_topics(
             try:
                 response = await admin.create_topics(
                     [NewTopic(t, num_partitions=(overrides or {}).get(t, partitions),
-                              replication_factor=replication_factor, topic_configs=configs)
+                              replication_factor=replication_factor,
+                              topic_configs={**configs, **(topic_configs or {}).get(t, {})})
                      for t in missing]
                 )
                 # the broker answers per topic: an error code is not raised (36: already exists)

@@ -53,6 +53,10 @@ class Settings(ControlSettings):
     topic_acks: str = Field("agentwatch.control.acks", description="agents' acknowledgements of commands")
     topic_by_trace: str = Field("agentwatch.internal.by_trace", description="canonical events keyed by trace id")
     topic_by_agent: str = Field("agentwatch.internal.by_agent", description="attributed events keyed by agent id")
+    topic_state: str = Field(
+        "agentwatch.internal.state",
+        description="compacted topic of per-partition state snapshots (correlate and detect stages)",
+    )
     partitions: int = Field(4, ge=1, description="partitions of the topics agentwatch creates")
     detect_partitions: int = Field(
         1, ge=1,
@@ -65,10 +69,10 @@ class Settings(ControlSettings):
     max_events_per_message: int = Field(
         500, ge=1, description="events packed into one message between stages (keeps messages well under 1 MB)"
     )
-    state_rebuild_s: float = Field(
-        3600.0, ge=0,
-        description="seconds of the internal topics a starting worker re-reads to rebuild detector state "
-        "(windows, timers, waiting spans) up to its committed offsets; 0 = start empty",
+    state_snapshot_s: float = Field(
+        2.0, ge=0,
+        description="at most this often a stage snapshots the state of a partition it changed (at a "
+        "checkpoint, to the state topic); a restore replays only the input since the snapshot",
     )
     tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
     stall_s: float = Field(

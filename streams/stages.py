@@ -23,7 +23,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timezone
+
+import orjson
 
 from detectors.engine import DetectionEngine
 from detectors.identity import IdentityResolver
@@ -35,6 +38,7 @@ from schemas.decoders import DecodeResult, Failure
 from schemas.decoders.audit import AuditDecoder, PgLogConfig
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
+from schemas.errors import StateError
 from schemas.events import Event, IdentitySource
 from schemas.redact import DEFAULT as DEFAULT_REDACTOR
 from schemas.redact import Redactor
@@ -263,6 +267,25 @@ class CorrelateStage:
             out += self.process([ev for evs in rekeyed.values() for ev in evs])
         return out
 
+    def snapshot(self) -> bytes:
+        """Identity and join state (timers included) as JSON bytes for ``restore``."""
+        return orjson.dumps({"identity": self.resolver.snapshot().decode(),
+                             "join": self.joiner.snapshot().decode()})
+
+    @classmethod
+    def restore(cls, policy: Policy, data: bytes) -> "CorrelateStage":
+        """Raises StateError when ``data`` is not a correlate snapshot."""
+        try:
+            parts = orjson.loads(data)
+            identity, join = parts["identity"].encode(), parts["join"].encode()
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StateError(f"not a correlate stage snapshot: {exc}") from None
+        stage = cls(policy)
+        stage.resolver = IdentityResolver.restore(policy.allowed_lateness_s, identity)
+        stage.joiner = Joiner.restore(policy, join)
+        _resume_clock(stage.resolver.watermark, stage.joiner.watermark)
+        return stage
+
 
 class DetectStage:
     """Keyed by agent: every detector over the attributed events."""
@@ -278,3 +301,24 @@ class DetectStage:
 
     def finish(self) -> list[Alert]:
         return self.engine.finish()
+
+    def snapshot(self) -> bytes:
+        return self.engine.snapshot()
+
+    @classmethod
+    def restore(cls, policy: Policy, data: bytes) -> "DetectStage":
+        """Raises StateError when ``data`` is not an engine snapshot."""
+        stage = cls(policy)
+        stage.engine = DetectionEngine.restore(policy, data)
+        _resume_clock(stage.engine.watermark)
+        return stage
+
+
+def _resume_clock(*watermarks: Any) -> None:
+    """Idle event time runs from now, not from the last event the previous owner saw:
+    while no worker held the state (a crash, a rebalance) its input was waiting, not
+    idle, and counting that time would close windows and fire timers early."""
+    now = time.time()
+    for wm in watermarks:
+        if wm.wall_at_max is not None:
+            wm.wall_at_max = now

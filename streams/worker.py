@@ -23,7 +23,7 @@ from streams.kafka import ensure_topics, owned_topics, resolve_bootstrap, topic_
 from streams.kafka_security import kafka_options
 from streams.logs import setup_logging
 from streams.settings import Settings
-from streams.warmup import rebuild_state
+from streams.state import STATE_TOPIC_CONFIG
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,9 @@ def run_worker(settings: Settings) -> None:
     bootstrap = resolve_bootstrap(settings)
     warn_missing_inputs(bootstrap, settings)
     partitions = asyncio.run(ensure_topics(bootstrap, owned_topics(settings), settings.partitions,
-                                           overrides={settings.topic_by_agent: settings.detect_partitions},
+                                           overrides={settings.topic_by_agent: settings.detect_partitions,
+                                                      settings.topic_state: 1},
+                                           topic_configs={settings.topic_state: STATE_TOPIC_CONFIG},
                                            **topic_options(settings)))
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())
@@ -78,11 +80,6 @@ def run_worker(settings: Settings) -> None:
         )
     pipeline = Pipeline(settings, policy, bootstrap, partitions, watcher)
     pipeline.open_store()  # a locked embedded store fails here, before consuming anything
-    asyncio.run(rebuild_state(
-        bootstrap=bootstrap, group=settings.app_id, by_trace_topic=settings.topic_by_trace,
-        by_agent_topic=settings.topic_by_agent, correlate=pipeline.correlate, detect=pipeline.detect,
-        horizon_s=settings.state_rebuild_s, security=kafka_options(settings),
-    ))
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     # the record is readable by anyone who can read the home: no credential goes in it
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", mask_secrets(settings.dsn),

@@ -1,11 +1,23 @@
-"""Detector state survives a worker restart: a pattern that spans it is still caught."""
+"""Partition-scoped state survives a worker restart, from its snapshot in Kafka.
+
+A pattern that spans a restart (four calls before it, the fifth after) is
+still caught with all five calls as evidence, whether the worker stopped
+cleanly (final snapshot on revoke) or was SIGKILLed (last checkpoint's
+snapshot plus a replay of the input after it). A timer armed before a crash
+(an escalation waiting for an approval that never comes) fires after the
+restart with no new traffic.
+"""
 
 from __future__ import annotations
 
+import re
+import signal
+import time
 from datetime import datetime, timedelta, timezone
 
 import orjson
 import pytest
+import yaml
 
 from tests.live import LiveWorker
 
@@ -21,18 +33,46 @@ def calls(agent: str, seconds: range) -> bytes:
     ])
 
 
-@pytest.mark.parametrize("rebuild_s, alerted", [("3600", True), ("0", False)])
-def test_retry_loop_spanning_a_restart(kafka_bootstrap, tmp_path, rebuild_s, alerted):
-    w = LiveWorker(kafka_bootstrap, tmp_path, env={"AGENTWATCH_STATE_REBUILD_S": rebuild_s})
-    with w:
-        w.produce(w.settings.topic_events_in, [calls("agent-restarted", range(0, 40, 10))])  # 4 calls: below 5
-        w.wait_settled()
+def stop(w: LiveWorker, how: str) -> None:
+    assert w.proc is not None
+    if how == "sigterm":
+        w.stop()
+    else:
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_retry_loop_spanning_a_restart(kafka_bootstrap, tmp_path, how):
+    w = LiveWorker(kafka_bootstrap, tmp_path)
+    w.start()
+    w.produce(w.settings.topic_events_in, [calls("agent-restarted", range(0, 40, 10))])  # 4 calls: below 5
+    w.wait_settled()
+    time.sleep(3)  # past state_snapshot_s: the tick's checkpoint snapshots the partition
+    stop(w, how)
     with w:  # same consumer group, same store: a restart
         w.produce(w.settings.topic_events_in, [calls("agent-restarted", range(40, 41))])  # the 5th call
-        w.wait_settled()
-        alerts = w.wait_alerts(lambda a: bool(a), timeout=10 if not alerted else 30)
+        alerts = w.wait_alerts(lambda a: any(x.agent_id == "agent-restarted" for x in a), timeout=90)
+        log = w.log_path.read_text()
     got = [a for a in alerts if a.agent_id == "agent-restarted" and a.detector == "retry_loop"]
-    assert bool(got) is alerted, w.log_tail(40)
-    if alerted:
-        assert len(got) == 1 and len(got[0].evidence) == 5  # all five calls, across the restart
-        assert "detector state rebuilt" in w.log_tail(200)
+    assert len(got) == 1 and len(got[0].evidence) == 5, w.log_tail(40)  # all five calls, across the restart
+    restored = [int(b) for b in re.findall(r'"stage":"detect","partitions":\[[\d,]+\],"bytes":(\d+)', log)]
+    assert restored and max(restored) > 0, "the detect state was not restored from a snapshot"
+
+
+def test_escalation_timer_fires_after_a_crash_with_no_new_traffic(kafka_bootstrap, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"allowed_lateness_s": 5, "high_risk": {"tools": ["delete_database"]}}))
+    w = LiveWorker(kafka_bootstrap, tmp_path, policy=policy)
+    w.start()
+    action = {"kind": "tool_call", "agent_id": "agent-dba", "tool_name": "delete_database",
+              "ts": datetime(2026, 2, 1, 9, 0, tzinfo=timezone.utc).isoformat(),
+              "arguments": {"db": "billing"}, "outcome": "ok"}
+    w.produce(w.settings.topic_events_in, [orjson.dumps(action)])
+    w.wait_rows("SELECT count() FROM agentwatch.events", lambda r: r[0][0] >= 1, timeout=90)
+    stop(w, "sigkill")  # before the approval could have arrived: the timer has not fired yet
+    early = w.wait_alerts(lambda a: False, timeout=2)
+    with w:  # no new input at all
+        alerts = w.wait_alerts(lambda a: any(x.detector == "escalation_bypass" for x in a), timeout=90)
+    assert not [a for a in early if a.detector == "escalation_bypass"], "fired before the crash; test proves nothing"
+    assert [a for a in alerts if a.detector == "escalation_bypass" and a.agent_id == "agent-dba"], w.log_tail(40)
