@@ -131,6 +131,7 @@ class Pipeline:
             restore=lambda data: DetectStage.restore(self.policy, data), replay=_replay_detect, **state)
         self.state_topic = self.app.topic(s.topic_state, **raw)
         self._correlate_lock = asyncio.Lock()
+        self._broker_seen_at = _now()
 
         # chDB is an in-process engine: one thread owns every call into it
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
@@ -501,7 +502,11 @@ class Pipeline:
 
     async def _tick(self) -> None:
         """Event time goes on while traffic is quiet: close windows, fire timers."""
-        now = _now()
+        # ... but only while the broker answers: input that cannot be fetched is waiting,
+        # not absent, and advancing event time through an outage would close windows
+        # and fire absence timers before the events that belong in them arrive
+        # (deliveries, snapshots included, every state_snapshot_s, prove the broker alive)
+        now = min(_now(), self._broker_seen_at + max(5.0, 3 * self.settings.state_snapshot_s))
         self._check_policy()
         await self._emit_ingested(self.ingest.tick(now))  # PostgreSQL records whose rest never came
         async with self._correlate_lock:
@@ -705,6 +710,7 @@ class Pipeline:
                 futures = [await o.topic.send(key=o.key, value=o.value, headers=o.headers, partition=o.partition)
                            for o in outs]
                 await asyncio.gather(*futures)
+                self._broker_seen_at = _now()
                 return
             except (KafkaError, OSError, asyncio.TimeoutError, faults.InjectedFault) as exc:
                 self.metrics.output_retries.inc()
