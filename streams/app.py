@@ -480,6 +480,7 @@ class Pipeline:
             self.policy = w.current
             for engine in self._engines():
                 engine.reload(w.current)
+            self.ingest.redactor = w.current.redaction.redactor()  # new redaction patterns apply at once
             self.metrics.policy_reloads.labels("ok").inc()
             log.warning("policy reloaded", extra={"version": w.current.version, "hash": w.current.content_hash})
         elif w.last_error is not None and w.last_error is not error_before:

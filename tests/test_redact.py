@@ -102,3 +102,22 @@ def test_settings_command_masks(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Pw0rdX" not in done.stdout and "HookTok3n" not in done.stdout
     assert "https://u:****@ch:8443/" in done.stdout
+
+
+def test_policy_redaction_patterns_apply_at_ingest_and_on_hot_reload(tmp_path):
+    import os
+
+    from detectors.policy import PolicyWatcher
+    from streams.app import Pipeline
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: r1\n")
+    watcher = PolicyWatcher(policy)
+    s = load_settings(home=tmp_path, policy_file=policy, clickhouse_dsn=f"chdb://{tmp_path}/ch", web_port=6999)
+    pipeline = Pipeline(s, watcher.current, "127.0.0.1:9", {}, watcher)  # nothing connects until it runs
+    assert pipeline.ingest.redactor.text("employee EMP-123456") == "employee EMP-123456"
+    policy.write_text("version: r2\nredaction:\n  patterns: ['EMP-[0-9]{6}']\n")
+    later = time.time() + 5
+    os.utime(policy, (later, later))
+    pipeline._check_policy()
+    assert pipeline.ingest.redactor.text("employee EMP-123456") == f"employee {MASK}"
