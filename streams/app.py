@@ -37,7 +37,9 @@ from aiokafka.errors import KafkaError
 from faust.types import EventT
 from faust.web import View
 
-from detectors.policy import Policy, PolicyWatcher
+from detectors.policy import Policy
+
+from streams.policy_file import PolicyWatcher
 from schemas.alerts import Alert, Mode
 from schemas.errors import StoreError
 from schemas.events import Event, events_from_json, events_to_json

@@ -77,7 +77,7 @@ def _alert_row(alert: Any) -> tuple[Any, ...]:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from detectors.policy import load_policy
+    from streams.policy_file import load_policy
     from streams.query import format_table
     from streams.replay import replay
 

@@ -29,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from detectors.policy import Policy, load_policy
+from detectors.policy import Policy
+
+from streams.policy_file import load_policy
 from schemas.alerts import Alert
 from schemas.errors import AgentwatchError
 

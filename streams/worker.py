@@ -15,7 +15,7 @@ from pathlib import Path
 
 import faust
 
-from detectors.policy import PolicyWatcher, load_policy
+from streams.policy_file import PolicyWatcher, load_policy
 from schemas.errors import AgentwatchError
 from schemas.redact import mask_secrets
 from streams.app import Pipeline

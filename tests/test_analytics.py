@@ -20,7 +20,7 @@ import yaml
 
 from deploy.grafana.dashboards import DASHBOARDS, render
 from deploy.grafana.dashboards import OUT as DASHBOARD_DIR
-from detectors.policy import load_policy
+from streams.policy_file import load_policy
 from schemas.control import KillSwitchCommand, Target, generate_keypair, load_private_key, sign
 from schemas.events import Event, EventKind, stable_id
 from sinks.clickhouse import ClickHouseStore, DlqRecord, Retention, default_schema, open_store, split_statements

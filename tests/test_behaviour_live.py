@@ -24,7 +24,7 @@ import yaml
 from schemas.alerts import Alert
 from streams.replay import classify, records_in_event_time
 from streams.scorecard import DetectorScore, Scenario, format_table, load_scenarios, merge_scores, score
-from detectors.policy import load_policy
+from streams.policy_file import load_policy
 from tests.live import LiveWorker
 
 pytestmark = pytest.mark.kafka

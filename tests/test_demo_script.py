@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from detectors.policy import load_policy
+from streams.policy_file import load_policy
 from streams.demo import DEMO_POLICY, FAMILIES
 from streams.fleet import incident_script
 from streams.replay import replay

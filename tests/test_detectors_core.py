@@ -8,7 +8,8 @@ import pytest
 
 from detectors.engine import DetectionEngine
 from detectors.identity import IdentityResolver
-from detectors.policy import load_policy, parse_policy
+from detectors.policy import parse_policy
+from streams.policy_file import load_policy
 from detectors.windows import SlidingWindow, TimerQueue, TumblingSum, Watermark
 from schemas.errors import PolicyError
 from schemas.events import Event, EventKind, IdentitySource, fingerprint_arguments

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from detectors.engine import DetectionEngine
-from detectors.policy import PolicyWatcher, load_policy, parse_policy
+from detectors.policy import parse_policy
+from streams.policy_file import PolicyWatcher, load_policy
 from schemas.alerts import Severity
 from schemas.errors import PolicyError
 from schemas.events import Event, EventKind

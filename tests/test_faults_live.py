@@ -34,7 +34,7 @@ import orjson
 import pytest
 
 from deploy import broker
-from detectors.policy import load_policy
+from streams.policy_file import load_policy
 from schemas.alerts import Alert
 from streams.stages import CorrelateStage, DetectStage, IngestStage, RawRecord
 from schemas.decoders.native import decode_native

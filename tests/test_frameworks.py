@@ -25,7 +25,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from detectors.policy import load_policy
+from streams.policy_file import load_policy
 from schemas.alerts import Alert
 from schemas.decoders.otlp import decode_otlp
 from schemas.events import Event, EventKind, IdentitySource, fingerprint_arguments

@@ -222,7 +222,7 @@ def test_real_k8s_line_and_cloudtrail_record_are_attributed_to_the_agent(name: s
     from streams.replay import decode_any, records_in_event_time
     from streams.stages import IngestStage
 
-    from detectors.policy import load_policy
+    from streams.policy_file import load_policy
 
     d = Path(__file__).parent / "scenarios" / name
     stage, ingest = CorrelateStage(load_policy(d / "policy.yaml")), IngestStage({}, default=decode_any)

@@ -107,7 +107,7 @@ def test_settings_command_masks(tmp_path):
 def test_policy_redaction_patterns_apply_at_ingest_and_on_hot_reload(tmp_path):
     import os
 
-    from detectors.policy import PolicyWatcher
+    from streams.policy_file import PolicyWatcher
     from streams.app import Pipeline
 
     policy = tmp_path / "policy.yaml"
