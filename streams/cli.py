@@ -82,7 +82,15 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from streams.replay import replay
 
     policy = load_policy(args.policy or settings.policy_file)
-    result = replay([Path(p) for p in args.paths], policy)
+    # the options override the worker's settings, so a replay reads a log as the worker would
+    overrides = {k: v for k, v in (("pg_log_timezone", args.pg_log_timezone),
+                                   ("pg_log_line_prefix", args.pg_log_line_prefix)) if v is not None}
+    try:
+        pg = settings.with_overrides(**overrides).pg_log
+    except ConfigError as exc:  # the environment was read already: the option is wrong
+        raise ConfigError(exc.key.removeprefix("AGENTWATCH_").lower().replace("_", "-").join(("--", "")),
+                          exc.problem) from None
+    result = replay([Path(p) for p in args.paths], policy, pg)
     if args.format == "table":
         print(format_table(list(ALERT_COLUMNS), [_alert_row(a) for a in result.alerts]))
     else:
@@ -217,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", help="detector policy file (YAML)")
     r.add_argument("--format", choices=["json", "table"], default="json",
                    help="json: one alert per line (default); table: one row per alert")
+    r.add_argument("--pg-log-timezone", metavar="ZONE",
+                   help="the PostgreSQL server's log_timezone (IANA name) for zone abbreviations in its log's "
+                   "times (default: AGENTWATCH_PG_LOG_TIMEZONE)")
+    r.add_argument("--pg-log-line-prefix", metavar="PREFIX",
+                   help="the PostgreSQL server's log_line_prefix or a preset (default: AGENTWATCH_PG_LOG_LINE_PREFIX)")
     r.add_argument("paths", nargs="+", metavar="PATH", help="OTLP JSON lines, native JSON / JSON lines, audit logs")
     r.set_defaults(fn=_replay)
 

@@ -27,7 +27,7 @@ from schemas.decoders import DecodeResult
 from schemas.decoders.audit import AuditDecoder, Stitched, decode_audit
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
-from schemas.decoders.pgaudit import looks_like_pg_text, pg_log_records
+from schemas.decoders.pgaudit import PgLogConfig, looks_like_pg_text, pg_log_records
 from schemas.errors import AgentwatchError
 from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord
 
@@ -36,13 +36,13 @@ _AUDIT_MARKERS = (b'"audit.k8s.io/', b'"Records"', b'"eventSource"', b'"class_ui
                   b'"kind": "audit"', b'"error_severity"')
 
 
-def classify(payload: bytes) -> str:
+def classify(payload: bytes, pg: PgLogConfig = PgLogConfig()) -> str:
     """Which input a recorded record belongs to: "otlp", "audit" or "native" (the
     live worker reads them from three topics; a file mixes them)."""
     head = payload.lstrip()[:1]
     if head not in (b"{", b"["):
         # a PostgreSQL server log (any record, by its shape), else binary: an otlp_proto dump
-        return "audit" if _is_pg_text(payload) else "otlp"
+        return "audit" if _is_pg_text(payload, pg) else "otlp"
     if any(m in payload for m in _OTLP_MARKERS):
         return "otlp"
     if any(m in payload for m in _AUDIT_MARKERS):
@@ -50,12 +50,13 @@ def classify(payload: bytes) -> str:
     return "native"
 
 
-_DECODERS = {"otlp": decode_otlp, "audit": decode_audit, "native": decode_native}
-
-
-def decode_any(payload: bytes, *, origin: str = "") -> DecodeResult:
-    """Pick the decoder for one recorded record by what it contains."""
-    return _DECODERS[classify(payload)](payload, origin=origin)
+def decode_any(payload: bytes, *, origin: str = "", pg: PgLogConfig = PgLogConfig()) -> DecodeResult:
+    """Pick the decoder for one recorded record by what it contains; PostgreSQL logs
+    are read as the server described by ``pg`` writes them (prefix, log_timezone)."""
+    kind = classify(payload, pg)
+    if kind == "audit":
+        return decode_audit(payload, origin=origin, pg=pg)
+    return (decode_otlp if kind == "otlp" else decode_native)(payload, origin=origin)
 
 
 class _ReplayDecoder:
@@ -63,16 +64,17 @@ class _ReplayDecoder:
     decoder, so a backend's connection record names the user of its later records
     (prefixes without %u) as it does in the worker."""
 
-    def __init__(self) -> None:
-        self.audit = AuditDecoder()
+    def __init__(self, pg: PgLogConfig = PgLogConfig()) -> None:
+        self.pg = pg
+        self.audit = AuditDecoder(pg)
 
     def __call__(self, payload: bytes, *, origin: str = "") -> DecodeResult:
-        return decode_any(payload, origin=origin)
+        return decode_any(payload, origin=origin, pg=self.pg)
 
     def feed(self, payload: bytes, *, stream: Hashable, offset: int, origin: str = "",
              received_at: datetime | None = None, wall: float = 0.0) -> list[Stitched]:
-        if classify(payload) != "audit":
-            return [Stitched(decode_any(payload, origin=origin), offset)]
+        if classify(payload, self.pg) != "audit":
+            return [Stitched(decode_any(payload, origin=origin, pg=self.pg), offset)]
         return self.audit.feed(payload, stream=stream, offset=offset, origin=origin, received_at=received_at,
                                wall=wall)
 
@@ -80,15 +82,15 @@ class _ReplayDecoder:
         return self.audit.flush(wall, force=force)
 
 
-def _is_pg_text(payload: bytes) -> bool:
+def _is_pg_text(payload: bytes, pg: PgLogConfig = PgLogConfig()) -> bool:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
         return False
-    return looks_like_pg_text(text)
+    return looks_like_pg_text(text, pg)
 
 
-def read_records(path: Path) -> Iterator[RawRecord]:
+def read_records(path: Path, pg: PgLogConfig = PgLogConfig()) -> Iterator[RawRecord]:
     """A whole-file JSON document is one record; otherwise each line is one."""
     try:
         data = path.read_bytes()
@@ -104,9 +106,9 @@ def read_records(path: Path) -> Iterator[RawRecord]:
         else:
             yield RawRecord(name, -1, 0, stripped)
             return
-    if _is_pg_text(stripped.split(b"\n", 1)[0]):
+    if _is_pg_text(stripped.split(b"\n", 1)[0], pg):
         # a PostgreSQL log: a record is its line, its continuation lines and its STATEMENT/DETAIL records
-        for n, record in enumerate(pg_log_records(data.decode("utf-8", errors="replace")), start=1):
+        for n, record in enumerate(pg_log_records(data.decode("utf-8", errors="replace"), pg), start=1):
             yield RawRecord(name, -1, n, record.encode())
         return
     for lineno, line in enumerate(data.splitlines(), start=1):
@@ -114,7 +116,7 @@ def read_records(path: Path) -> Iterator[RawRecord]:
             yield RawRecord(name, -1, lineno, line)
 
 
-def records_in_event_time(paths: list[Path]) -> list[RawRecord]:
+def records_in_event_time(paths: list[Path], pg: PgLogConfig = PgLogConfig()) -> list[RawRecord]:
     """Every record of every file, files interleaved by event time.
 
     Recorded inputs come as one file per source (spans, approvals, audit logs),
@@ -128,8 +130,8 @@ def records_in_event_time(paths: list[Path]) -> list[RawRecord]:
     for path in paths:
         recs: list[tuple[float, int, RawRecord]] = []
         last = -math.inf
-        for rec in read_records(path):
-            decoded = decode_any(rec.value, origin=rec.topic)
+        for rec in read_records(path, pg):
+            decoded = decode_any(rec.value, origin=rec.topic, pg=pg)
             # an undecodable record keeps its place after its predecessor
             last = min((e.ts_seconds for e in decoded.events), default=last)
             recs.append((last, len(recs), rec))
@@ -144,11 +146,14 @@ class ReplayResult:
     dead: list[DeadLetter] = field(default_factory=list)
 
 
-def replay(paths: list[Path], policy: Policy) -> ReplayResult:
+def replay(paths: list[Path], policy: Policy, pg: PgLogConfig = PgLogConfig()) -> ReplayResult:
+    """``pg`` describes the PostgreSQL server that wrote any log among ``paths`` (the
+    worker's AGENTWATCH_PG_LOG_* settings): zone abbreviations in its times resolve in
+    its log_timezone, so a replay gives the event times the live worker gives."""
     for p in paths:
         if not p.is_file():
             raise AgentwatchError(f"{p}: no such file")
-    ingest = IngestStage({}, default=_ReplayDecoder())
+    ingest = IngestStage({}, default=_ReplayDecoder(pg))
     correlate = CorrelateStage(policy)
     detect = DetectStage(policy)
     latest: dict[str, Alert] = {}
@@ -158,7 +163,7 @@ def replay(paths: list[Path], policy: Policy) -> ReplayResult:
         for a in alerts:
             latest[a.alert_id] = a
 
-    for rec in [*records_in_event_time(paths), None]:
+    for rec in [*records_in_event_time(paths, pg), None]:
         # None: the end, where records still open (an ERROR awaiting followers) are decoded
         routed = ingest.process([rec]) if rec is not None else ingest.tick(math.inf)
         result.events += routed.events

@@ -58,3 +58,23 @@ def test_undecodable_lines_are_reported_not_fatal(tmp_path):
     out = replay(str(f))
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 1
     assert "1 undecodable" in out.stderr
+
+
+def test_replay_reads_postgres_log_times_in_the_servers_log_timezone():
+    """The option (or AGENTWATCH_PG_LOG_TIMEZONE, as in the worker) resolves EST as New York time,
+    the same UTC instants the live worker stores; without it the records are refused, never shifted."""
+    from datetime import datetime, timezone
+
+    from schemas.decoders.pgaudit import PgLogConfig
+    from streams.replay import decode_any, records_in_event_time
+
+    log = REPO / "tests" / "fixtures" / "audit" / "pg" / "rds_new_york.log"
+    pg = PgLogConfig("rds", "America/New_York")
+    times = {e.ts for r in records_in_event_time([log], pg) for e in decode_any(r.value, pg=pg).events}
+    assert times == {datetime(2026, 11, 25, 9, 22, 47, tzinfo=timezone.utc)}
+    refused = replay(str(log))
+    assert refused.returncode == 0 and "4 undecodable" in refused.stderr and "TIMEZONE" in refused.stderr
+    read = replay("--pg-log-timezone", "America/New_York", str(log))
+    assert read.returncode == 0 and "4 events" in read.stderr and "0 undecodable" in read.stderr
+    bad = replay("--pg-log-timezone", "Mars/Base", str(log))
+    assert bad.returncode == 2 and "--pg-log-timezone" in bad.stderr and "Traceback" not in bad.stderr
