@@ -158,6 +158,8 @@ class Pipeline:
         # and ticks both update alerts), so the topic receives them in order
         self._alert_order = asyncio.Lock()
         self.crashed: BaseException | None = None
+        # called once the worker is ready (see when_ready)
+        self._on_ready: list[Callable[[], None]] | None = []
 
         self._register()
 
@@ -171,6 +173,7 @@ class Pipeline:
             store.apply_schema()
             s = self.settings
             store.apply_retention(Retention(s.retention_events_days, s.retention_alerts_days, s.retention_dlq_days))
+            store.warm_up()
             return store
 
         self.store = self._db.submit(_open).result()
@@ -178,6 +181,33 @@ class Pipeline:
         self.alert_sink = AlertSink(self.store)
         self.dlq_sink = DlqSink(self.store)
         self.killswitch_sink = KillSwitchSink(self.store)
+
+    def when_ready(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the worker processes input at full speed: its first partition
+        assignment taken and that state restored, and the producer holding the metadata of
+        every topic it writes. A fresh worker that said it was ready before then (its web
+        endpoint answered) kept its first input waiting seconds for the consumer group,
+        state restore and first sends, and its first alert came ~4.5 s after the event."""
+        if self._on_ready is None:
+            fn()
+        else:
+            self._on_ready.append(fn)
+
+    async def _became_ready(self) -> None:
+        if self._on_ready is None:
+            return
+        started = time.perf_counter()
+        try:
+            producer = self.app.producer._ensure_producer()  # faust's aiokafka producer, started by now
+            for topic in (self.by_trace, self.by_agent, self.dlq, self.alerts, self.shadow_alerts,
+                          self.control_topic, self.state_topic):
+                await producer.partitions_for(topic.get_topic_name())  # waits for the topic's metadata
+        except Exception as exc:  # the first send fetches it instead
+            log.error("warming the producer failed", extra={"error": repr(exc)[:300]})
+        callbacks, self._on_ready = self._on_ready, None
+        for fn in callbacks:
+            fn()
+        log.info("worker ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
 
     def close(self) -> None:
         self.query_api.close()
@@ -412,6 +442,7 @@ class Pipeline:
                 self._announce_open(restored)
         except Exception as exc:  # the next batch of the partition restores it instead
             log.error("restoring assigned partitions failed", extra={"error": repr(exc)[:300]})
+        await self._became_ready()
 
     async def _on_revoked(self, app: Any, revoked: Any = None, **kwargs: Any) -> None:
         """A final snapshot of every revoked partition, then its state is dropped: the

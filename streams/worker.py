@@ -84,7 +84,9 @@ def run_worker(settings: Settings) -> None:
     # the record is readable by anyone who can read the home: no credential goes in it
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", mask_secrets(settings.dsn),
                         mask_secrets(bootstrap))
-    settings.worker_file.write_text(json.dumps(record.__dict__))
+    # written once the worker is ready (joined, state restored, producer warm): whoever waits
+    # for the record (the demo, tests, a supervisor's script) may send input at once
+    pipeline.when_ready(lambda: settings.worker_file.write_text(json.dumps(record.__dict__)))
     _worker_file[os.getpid()] = settings.worker_file
     # mode's Worker creates its loop lazily; faust needs one set before it starts
     asyncio.set_event_loop(asyncio.new_event_loop())

@@ -46,7 +46,7 @@ def test_stuck_agent_alerted_within_two_seconds_of_its_fifth_identical_call(kafk
                 "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": AGENT})
             ctx = set_span_in_context(root)  # in the baggage context: the tool spans are the root's children
             latencies = []
-            for order in ("A-1", "A-2"):  # two loops: the second one after the worker's outputs are warm
+            for order in ("A-1", "A-2"):  # the worker's very first alert, and one more
                 sent_ms = 0.0
                 for i in range(5):  # the fifth identical call must raise the alert: no sixth is needed
                     with tracer.start_as_current_span("execute_tool get_order", context=ctx, attributes={
@@ -72,11 +72,9 @@ def test_stuck_agent_alerted_within_two_seconds_of_its_fifth_identical_call(kafk
                 assert alert.agent_id == AGENT  # not the SDK's random service.instance.id, not the service
                 latencies.append(ts - sent_ms)
             print(f"alerted {latencies[0]:.0f} ms and {latencies[1]:.0f} ms after the fifth call")
-            # The worker decides at once either way (its log says so within ~1.5 s); the very first
-            # alert a fresh worker sends has measured ~4.5 s on this machine, spent in its output
-            # path warming up, not in attribution: so the bound is asserted once outputs are warm.
-            assert latencies[1] < 2000, f"alerted {latencies} ms after the fifth call"
-            assert latencies[0] < 15000, f"alerted {latencies} ms after the fifth call"
+            # a fresh worker's first alert too: it says it is ready only once it has joined its group,
+            # restored its state and warmed its producer and store (it measured ~4.5 s before that)
+            assert max(latencies) < 2000, f"alerted {latencies} ms after the fifth call"
             assert root.is_recording()  # the agent span never ended
     finally:
         context.detach(token)
