@@ -250,7 +250,7 @@ class Joiner:
         self.watermark = Watermark(lateness)
         # per-source lateness, as extra time past the watermark: only that source's records
         # (and the spans waiting for them) get it, everything else keeps the base lateness
-        self._source_extra = {src: max(0.0, s - lateness) for src, s in cfg.allowed_lateness_by_source.items()}
+        self._source_extra = cfg.extra_lateness(lateness)
         self._key_extra: dict[str, float] = {}
         for src, extra in self._source_extra.items():
             if src in SOURCE_SPAN_KEYS:

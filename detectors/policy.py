@@ -193,6 +193,11 @@ class JoinConfig(_Strict):
         "carry its key (aws.request_id for cloudtrail) wait as long for their record; other sources never wait",
     )
 
+    def extra_lateness(self, base_s: float) -> dict[str, float]:
+        """Per source, how much later than ``base_s`` (a watermark's own lateness) its records
+        may arrive and still be on time; sources that need no more are left out."""
+        return {src: s - base_s for src, s in self.allowed_lateness_by_source.items() if s > base_s}
+
 
 class RedactionConfig(_Strict):
     """Secrets masked in every event before it is stored or forwarded (schemas/redact.py has the

@@ -50,9 +50,10 @@ class Watermark:
     def value(self) -> float:
         return max(self.max_event_ts - self.allowed_lateness_s, self.floor)
 
-    def observe(self, ts: float, wall: float | None = None) -> bool:
-        """Record an event time; return False when the event is later than allowed."""
-        on_time = ts >= self.value
+    def observe(self, ts: float, wall: float | None = None, extra_s: float = 0.0) -> bool:
+        """Record an event time; return False when the event is later than allowed
+        (plus ``extra_s`` for a source that delivers late by design)."""
+        on_time = ts >= self.value - extra_s
         if not on_time:
             self.late_events += 1
         if ts >= self.max_event_ts:

@@ -228,3 +228,24 @@ def test_failure_runs_expire_with_event_time():
     eng.advance(T0.timestamp() + 1000)
     retry = eng.detectors[0]
     assert len(retry._failures) == 0 and len(retry._calls) == 0 and retry._last_ok == {}
+
+
+def test_a_source_late_by_design_is_on_time_in_detect_within_its_own_lateness():
+    """CloudTrail delivers minutes after the call (policy join.allowed_lateness_by_source, 900 s by
+    default): its records are neither late in the engine nor forgotten by the redelivery memory,
+    while the other sources keep the policy's 30 s and no window waits for CloudTrail."""
+    eng = DetectionEngine(parse_policy({}))
+    eng.process([tool(1, at=1000)])
+
+    def denied(source: str, event_id: str) -> Event:
+        return Event(event_id=event_id, kind=EventKind.AUDIT, ts=T0 + timedelta(seconds=400), agent_id="a1",
+                     source=source, principal="arn:aws:iam::1:role/a1", action="GetSecretValue",
+                     resource="secret/prod", outcome="deny")
+
+    alerts = eng.process([denied("cloudtrail", "ct-1")])
+    assert eng.watermark.late_events == 0 and [a.detector for a in alerts] == ["disallowed_access"]
+    eng.process([denied("k8s", "k8s-1")])
+    assert eng.watermark.late_events == 1  # 600 s behind is late for every other source
+    eng.process([tool(2, at=1700)])
+    eng.process([denied("cloudtrail", "ct-1")])  # redelivered after event time moved on 700 s
+    assert eng.duplicates_skipped == 1
