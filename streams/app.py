@@ -14,8 +14,15 @@ rows) are made durable before the loop asks for the next batch; faust acks the
 batch's messages only then, so offsets are committed after what depends on
 them (at least once, nothing lost).
 
-The worker is the only process that opens the embedded ClickHouse store; other
-commands read it through the loopback-only ``/query`` endpoint served here.
+A worker has roles (``Roles``). By default one process both detects and
+stores: it is the only process that opens the embedded ClickHouse store, and
+other commands read it through the loopback-only ``/query`` endpoint served
+here. Split (``AGENTWATCH_WORKER_STORE=false`` plus ``agentwatch store``), N
+detection workers share the stages in one consumer group and write no store,
+and one store process in a consumer group of its own writes everything that is
+stored from the topics (events from the agent-keyed topic, alerts, dead
+letters, kill-switch commands) and serves ``/query``. The control and acks
+topics are read whole by every detection worker (streams/control_feed.py).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ from sinks.clickhouse import (
     open_store,
 )
 from streams import faults
+from schemas.control import KillSwitchCommand, TargetKind
+from streams.control_feed import ControlFeed
 from streams.control_plane import ControlPlane, control_settings
 from streams.kafka import partition_for
 from streams.kafka_security import faust_credentials, kafka_options
@@ -70,6 +79,22 @@ log = logging.getLogger("agentwatch.worker")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """What one process does: detect (ingest, correlate, detect, kill switches, on-call
+    outputs) and/or store (ClickHouse writes, ``/query``)."""
+
+    detect: bool = True
+    store: bool = True
+
+    @property
+    def store_only(self) -> bool:
+        return self.store and not self.detect
+
+
+STORE_GROUP_SUFFIX = "-store"
+
+
 def _now() -> float:
     return time.time()
 
@@ -78,8 +103,9 @@ class Pipeline:
     """One worker: the faust app, its stages, its store and its metrics."""
 
     def __init__(self, settings: Settings, policy: Policy, bootstrap: str, partitions: dict[str, int],
-                 policy_watcher: PolicyWatcher | None = None) -> None:
+                 policy_watcher: PolicyWatcher | None = None, roles: Roles = Roles()) -> None:
         self.settings = settings
+        self.roles = roles
         self.policy_watcher = policy_watcher
         # actual partition counts of the internal topics: events are packed per partition
         self.partitions = partitions
@@ -87,7 +113,9 @@ class Pipeline:
         self.metrics = Metrics.create()
         s = settings
         self.app = faust.App(
-            s.app_id,
+            # the store process has a consumer group of its own: it reads every partition of
+            # what it stores, whatever the detection workers of the main group do
+            s.app_id + STORE_GROUP_SUFFIX if roles.store_only else s.app_id,
             broker=f"kafka://{bootstrap}",
             broker_credentials=faust_credentials(s),
             store="memory://",
@@ -117,8 +145,12 @@ class Pipeline:
         self.control_topic = self.app.topic(s.topic_control, **raw)
         self.acks_topic = self.app.topic(s.topic_acks, **raw)
         self.control = ControlPlane.from_settings(control_settings(s), s.home_dir)
-        self.router = build_router(s, self.metrics.registry)
-        self.query_api = QueryApi(s)  # analyst SQL: authenticated, read-only, off the loop and the writer
+        self.control_feed = ControlFeed(self.control, bootstrap, s.topic_control, s.topic_acks,
+                                        window_s=s.killswitch_ttl_s, security=kafka_options(s),
+                                        on_forged=lambda reason: self.metrics.forged_acks.labels(reason).inc())
+        self.router = build_router(s, self.metrics.registry) if roles.detect else None
+        # analyst SQL: authenticated, read-only, off the loop and the writer; served by the store's holder
+        self.query_api = QueryApi(s) if roles.store else None
 
         self.ingest = IngestStage(decoder_for_topics(s.topic_otlp, s.topic_events_in, s.topic_audit_in, pg=s.pg_log),
                                   header_identity=s.header_identity, redactor=policy.redaction.redactor())
@@ -142,16 +174,17 @@ class Pipeline:
         self.alert_sink: AlertSink | None = None
         self.dlq_sink: DlqSink | None = None
         self.killswitch_sink: KillSwitchSink | None = None
-        self.progress = {
-            name: StageProgress(name, topics) for name, topics in (
-                ("ingest", (s.topic_otlp, s.topic_events_in, s.topic_audit_in)),
-                ("correlate", (s.topic_by_trace,)),
-                ("detect", (s.topic_by_agent,)),
-                ("dlq", (s.topic_dlq,)),
-                ("control", (s.topic_control,)),
-                ("acks", (s.topic_acks,)),
-            )
-        }
+        stages = [("ingest", (s.topic_otlp, s.topic_events_in, s.topic_audit_in)),
+                  ("correlate", (s.topic_by_trace,)),
+                  ("detect", (s.topic_by_agent,)),
+                  ("control", (s.topic_control,))] if roles.detect else []
+        if roles.store:
+            stages.append(("dlq", (s.topic_dlq,)))
+        if roles.store_only:
+            stages += [("store_events", (s.topic_by_agent,)),
+                       ("store_alerts", (s.topic_alerts, s.topic_shadow_alerts)),
+                       ("store_killswitches", (s.topic_control,))]
+        self.progress = {name: StageProgress(name, topics) for name, topics in stages}
         # events in the batch a stage holds, for lag in events (set by each stage)
         self._batch_events = 0
         # one alert's updates are made and enqueued under this lock (detect batches
@@ -210,7 +243,8 @@ class Pipeline:
         log.info("worker ready", extra={"warm_up_s": round(time.perf_counter() - started, 3)})
 
     def close(self) -> None:
-        self.query_api.close()
+        if self.query_api is not None:
+            self.query_api.close()
         if self.store is not None:
             self._db.submit(self.store.close).result()
         self._db.shutdown(wait=True)
@@ -223,22 +257,33 @@ class Pipeline:
     def _register(self) -> None:
         s = self.settings
         app = self.app
-        app.agent(self.inputs, name="ingest")(self._fail_fast(self._ingest_agent))
-        app.agent(self.by_trace, name="correlate")(self._fail_fast(self._correlate_agent))
-        app.agent(self.by_agent, name="detect")(self._fail_fast(self._detect_agent))
-        app.agent(self.dlq, name="dlq_store")(self._fail_fast(self._dlq_agent))
-        app.agent(self.control_topic, name="control")(self._fail_fast(self._control_agent))
-        app.agent(self.acks_topic, name="acks")(self._fail_fast(self._acks_agent))
-        app.timer(interval=s.tick_s)(self._guarded_tick)
+        if self.roles.detect:
+            app.agent(self.inputs, name="ingest")(self._fail_fast(self._ingest_agent))
+            app.agent(self.by_trace, name="correlate")(self._fail_fast(self._correlate_agent))
+            app.agent(self.by_agent, name="detect")(self._fail_fast(self._detect_agent))
+            app.agent(self.control_topic, name="control")(self._fail_fast(self._control_agent))
+            # acks are not consumed in the group: every detection worker reads them all
+            app.task(self._fail_fast(self._control_feed))
+            app.timer(interval=s.tick_s)(self._guarded_tick)
+            app.on_partitions_assigned.connect(self._on_assigned)
+            app.on_partitions_revoked.connect(self._on_revoked)
         if self.router is not None:
             app.task(self._start_outputs)
+        if self.roles.store:
+            app.agent(self.dlq, name="dlq_store")(self._fail_fast(self._dlq_agent))
+        if self.roles.store_only:
+            app.on_partitions_assigned.connect(self._store_assigned)
+            app.agent(self.by_agent, name="store_events")(self._fail_fast(self._store_events_agent))
+            app.agent(self.app.topic(s.topic_alerts, s.topic_shadow_alerts, value_type=bytes, key_type=bytes,
+                                     value_serializer="raw", key_serializer="raw"),
+                      name="store_alerts")(self._fail_fast(self._store_alerts_agent))
+            app.agent(self.control_topic, name="store_killswitches")(self._fail_fast(self._store_commands_agent))
         app.timer(interval=5.0)(self._measure_lag)
         app.on_before_shutdown.connect(self._on_before_shutdown)
-        app.on_partitions_assigned.connect(self._on_assigned)
-        app.on_partitions_revoked.connect(self._on_revoked)
         app.page("/metrics")(_view(get=self._metrics_view))
-        app.page("/query")(_view(post=self._query_view))
-        app.on_before_shutdown.connect(self.query_api.on_shutdown)
+        if self.query_api is not None:
+            app.page("/query")(_view(post=self._query_view))
+            app.on_before_shutdown.connect(self.query_api.on_shutdown)
         app.page("/healthz")(_view(get=self._health_view))
 
     def _fail_fast(self, stage: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -397,7 +442,6 @@ class Pipeline:
                                                       for st in self.correlates.states.values()))
 
     async def _detect_agent(self, stream: Any) -> None:
-        assert self.event_sink is not None
         async for batch in self._batches("detect", stream):
             async with self._alert_order:
                 dead: list[DeadLetter] = []
@@ -411,7 +455,8 @@ class Pipeline:
                     self.metrics.events_detected.inc(len(events))
                     self.metrics.duplicate_events.inc(engine.duplicates_skipped - dup_before)
                     self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
-                    self.event_sink.extend(events)
+                    if self.event_sink is not None:  # split: the store process stores them
+                        self.event_sink.extend(events)
                 await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead]
                                            + self._snapshots(self.detects))
 
@@ -478,30 +523,80 @@ class Pipeline:
             await self._flush(self.dlq_sink, "dlq")
 
     async def _control_agent(self, stream: Any) -> None:
-        """Every command on the control topic (ours and people's): verified, recorded,
-        tracked for acknowledgement, and shown to the detectors as events."""
-        assert self.killswitch_sink is not None
+        """Every command on the control topic (ours and people's), once per group: verified,
+        recorded (when this process stores), and shown to the detectors as events. Tracking
+        for acknowledgement is the control feed's, in every worker (streams/control_feed.py)."""
         async for batch in self._batches("control", stream):
             events: list[Event] = []
             for e in batch:
                 cmd, evs = self.control.on_control_record(e.value or b"", _now())
-                if cmd is not None:
+                if cmd is not None and self.killswitch_sink is not None:
                     self.killswitch_sink.add(cmd)
                 events.extend(evs)
             self._batch_events = len(batch)
-            await self._flush(self.killswitch_sink, "killswitches")
+            if self.killswitch_sink is not None:
+                await self._flush(self.killswitch_sink, "killswitches")
             dead: list[DeadLetter] = []
             outs = self._forward(events, dead, broadcast_unknown=True)
             await self._deliver(outs + [self._dead_out(d, "control") for d in dead])
 
-    async def _acks_agent(self, stream: Any) -> None:
-        async for batch in self._batches("acks", stream):
+    async def _control_feed(self, _: Any) -> None:
+        await self.control_feed.run()
+
+    def _owns_command(self, cmd: KillSwitchCommand) -> bool:
+        """Whether this worker speaks for ``cmd``: it holds the detect partition of the
+        command's target agent (a tenant or fleet target: partition 0's holder)."""
+        target = cmd.target
+        n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.detect_partitions)
+        p = partition_for(target.value, n) if target.kind is TargetKind.AGENT else 0
+        return p in self.detects.states
+
+    # -- the store process (split deployment): what is stored, from the topics -------------------
+
+    async def _store_assigned(self, app: Any, assigned: Any = None, **kwargs: Any) -> None:
+        asyncio.get_running_loop().create_task(self._became_ready())  # no state to restore here
+
+    async def _store_events_agent(self, stream: Any) -> None:
+        """Events from the agent-keyed topic, the same the detect stage stores when it owns
+        the store (the control stage forwards command events there too)."""
+        assert self.event_sink is not None
+        async for batch in self._batches("store_events", stream):
+            events: list[Event] = []
             for e in batch:
-                ack = ControlPlane.parse_ack(e.value or b"")
-                forged = self.control.on_ack(ack) if ack is not None else None
-                if forged is not None:
-                    self.metrics.forged_acks.labels(forged).inc()
+                try:
+                    events.extend(events_from_json(e.value))
+                except Exception:  # the detect stage dead-letters it; once is enough
+                    log.error("undecodable internal message not stored",
+                              extra={"partition": e.message.partition, "offset": e.message.offset})
+            self._batch_events = len(events)
+            self.event_sink.extend(events)
+            await self._flush(self.event_sink, "events")
+
+    async def _store_alerts_agent(self, stream: Any) -> None:
+        assert self.alert_sink is not None
+        async for batch in self._batches("store_alerts", stream):
+            alerts: list[Alert] = []
+            for e in batch:
+                try:
+                    alerts.append(Alert.model_validate_json(e.value or b""))
+                except ValueError as exc:  # not ours: keep it, with the reason
+                    m = e.message
+                    await self._deliver([self._dead_out(DeadLetter(
+                        e.value or b"", f"not an alert: {exc}"[:1000], "alerts", m.topic, m.partition, m.offset),
+                        "store")])
+            self._batch_events = len(alerts)
+            self.alert_sink.extend(alerts)
+            await self._flush(self.alert_sink, "alerts")
+
+    async def _store_commands_agent(self, stream: Any) -> None:
+        assert self.killswitch_sink is not None
+        async for batch in self._batches("store_killswitches", stream):
+            for e in batch:
+                cmd, _ = self.control.on_control_record(e.value or b"", _now(), track=False)
+                if cmd is not None:
+                    self.killswitch_sink.add(cmd)
             self._batch_events = len(batch)
+            await self._flush(self.killswitch_sink, "killswitches")
 
     def _check_policy(self) -> None:
         """Hot reload: a changed policy file takes effect; a bad one keeps the last good policy."""
@@ -562,7 +657,8 @@ class Pipeline:
                         # a resolution waits on the output (retries); it must not hold up the tick
                         asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
             self.detects.touched()
-            alerts += self.control.tick(now)
+            if self.control_feed.caught_up.is_set():  # escalate on the whole picture only
+                alerts += self.control.tick(now, owns=self._owns_command)
             await self._publish_alerts(alerts, self._snapshots(self.detects))
         self.metrics.open_alerts.set(sum(len(e.open_alerts) for e in self._engines()))
 
@@ -665,7 +761,6 @@ class Pipeline:
         Called under ``_alert_order``: updates of one alert reach the topic in the
         order the engine produced them (Kafka keeps the order of one producer's
         sends to one partition, and ``_deliver`` enqueues sequentially)."""
-        assert self.alert_sink is not None and self.event_sink is not None
         outs = list(extra)
         for a in alerts:
             self.metrics.alerts.labels(a.detector, a.severity.value, a.mode.value).inc()
@@ -674,13 +769,17 @@ class Pipeline:
             log.warning("alert", extra={"alert_id": a.alert_id, "detector": a.detector,
                                         "agent_id": a.agent_id, "severity": a.severity.value,
                                         "count": a.count})
+        if any(a.mode is Mode.ENFORCE for a in alerts):
+            # the commands already issued (by any worker, before any restart) are known first
+            await self.control_feed.caught_up.wait()
         for cmd in self.control.on_alerts(alerts, _now()):
             outs.append(Out(self.control_topic, cmd.target.key.encode(), cmd.to_json()))
             log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,
                                                      "alert_id": cmd.alert_id})
-        self.alert_sink.extend(alerts)
-        await self._flush(self.event_sink, "events")
-        await self._flush(self.alert_sink, "alerts")
+        if self.alert_sink is not None and self.event_sink is not None:  # split: the store process stores
+            self.alert_sink.extend(alerts)
+            await self._flush(self.event_sink, "events")
+            await self._flush(self.alert_sink, "alerts")
         await self._deliver(outs)
         if self.router is not None:
             for a in alerts:
@@ -765,6 +864,7 @@ class Pipeline:
 
     async def _query_view(self, view: Any, request: Any) -> Any:
         """Analyst SQL for `agentwatch query` (see streams/query_api.py)."""
+        assert self.query_api is not None
         answer = await self.query_api.handle(request)
         return view.json(answer.body, status=answer.status)
 

@@ -52,6 +52,15 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import Roles
+    from streams.worker import run_worker
+
+    _check_port_free(settings.web_host, settings.web_port)
+    run_worker(settings, Roles(detect=False, store=True))
+    return 0
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail in one line before anything starts, not with a web server's traceback later."""
     if port == 0:
@@ -220,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run the stream processors")
     w.add_argument("--policy", help="detector policy file (YAML)")
     w.set_defaults(fn=_worker)
+
+    st = sub.add_parser("store", help="write ClickHouse from the topics and serve /query, for detection-only "
+                        "workers (AGENTWATCH_WORKER_STORE=false)")
+    st.set_defaults(fn=_store)
 
     r = sub.add_parser("replay", help="run the detectors offline over recorded events; alerts as JSON lines")
     r.add_argument("--policy", help="detector policy file (YAML)")

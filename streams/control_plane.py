@@ -365,6 +365,13 @@ class ControlPlane:
         at = _as_dt(now)
         if cmd.action is CommandAction.RESUME and cmd.target.kind is TargetKind.AGENT:
             self._halted_until.pop(cmd.target.value, None)  # a new incident gets a new halt
+        elif cmd.alert_id and cmd.issued_by == self.issuer and cmd.target.kind is TargetKind.AGENT:
+            # an automatic halt read back, possibly issued by another worker or before a restart:
+            # the episode has its command, so neither this alert nor a sibling alert of the same
+            # runaway agent issues a second one (the topic is the durable record of what was issued)
+            self._issued_for_alerts.add(cmd.command_id)
+            agent = cmd.target.value
+            self._halted_until[agent] = max(self._halted_until.get(agent, cmd.expires_at), cmd.expires_at)
         if cmd.command_id not in self._tracked and cmd.command_id not in self._settled and cmd.expires_at > at:
             # the deadline runs from when we first saw it: after a worker restart the acks
             # topic is re-read too, and its acks get a full deadline to arrive
@@ -372,13 +379,14 @@ class ControlPlane:
         return [command_event(cmd)]
 
     def on_control_record(
-        self, raw: bytes, now: datetime | float | None = None
+        self, raw: bytes, now: datetime | float | None = None, *, track: bool = True
     ) -> tuple[KillSwitchCommand | None, list[Event]]:
         """A raw control-topic record -> (the command to record in ClickHouse, events for the detectors).
 
         Commands that fail verification are not tracked, recorded or shown to
         the detectors as halts (agents refuse them and report that themselves);
-        they are counted and logged by id. ``(None, [])`` for those.
+        they are counted and logged by id. ``(None, [])`` for those. ``track=False``
+        only verifies (a process that records commands but never escalates).
         """
         at = _as_dt(now)
         try:
@@ -397,7 +405,7 @@ class ControlPlane:
                             extra={"command_id": cmd.command_id[:64], "reason": str(exc)})
                 return None, []
             return cmd, []  # genuine but over: worth recording, nothing to enforce or track
-        return cmd, self.on_command(cmd, at)
+        return cmd, (self.on_command(cmd, at) if track else [command_event(cmd)])
 
     @staticmethod
     def parse_ack(raw: bytes) -> ControlAck | None:
@@ -434,16 +442,23 @@ class ControlPlane:
 
     # -- escalation ----------------------------------------------------------------------------
 
-    def tick(self, now: datetime | float | None = None) -> list[Alert]:
+    def tick(self, now: datetime | float | None = None,
+             owns: Callable[[KillSwitchCommand], bool] | None = None) -> list[Alert]:
         """Critical alerts for commands past their deadline without an ``obeyed`` ack from their target.
 
         A refusal by the target escalates at once (the agent does not trust our
         key, or something rewrote the command). Each command escalates once.
+        With several workers every one tracks every command (they all read the
+        whole control and acks topics), and ``owns`` says which commands this
+        worker escalates: those whose target's detect partition it holds, so
+        exactly one worker speaks for a command, whichever one issued it.
         """
         at = _as_dt(now)
         out: list[Alert] = []
         for tracked in self._tracked.values():
             if tracked.escalated or tracked.satisfied():
+                continue
+            if owns is not None and not owns(tracked.command):
                 continue
             if tracked.refused_by_target() or at >= tracked.deadline:
                 tracked.escalated = True

@@ -63,6 +63,12 @@ class Settings(ControlSettings):
         description="partitions of the agent-keyed detect topic; cross-agent detections (coordinated "
         "incidents, shielding a halted peer, tenant budgets) see every agent only with 1",
     )
+    worker_store: bool = Field(
+        True,
+        description="the worker also writes ClickHouse and serves /query (one process does everything); "
+        "false = a detection-only worker that opens no store, so N of them run on one machine, with one "
+        "`agentwatch store` process writing the store from the topics",
+    )
 
     batch_max_messages: int = Field(500, ge=1, description="Kafka messages taken per processing batch")
     batch_within_s: float = Field(0.25, gt=0, description="longest wait to fill a batch")

@@ -18,7 +18,7 @@ import faust
 from streams.policy_file import PolicyWatcher, load_policy
 from schemas.errors import AgentwatchError
 from schemas.redact import mask_secrets
-from streams.app import Pipeline
+from streams.app import Pipeline, Roles
 from streams.kafka import ensure_topics, owned_topics, resolve_bootstrap, topic_options, warn_missing_inputs
 from streams.kafka_security import kafka_options
 from streams.logs import setup_logging
@@ -58,7 +58,15 @@ def running_worker(settings: Settings) -> WorkerInfo | None:
     return info
 
 
-def run_worker(settings: Settings) -> None:
+def detect_worker_files(settings: Settings) -> list[Path]:
+    """Records of detection-only workers (no store, so not ``worker.json``): one per process."""
+    return sorted((settings.home_dir / "workers").glob("*.json"))
+
+
+def run_worker(settings: Settings, roles: Roles | None = None) -> None:
+    """Run a worker until stopped. By default it detects and, unless ``worker_store`` is
+    false, owns the store; ``Roles(detect=False)`` is the store process (`agentwatch store`)."""
+    roles = roles or Roles(detect=True, store=settings.worker_store)
     setup_logging(settings.log_level, settings.log_format)
     watcher = PolicyWatcher(settings.policy_file) if settings.policy_file else None
     policy = watcher.current if watcher else load_policy(None)
@@ -71,23 +79,31 @@ def run_worker(settings: Settings) -> None:
                                            **topic_options(settings)))
     if settings.web_port == 0:
         settings = settings.with_overrides(web_port=free_port())
-    existing = running_worker(settings)
+    existing = running_worker(settings) if roles.store else None
     if existing is not None and settings.dsn.startswith("chdb://") and existing.dsn == mask_secrets(settings.dsn):
         raise AgentwatchError(
             f"another worker (pid {existing.pid}) already owns the embedded ClickHouse store "
-            f"{mask_secrets(settings.dsn)}; running more than one worker needs a ClickHouse server "
-            "(AGENTWATCH_CLICKHOUSE_DSN=http://host:8123)"
+            f"{mask_secrets(settings.dsn)}; to run more than one worker, use a ClickHouse server "
+            "(AGENTWATCH_CLICKHOUSE_DSN=http://host:8123), or detection-only workers "
+            "(AGENTWATCH_WORKER_STORE=false) with one `agentwatch store` process"
         )
-    pipeline = Pipeline(settings, policy, bootstrap, partitions, watcher)
-    pipeline.open_store()  # a locked embedded store fails here, before consuming anything
+    pipeline = Pipeline(settings, policy, bootstrap, partitions, watcher, roles)
+    if roles.store:
+        pipeline.open_store()  # a locked embedded store fails here, before consuming anything
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     # the record is readable by anyone who can read the home: no credential goes in it
     record = WorkerInfo(os.getpid(), f"http://{settings.web_host}:{settings.web_port}", mask_secrets(settings.dsn),
                         mask_secrets(bootstrap))
-    # written once the worker is ready (joined, state restored, producer warm): whoever waits
+    # worker.json names the process that holds the store (`agentwatch query` asks it);
+    # detection-only workers each leave a record under workers/ (their /metrics address).
+    # Written once the worker is ready (joined, state restored, producer warm): whoever waits
     # for the record (the demo, tests, a supervisor's script) may send input at once
-    pipeline.when_ready(lambda: settings.worker_file.write_text(json.dumps(record.__dict__)))
-    _worker_file[os.getpid()] = settings.worker_file
+    record_file = settings.worker_file
+    if not roles.store:
+        record_file = settings.home_dir / "workers" / f"{os.getpid()}.json"
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+    pipeline.when_ready(lambda: record_file.write_text(json.dumps(record.__dict__)))
+    _worker_file[os.getpid()] = record_file
     # mode's Worker creates its loop lazily; faust needs one set before it starts
     asyncio.set_event_loop(asyncio.new_event_loop())
     worker = BoundedShutdownWorker(
@@ -105,7 +121,7 @@ def run_worker(settings: Settings) -> None:
             raise AgentwatchError(f"a processing stage crashed: {pipeline.crashed!r} (see the log)") from None
         raise
     finally:
-        _remove_if_ours(settings.worker_file)
+        _remove_if_ours(record_file)
         pipeline.close()
 
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +78,17 @@ class LiveWorker:
         self.settings = load_settings(**{k: v for k, v in values.items() if k != "web_port"})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.home / "worker.log"
+        self.role = "all"
+
+    def sibling(self, role: str, name: str) -> "LiveWorker":
+        """Another process of the same deployment (home, topics, group, store): ``detect``
+        (a detection-only worker, AGENTWATCH_WORKER_STORE=false) or ``store`` (`agentwatch store`)."""
+        other = copy.copy(self)
+        other.role = role
+        other.proc = None
+        other.log_path = self.home / f"{name}.log"
+        other.env = {**self.env, "AGENTWATCH_WORKER_STORE": "false" if role == "detect" else "true"}
+        return other
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -86,18 +101,34 @@ class LiveWorker:
             pool.submit(asyncio.run, ensure_topics(self.bootstrap, inputs, self.settings.partitions)).result()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"], cwd=REPO, env=self.env,
+                [sys.executable, "-m", "streams.cli", "store" if self.role == "store" else "worker"],
+                cwd=REPO, env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.log_tail()}")
-            info = running_worker(self.settings)
-            if info is not None and info.pid == self.proc.pid:
+            if self.url() is not None:
                 return self
             time.sleep(0.3)
         raise TimeoutError(f"worker not ready in {timeout}s:\n{self.log_tail()}")
+
+    def url(self) -> str | None:
+        """The web address of this process once it serves (None before)."""
+        assert self.proc is not None
+        if self.role == "detect":
+            # a detection-only worker holds no store: its record is workers/<pid>.json
+            try:
+                url = json.loads((self.home / "workers" / f"{self.proc.pid}.json").read_text())["url"]
+                urllib.request.urlopen(url + "/healthz", timeout=2).read()
+            except urllib.error.HTTPError:
+                return str(url)  # answers, if unhealthy
+            except (OSError, ValueError, KeyError):
+                return None
+            return str(url)
+        info = running_worker(self.settings)
+        return info.url if info is not None and info.pid == self.proc.pid else None
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -177,11 +208,9 @@ class LiveWorker:
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples on the worker's /metrics endpoint."""
-        import urllib.request
-
-        info = running_worker(self.settings)
-        assert info is not None, self.log_tail()
-        text = urllib.request.urlopen(info.url + "/metrics", timeout=5).read().decode()
+        url = self.url()
+        assert url is not None, self.log_tail()
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
 
