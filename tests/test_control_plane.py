@@ -262,3 +262,35 @@ def test_agent_keys_from_a_file_and_from_key_files_the_client_writes(tmp_path: P
     assert AgentKeys("", key_dir).get("../beta") is None
     with pytest.raises(ConfigError):
         AgentKeys("alpha")
+
+
+def test_a_halt_read_back_by_another_worker_is_not_issued_again_for_the_episode(keys: tuple[str, str]) -> None:
+    """Worker 1 issued a halt and died (or lost the partition); worker 2, reading the control
+    topic, must not halt the same runaway agent again: not for the same alert re-derived
+    from the re-read input, nor for a sibling alert of the same episode."""
+    issuer, successor = _plane(keys[0]), _plane(keys[0])
+    (cmd,) = issuer.on_alerts([_alert(alert_id="a1")], T0)
+    successor.on_command(cmd, T0 + timedelta(seconds=1))
+    later = T0 + timedelta(seconds=30)
+    assert successor.on_alerts([_alert(alert_id="a1"), _alert(alert_id="a2")], later) == []
+    # a person's halt does not stand for an episode: the enforce alert still halts
+    person = _plane(keys[0])
+    person.on_command(_cmd(command_id="p1", target=Target.parse("agent:ops-bot-7")), T0)
+    assert len(person.on_alerts([_alert(alert_id="a3")], later)) == 1
+    # after a resume, a new incident gets a new halt
+    successor.on_command(_cmd(command_id="r1", action="resume", target=Target.parse("agent:ops-bot-7")), later)
+    assert len(successor.on_alerts([_alert(alert_id="a4")], later)) == 1
+
+
+def test_only_the_owner_of_the_target_escalates_and_a_new_owner_takes_over(keys: tuple[str, str]) -> None:
+    """Every worker tracks every command; ``owns`` picks the one that speaks for it."""
+    plane = _plane(keys[0], ack_deadline_s=10)
+    plane.on_command(_cmd(command_id="c1", target=Target.parse("agent:x")), T0)
+    late = T0 + timedelta(seconds=11)
+    assert plane.tick(late, owns=lambda cmd: False) == []  # another worker holds agent x
+    (esc,) = plane.tick(late + timedelta(seconds=1), owns=lambda cmd: True)  # x's partition moved here
+    assert esc.labels["command_id"] == "c1"
+    # and an acknowledged command escalates nowhere, whoever owns it
+    plane.on_command(_cmd(command_id="c2", target=Target.parse("agent:b")), T0)
+    plane.on_ack(_ack(command_id="c2", agent_id="b", status=AckStatus.OBEYED, ts=T0))
+    assert plane.tick(late, owns=lambda cmd: True) == []
