@@ -69,7 +69,7 @@ from streams.kafka_security import faust_credentials, kafka_options
 from streams.metrics import Metrics
 from streams.outputs import build_router
 from streams.progress import StageProgress
-from streams.state import OFFSET_HEADER, PartitionedState
+from streams.state import OFFSET_HEADER, STATE_MAX_MESSAGE_BYTES, PartitionedState
 from streams.query_api import QueryApi, health
 from streams.settings import Settings
 from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed,
@@ -124,6 +124,9 @@ class Pipeline:
             topic_allow_declare=True,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
+            # a state snapshot (a join holding its allowed lateness of spans) outgrows faust's 1 MB
+            # default; the state topic accepts up to its max.message.bytes (streams/state.py)
+            producer_max_request_size=STATE_MAX_MESSAGE_BYTES,
             web_enabled=True,
             web_bind=s.web_host,
             web_host=s.web_host,

@@ -40,12 +40,14 @@ log = logging.getLogger("agentwatch.state")
 
 OFFSET_HEADER = "agentwatch.state.offset"
 
+STATE_MAX_MESSAGE_BYTES = 64 << 20
+
 # compaction keeps the latest snapshot per key; small segments so it actually runs
 STATE_TOPIC_CONFIG = {
     "cleanup.policy": "compact",
     "segment.ms": "60000",
     "min.cleanable.dirty.ratio": "0.1",
-    "max.message.bytes": str(64 << 20),
+    "max.message.bytes": str(STATE_MAX_MESSAGE_BYTES),
 }
 
 
