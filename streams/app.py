@@ -49,7 +49,8 @@ from detectors.policy import Policy
 from streams.policy_file import PolicyWatcher
 from schemas.alerts import Alert, Mode
 from schemas.errors import StoreError
-from schemas.events import Event, events_from_json, events_to_json
+from schemas.events import Event, events_to_json
+from schemas.internal_wire import events_from_wire, events_to_wire
 from sinks.clickhouse import (
     AlertSink,
     ClickHouseStore,
@@ -567,7 +568,7 @@ class Pipeline:
             events: list[Event] = []
             for e in batch:
                 try:
-                    events.extend(events_from_json(e.value))
+                    events.extend(events_from_wire(e.value))
                 except Exception:  # the detect stage dead-letters it; once is enough
                     log.error("undecodable internal message not stored",
                               extra={"partition": e.message.partition, "offset": e.message.offset})
@@ -708,7 +709,7 @@ class Pipeline:
         for e in batch:
             m = e.message
             try:
-                events.extend(events_from_json(e.value))
+                events.extend(events_from_wire(e.value))
             except Exception as exc:  # our own topic: only a bug or a foreign producer gets here
                 dead.append(DeadLetter(e.value or b"", f"undecodable internal message: {exc}"[:1000], "internal",
                                        m.topic, m.partition, m.offset))
@@ -728,7 +729,7 @@ class Pipeline:
         outs = self._pack(self.by_agent, groups, dead)
         if broadcast:
             n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.partitions)
-            value = events_to_json(broadcast)
+            value = events_to_wire(broadcast)
             outs += [Out(self.by_agent, None, value, partition=p) for p in range(n)]
         return outs
 
@@ -752,9 +753,9 @@ class Pipeline:
             for i in range(0, len(evs), size):
                 chunk = evs[i : i + size]
                 try:
-                    value = events_to_json(chunk)
+                    value = events_to_wire(chunk)
                 except Exception:
-                    value = events_to_json(_serialisable(chunk, dead))
+                    value = events_to_wire(_serialisable(chunk, dead))
                 outs.append(Out(topic, None, value, partition=p))
         return outs
 
@@ -935,7 +936,7 @@ def _serialisable(events: list[Event], dead: list[DeadLetter]) -> list[Event]:
     ok: list[Event] = []
     for ev in events:
         try:
-            events_to_json([ev])
+            events_to_wire([ev])
         except Exception as exc:
             d = _event_dead_letter(ev)
             d.reason = f"event cannot be serialised: {type(exc).__name__}: {exc}"[:1000]

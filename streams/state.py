@@ -34,7 +34,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.events import Event, events_from_json
+from schemas.events import Event
+from schemas.internal_wire import events_from_wire
 
 log = logging.getLogger("agentwatch.state")
 
@@ -114,7 +115,7 @@ async def read_events(bootstrap: str, topic: str, partition: int, start: int, en
             value = record.value  # type: ignore[attr-defined]
             if value:
                 try:
-                    events.extend(events_from_json(value))
+                    events.extend(events_from_wire(value))
                 except Exception as exc:  # went to the DLQ when it was first read
                     log.warning("undecodable internal message skipped in a state replay",
                                 extra={"topic": topic, "offset": record.offset, "error": str(exc)[:200]})  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ from schemas.decoders.otlp import decode_otlp, decode_otlp_json, decode_otlp_pro
 from schemas.decoders.pgaudit import PgLogConfig, decode_pgaudit
 from schemas.errors import DecodeError
 from schemas.events import events_from_json, events_to_json
+from schemas.internal_wire import events_from_wire, events_to_wire
 from schemas.redact import DEFAULT
 from tests.otel_traces import GENAI, retry_loop_records
 
@@ -125,6 +126,8 @@ def _check(result: object) -> None:
         # what a decoder returns goes to Kafka and ClickHouse next: it must serialise and read back
         back = events_from_json(events_to_json(result.events))
         assert [e.event_id for e in back] == [e.event_id for e in result.events]
+        # and through the internal topics' format, which trusts it without validation
+        assert events_from_wire(events_to_wire(result.events)) == back
         for ev in result.events:
             DEFAULT.event(ev)
 
