@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
@@ -77,6 +78,9 @@ from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage
                             decoder_for_topics, header_pairs)
 
 log = logging.getLogger("agentwatch.worker")
+# how long after start idle event time may wait for the first fetch and lag measurement
+# to say whether input is waiting (it holds, rather than guess, until then)
+IDLE_UNKNOWN_HOLD_S = 30.0
 R = TypeVar("R")
 
 
@@ -189,6 +193,10 @@ class Pipeline:
                        ("store_alerts", (s.topic_alerts, s.topic_shadow_alerts)),
                        ("store_killswitches", (s.topic_control,))]
         self.progress = {name: StageProgress(name, topics) for name, topics in stages}
+        # the stages whose input holds idle event time (see _idle_clock_cap)
+        self._progress_by_topic = {t: p for p in self.progress.values() if p.name in ("ingest", "correlate", "detect")
+                                   for t in p.topics}
+        self._started_mono = time.monotonic()
         # events in the batch a stage holds, for lag in events (set by each stage)
         self._batch_events = 0
         # one alert's updates are made and enqueued under this lock (detect batches
@@ -497,6 +505,10 @@ class Pipeline:
         """A final snapshot of every revoked partition, then its state is dropped: the
         new owner restores it, and this worker's timers for it stop."""
         revoked = set(revoked or ())
+        for progress in self.progress.values():
+            # positions of a partition another worker now moves on are stale here: kept,
+            # they would say its input waits (and hold idle event time) if it came back
+            progress.forget({(tp.topic, tp.partition) for tp in revoked})
         for states, lock in ((self.correlates, self._correlate_lock), (self.detects, self._alert_order)):
             parts = {tp.partition for tp in revoked if tp.topic == states.topic}
             if not parts:
@@ -639,7 +651,11 @@ class Pipeline:
         # not absent, and advancing event time through an outage would close windows
         # and fire absence timers before the events that belong in them arrive
         # (deliveries, snapshots included, every state_snapshot_s, prove the broker alive)
-        now = min(_now(), self._broker_seen_at + max(5.0, 3 * self.settings.state_snapshot_s))
+        wall = min(_now(), self._broker_seen_at + max(5.0, 3 * self.settings.state_snapshot_s))
+        # ... and not past input known to be waiting: after a restart (or in a backlog) the
+        # events written while this worker was down must be judged at the event time they
+        # would have met had it been up, not after the downtime has run the clock on
+        now = min(wall, self._idle_clock_cap())
         self._check_policy()
         await self._emit_ingested(self.ingest.tick(now))  # PostgreSQL records whose rest never came
         async with self._correlate_lock:
@@ -662,9 +678,34 @@ class Pipeline:
                         asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
             self.detects.touched()
             if self.control_feed.caught_up.is_set():  # escalate on the whole picture only
-                alerts += self.control.tick(now, owns=self._owns_command)
+                # command deadlines are wall-clock deadlines
+                alerts += self.control.tick(wall, owns=self._owns_command)
             await self._publish_alerts(alerts, self._snapshots(self.detects))
         self.metrics.open_alerts.set(sum(len(e.open_alerts) for e in self._engines()))
+
+    def _idle_clock_cap(self) -> float:
+        """Wall time up to which idle event time may run: the earliest write time of input
+        any stage of this worker has not finished (-inf while that is unknown, for at most
+        ``IDLE_UNKNOWN_HOLD_S`` after start)."""
+        consumer = self.app.consumer
+        try:
+            assignment = consumer.assignment()
+        except Exception:  # rebalancing: nothing known
+            return -math.inf
+        unknown_ok = time.monotonic() - self._started_mono > IDLE_UNKNOWN_HOLD_S
+        cap = math.inf
+        for tp in assignment:
+            progress = self._progress_by_topic.get(tp.topic)
+            if progress is None:
+                continue
+            try:
+                high = consumer.highwater(tp)
+            except Exception:
+                high = None
+            since = progress.waiting_since((tp.topic, tp.partition), high)
+            if since is not None and not (since == -math.inf and unknown_ok):
+                cap = min(cap, since)
+        return cap
 
     async def _measure_lag(self) -> None:
         consumer = self.app.consumer
@@ -693,6 +734,9 @@ class Pipeline:
                 except Exception:
                     committed = None
                 done = committed or 0
+                # never committed: the group starts at the log's start (earliest), which
+                # for the bookkeeping of what waits is as good as offset 0
+                progress.committed[(tp.topic, tp.partition)] = done
             behind = max(0, high - done)
             progress.behind[(tp.topic, tp.partition)] = behind
             events_behind[tp.topic] += round(behind * progress.events_per_message)

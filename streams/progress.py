@@ -17,6 +17,7 @@ long while its input waits is unhealthy.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,10 @@ class StageProgress:
     events_per_message: float = 1.0
     # messages behind, per input partition, as last measured against the high watermarks
     behind: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Kafka timestamp (unix seconds) of the last message finished, per input partition
+    done_ts: dict[tuple[str, int], float] = field(default_factory=dict)
+    # committed offset per input partition where nothing was finished since start
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def begin(self, batch: list[Any]) -> None:
         self.busy_since = time.monotonic()
@@ -45,6 +50,8 @@ class StageProgress:
         for e in batch:
             m = e.message
             self.positions[(m.topic, m.partition)] = m.offset
+            if m.timestamp:
+                self.done_ts[(m.topic, m.partition)] = m.timestamp
         if batch:
             # a moving average: lag in events follows the current mix of message sizes
             per = max(events, 1) / len(batch)
@@ -52,6 +59,25 @@ class StageProgress:
         self.busy_since = None
         self.oldest_in_hand = None
         self.last_done = time.monotonic()
+
+    def waiting_since(self, tp: tuple[str, int], high: int | None) -> float | None:
+        """A lower bound of the wall time at which input of ``tp`` still waiting was written:
+        None when nothing waits, -inf when that is not known yet (not fetched, not measured)."""
+        if self.oldest_in_hand is not None:
+            return self.oldest_in_hand
+        done = self.positions.get(tp)
+        next_offset = done + 1 if done is not None else self.committed.get(tp)
+        if high is None or next_offset is None:
+            return -math.inf
+        if high <= next_offset:
+            return None
+        # what waits was written after what was finished last (offsets follow append order)
+        return self.done_ts.get(tp, -math.inf)
+
+    def forget(self, tps: set[tuple[str, int]]) -> None:
+        for book in (self.positions, self.done_ts, self.committed, self.behind):
+            for tp in tps:
+                book.pop(tp, None)  # type: ignore[attr-defined]
 
     def messages_behind(self) -> int:
         return sum(self.behind.values())
