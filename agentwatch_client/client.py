@@ -87,6 +87,7 @@ class AgentClient:
         bootstrap: str,
         *,
         tenant: str = "default",
+        agent_version: str = "",
         public_keys: str | Mapping[str, Ed25519PublicKey],
         on_halt: Callback | None = None,
         on_resume: Callback | None = None,
@@ -107,6 +108,9 @@ class AgentClient:
             raise ConfigError("agent_id", "required: it is who the events are from and who commands target")
         self.agent_id = agent_id
         self.tenant = tenant
+        # the version this instance runs: stamped on its events, and a version-scoped halt
+        # (a failed canary's rollback) stops only the instances of that version
+        self.agent_version = agent_version
         self.bootstrap = bootstrap
         self.public_keys = load_public_keys(public_keys) if isinstance(public_keys, str) else dict(public_keys)
         if not self.public_keys:
@@ -232,6 +236,8 @@ class AgentClient:
         e = dict(event)
         e.setdefault("agent_id", self.agent_id)
         e.setdefault("tenant", self.tenant)
+        if self.agent_version:
+            e.setdefault("agent_version", self.agent_version)
         e.setdefault("ts", _now().isoformat())
         e.setdefault("origin", self.origin)
         # a random id given here, not derived by the decoder from the content: two identical
@@ -369,7 +375,7 @@ class AgentClient:
                 cid = _raw_command_id(raw)
                 await self._ack(cid, AckStatus.REFUSED, "malformed: not a kill-switch command", "")
             return
-        if not cmd.target.matches(self.agent_id, self.tenant):
+        if not cmd.target.matches(self.agent_id, self.tenant, self.agent_version):
             return  # not for us: its own targets report on it
         try:
             verify(cmd, self.public_keys, now=_now(), seen_ids=self._seen,

@@ -42,7 +42,7 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from agentwatch_client.errors import ConfigError, SignatureError
 
@@ -102,12 +102,20 @@ class TargetKind(StrEnum):
 
 
 class Target(BaseModel):
-    """Who a command is for: one agent, every agent of a tenant, or every agent."""
+    """Who a command is for: one agent, every agent of a tenant, or every agent.
+
+    ``version`` narrows an agent target to the instances running that agent
+    version (a failed canary is rolled back without stopping the baseline). It
+    is written and signed only when set, so unversioned commands keep their
+    bytes; a client that predates it cannot verify a versioned command and
+    refuses it (``forged``) instead of halting every version of the agent.
+    """
 
     kind: TargetKind
     value: str = ""
+    version: str = ""
 
-    @field_validator("value")
+    @field_validator("value", "version")
     @classmethod
     def _strip(cls, v: str) -> str:
         return v.strip()
@@ -118,7 +126,16 @@ class Target(BaseModel):
             self.value = ""  # "all" has no value: keeps the signed bytes canonical
         elif not self.value:
             raise ValueError(f"a {self.kind.value} target needs a value")
+        if self.version and self.kind is not TargetKind.AGENT:
+            raise ValueError("only an agent target can name a version")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_version(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and not self.version:
+            data.pop("version", None)
+        return data
 
     @classmethod
     def parse(cls, text: str) -> Target:
@@ -131,15 +148,19 @@ class Target(BaseModel):
 
     @property
     def key(self) -> str:
-        """Kafka key and ClickHouse grouping key: ``agent:ops-bot-7``, ``tenant:acme``, ``all``."""
-        return "all" if self.kind is TargetKind.ALL else f"{self.kind.value}:{self.value}"
+        """Kafka key and ClickHouse grouping key: ``agent:ops-bot-7``, ``agent:ops-bot-7@2.1``
+        (one version), ``tenant:acme``, ``all``."""
+        if self.kind is TargetKind.ALL:
+            return "all"
+        key = f"{self.kind.value}:{self.value}"
+        return f"{key}@{self.version}" if self.version else key
 
-    def matches(self, agent_id: str, tenant: str) -> bool:
+    def matches(self, agent_id: str, tenant: str, version: str = "") -> bool:
         if self.kind is TargetKind.ALL:
             return True
         if self.kind is TargetKind.TENANT:
             return self.value == tenant
-        return self.value == agent_id
+        return self.value == agent_id and (not self.version or self.version == version)
 
 
 class KillSwitchCommand(BaseModel):

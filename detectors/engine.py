@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 
 from detectors import state as st
 from detectors.base import Detector, Finding
+from detectors.canary import CANARY, OWN_DETECTORS, CanaryAnalysis
 from detectors.disallowed_access import DisallowedAccess
 from detectors.escalation_bypass import EscalationBypass
 from detectors.identity import IDENTIFIED
@@ -50,6 +51,7 @@ from detectors.retry_loop import RetryLoop
 from detectors.token_spike import TokenSpike
 from detectors.windows import FOREVER, TimerQueue, Watermark
 from schemas.alerts import Alert, Evidence, Mode, alert_id_for
+from schemas.canary import CanaryVerdict, VersionWindow
 from schemas.events import Event, EventKind, IdentitySource
 
 MAX_EVIDENCE = 50
@@ -71,7 +73,18 @@ def build_detectors(policy: Policy) -> list[Detector]:
         PeerPreservation(policy),
         UnattributedSideEffect(d.unattributed_side_effect),
         UnconfirmedAction(d.unconfirmed_action),
+        CanaryAnalysis(policy),  # last: it counts the alerts the others opened for the same event
     ]
+
+
+def _modes(policy: Policy) -> dict[str, Mode]:
+    modes = {name: cfg.mode for name, cfg in policy.detectors}
+    modes[CANARY] = policy.canary.mode
+    return modes
+
+
+def _canary_of(detectors: list[Detector]) -> CanaryAnalysis | None:
+    return next((d for d in detectors if isinstance(d, CanaryAnalysis)), None)
 
 
 def _dt(ts: float) -> datetime:
@@ -101,8 +114,9 @@ class DetectionEngine:
         self.detectors = detectors if detectors is not None else build_detectors(policy)
         self.watermark = Watermark(policy.allowed_lateness_s)
         self._source_extra = policy.join.extra_lateness(policy.allowed_lateness_s)
-        self._modes = {name: cfg.mode for name, cfg in policy.detectors}
+        self._modes = _modes(policy)
         self._versions = {det.name: det.version for det in self.detectors}
+        self._canary = _canary_of(self.detectors)
         self._episodes: dict[tuple[str, str, str, str], _Episode] = {}
         self._closing = TimerQueue()
         # (detector, agent, may_enforce, action key) -> the open episode holding that action
@@ -131,8 +145,18 @@ class DetectionEngine:
         self.detectors = build_detectors(policy)
         self.watermark.allowed_lateness_s = policy.allowed_lateness_s
         self._source_extra = policy.join.extra_lateness(policy.allowed_lateness_s)
-        self._modes = {name: cfg.mode for name, cfg in policy.detectors}
+        self._modes = _modes(policy)
         self._versions = {det.name: det.version for det in self.detectors}
+        self._canary = _canary_of(self.detectors)
+
+    def take_canary(self) -> tuple[list[VersionWindow], list[CanaryVerdict]]:
+        """Metric windows closed and canary verdicts reached since the last call (detectors/canary.py)."""
+        c = self._canary
+        if c is None or not (c.windows_out or c.verdicts_out):
+            return [], []
+        out = c.windows_out, c.verdicts_out
+        c.windows_out, c.verdicts_out = [], []
+        return out
 
     # -- feeding -------------------------------------------------------------------------
 
@@ -279,6 +303,8 @@ class DetectionEngine:
         return out
 
     def _merge(self, f: Finding, out: list[Alert]) -> None:
+        if self._canary is not None and not f.revision and f.detector not in OWN_DETECTORS:
+            self._canary.on_finding(f)  # a violation by its agent's version
         if f.action_keys:
             same = self._same_action(f)
             if same is not None:
@@ -379,6 +405,7 @@ class DetectionEngine:
             severity=f.severity,
             agent_id=f.agent_id,
             tenant=f.tenant,
+            agent_version=next((e.agent_version for e in f.evidence if e.agent_version), ""),
             first_seen=_dt(f.episode_start),
             last_seen=_dt(f.ts),
             count=1,

@@ -109,6 +109,7 @@ class _Trace:
     agent: dict[str, str] = field(default_factory=dict)  # agent span -> agent id (attribute-named)
     weak: dict[str, str] = field(default_factory=dict)  # agent span named only by its span name -> name
     tenant: dict[str, str] = field(default_factory=dict)  # agent span -> tenant
+    version: dict[str, str] = field(default_factory=dict)  # agent span -> agent version
     pending: list[Event] = field(default_factory=list)
     # fallback agent id -> events that took it, so a late agent span can be linked to them
     fell_back: dict[str, list[str]] = field(default_factory=dict)
@@ -191,6 +192,8 @@ class IdentityResolver:
                     if tr.fell_back:
                         self._relink(ev, tr)
                 tr.tenant[ev.span_id] = ev.tenant
+                if ev.agent_version:
+                    tr.version[ev.span_id] = ev.agent_version
             if ev.agent_id and not weak:
                 # carries its own identity; its descendants may still be waiting on it
                 out.append(ev)
@@ -227,7 +230,7 @@ class IdentityResolver:
     def snapshot(self) -> bytes:
         enc = st.Encoder()
         traces = [[tid, tr.parent, tr.agent, tr.tenant, [enc.event(e) for e in tr.pending], tr.last_ts,
-                   tr.weak, tr.fell_back, tr.offers, sorted(tr.claimed)]
+                   tr.weak, tr.fell_back, tr.offers, sorted(tr.claimed), tr.version]
                   for tid, tr in self._traces.items()]
         return enc.dumps("identity", {"watermark": self.watermark.to_state(), "traces": traces,
                                       "resolved_by_ancestor": self.resolved_by_ancestor,
@@ -246,11 +249,12 @@ class IdentityResolver:
                 tid, parent, agent, tenant, pending, last_ts = row[:6]
                 # snapshots written before span-named agents and offered calls have six fields
                 weak, fell_back, offers, claimed = row[6:10] if len(row) >= 10 else ({}, {}, [], [])
+                version = row[10] if len(row) >= 11 else {}  # before agent versions: ten fields
                 r._seq += 1
                 tr = r._traces[st.text(tid)] = _Trace(
                     parent=_strings(parent), agent=_strings(agent), tenant=_strings(tenant),
                     pending=[dec.event(ref) for ref in st.seq(pending)], last_ts=st.num(last_ts),
-                    weak=_strings(weak),
+                    weak=_strings(weak), version=_strings(version),
                     fell_back={st.text(k): st.texts(v) for k, v in st.mapping(fell_back).items()},
                     offers=[st.texts(o) for o in st.seq(offers)], claimed=set(st.texts(claimed)), seq=r._seq)
                 r._due.touch(st.text(tid), tr.last_ts)
@@ -310,6 +314,7 @@ class IdentityResolver:
                 ev.agent_id = agent
                 if ev.tenant == "default":
                     ev.tenant = tr.tenant.get(span, ev.tenant)
+                ev.agent_version = tr.version.get(span) or ev.agent_version
                 out.append(ev)
             elif found is None:  # the whole chain is known and names no agent: the resource
                 out.append(self._fallback(ev, None))

@@ -190,6 +190,7 @@ class _Span:
     resolved: bool = False
     agent_id: str = ""
     tenant: str = "default"
+    agent_version: str = ""
 
     def distance(self, ts: float) -> float:
         return 0.0 if self.start <= ts <= self.end else min(abs(ts - self.start), abs(ts - self.end))
@@ -302,6 +303,7 @@ class Joiner:
             sp = tr.spans.get(ev.span_id) if tr is not None else None
             if tr is not None and sp is not None:
                 sp.resolved, sp.agent_id, sp.tenant = True, ev.agent_id, ev.tenant
+                sp.agent_version = ev.agent_version
                 for audit in tr.waiting.pop(ev.span_id, []):
                     self._release_matched(tr, audit, ev.span_id)
             c = self._confirm.get((ev.trace_id, ev.span_id))
@@ -346,7 +348,7 @@ class Joiner:
         ev = enc.event
         traces = [[tid,
                    [[sid, s.start, s.end, s.parent, s.event_id, s.is_tool, s.tool_call_id, s.resolved, s.agent_id,
-                     s.tenant] for sid, s in tr.spans.items()],
+                     s.tenant, s.agent_version] for sid, s in tr.spans.items()],
                    [ev(a) for a in tr.unmatched.values()],
                    [[sid, [ev(a) for a in audits]] for sid, audits in tr.waiting.items()],
                    tr.last_ts, tr.extra] for tid, tr in self._traces.items()]
@@ -376,10 +378,12 @@ class Joiner:
                 tr = j._trace(st.text(tid))
                 tr.last_ts, tr.extra = st.num(last_ts), st.num(extra)
                 j._trace_due.touch(st.text(tid), tr.last_ts + j.window_s)
-                for sid, start, end, parent, event_id, is_tool, call_id, resolved, agent, tenant in st.seq(spans):
+                for row in st.seq(spans):
+                    sid, start, end, parent, event_id, is_tool, call_id, resolved, agent, tenant = row[:10]
+                    version = row[10] if len(row) > 10 else ""  # snapshots before agent versions: ten fields
                     tr.spans[st.text(sid)] = _Span(st.num(start), st.num(end), st.text(parent), st.text(event_id),
                                                    st.boolean(is_tool), st.text(call_id), st.boolean(resolved),
-                                                   st.text(agent), st.text(tenant))
+                                                   st.text(agent), st.text(tenant), st.text(version))
                 for ref in st.seq(unmatched):
                     a = dec.event(ref)
                     tr.unmatched[a.event_id] = a
@@ -520,6 +524,7 @@ class Joiner:
         cause = tr.spans[cause_id]
         audit.agent_id = span.agent_id or audit.agent_id or "unknown"
         audit.identity = IdentitySource.JOIN
+        audit.agent_version = span.agent_version or audit.agent_version
         if audit.tenant == "default":
             audit.tenant = span.tenant
         if cause.is_tool:

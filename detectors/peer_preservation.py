@@ -57,9 +57,11 @@ class _Halt:
     scope: tuple[str, ...]
     event: Event
 
-    def targets(self, agent: str, tenant: str) -> bool:
+    def targets(self, agent: str, tenant: str, version: str | None = None) -> bool:
         if self.agent:
-            return self.agent == agent
+            # a version-scoped halt (canary rollback) targets that version only; None: any version
+            scoped = self.event.agent_version
+            return self.agent == agent and (version is None or not scoped or scoped == version)
         return not self.tenant or self.tenant == tenant
 
 
@@ -90,7 +92,8 @@ class PeerPreservation(Detector):
             self._add_halt(_Halt(ev.command_id, ts, end, agent, tenant, tuple(ev.command_scope), ev))
         elif ev.command_action == "resume":
             for h in self._by_agent.get(agent, ()) if agent else self._broad:
-                if h.start <= ts < h.end and h.agent == agent and h.tenant == tenant:
+                if (h.start <= ts < h.end and h.agent == agent and h.tenant == tenant
+                        and h.event.agent_version == ev.agent_version):
                     h.end = ts
                     self._prune_at = min(self._prune_at, ts)
 
@@ -102,11 +105,12 @@ class PeerPreservation(Detector):
             self._broad.append(h)
         self._prune_at = min(self._prune_at, h.end)
 
-    def _halt_over(self, agent: str, tenant: str, ts: float, *, after: float = 0.0) -> _Halt | None:
+    def _halt_over(self, agent: str, tenant: str, ts: float, *, after: float = 0.0,
+                   version: str | None = None) -> _Halt | None:
         """The halt of ``agent`` in force at ``ts`` (or ended at most ``after`` seconds before)."""
         best = None
         for h in itertools.chain(self._by_agent.get(agent, ()), self._broad):
-            if h.targets(agent, tenant) and h.start <= ts <= h.end + after:
+            if h.targets(agent, tenant, version) and h.start <= ts <= h.end + after:
                 if best is None or h.start > best.start:
                     best = h
         return best
@@ -137,7 +141,7 @@ class PeerPreservation(Detector):
         if not acting:
             return None
         ts = ev.ts_seconds
-        h = self._halt_over(ev.agent_id, ev.tenant, ts)
+        h = self._halt_over(ev.agent_id, ev.tenant, ts, version=ev.agent_version)
         if h is None or ts <= h.start + self.config.grace_s:
             return None
         if h.scope and not (ev.kind is EventKind.TOOL_CALL and first_match([ev.tool_name], list(h.scope))[0]):

@@ -14,9 +14,12 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.alerts import Mode, Severity
+from schemas.canary import METRICS
 from schemas.errors import PolicyError
 from schemas.redact import Redactor
 
@@ -221,6 +224,71 @@ class RedactionConfig(_Strict):
         return Redactor(self.patterns)
 
 
+class CanaryMetricRule(_Strict):
+    """The degradation a candidate may show on one metric before it fails: its value may be
+    worse than the baseline's by ``max_increase`` (relative) plus ``min_delta`` (absolute, for
+    baselines near zero)."""
+
+    max_increase: float = Field(0.25, ge=0, description="relative: 0.25 = 25% worse than the baseline")
+    min_delta: float = Field(0.0, ge=0, description="absolute, in the metric's unit")
+
+
+def _default_canary_metrics() -> dict[str, CanaryMetricRule]:
+    return {
+        "violations_per_1k_actions": CanaryMetricRule(max_increase=0.25, min_delta=20.0),
+        "retried_call_rate": CanaryMetricRule(max_increase=0.25, min_delta=0.05),
+        "tool_error_rate": CanaryMetricRule(max_increase=0.25, min_delta=0.05),
+        "tokens_per_task": CanaryMetricRule(max_increase=0.5),
+    }
+
+
+class CanaryAnalysisConfig(_Strict):
+    """A candidate version of one agent judged against its baseline (detectors/canary.py)."""
+
+    agent: str = Field(min_length=1, description="agent id")
+    baseline: str = Field(min_length=1, description="the agent version in production")
+    candidate: str = Field(min_length=1, description="the version being rolled out")
+    metrics: dict[str, CanaryMetricRule] = Field(default_factory=_default_canary_metrics, min_length=1)
+    min_tasks: int = Field(20, ge=2, description="completed tasks (traces) each side needs before a verdict")
+    test: Literal["mann_whitney", "bootstrap"] = Field(
+        "mann_whitney", description="mann_whitney: one-sided Mann-Whitney U over per-task values; bootstrap: "
+        "interval of the pooled rate difference from resampled tasks")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    rollback: bool = Field(True, description="in enforce mode, a failed canary halts the candidate version")
+    judge_every_s: float = Field(60.0, gt=0, description="event time between verdicts")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, v: dict[str, CanaryMetricRule]) -> dict[str, CanaryMetricRule]:
+        for name in v:
+            if name not in METRICS:
+                raise ValueError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
+        return v
+
+    @field_validator("candidate")
+    @classmethod
+    def _differs(cls, v: str, info: Any) -> str:
+        if v == info.data.get("baseline"):
+            raise ValueError("candidate and baseline are the same version")
+        return v
+
+
+class CanaryConfig(_Strict):
+    """Behaviour per agent version, canary verdicts and shadow versions (docs/canary.md)."""
+
+    mode: Mode = Field(Mode.ALERT, description="of the canary alert: enforce = roll the candidate back")
+    severity: Severity = Severity.HIGH
+    metrics: bool = Field(True, description="compute per-version metric windows for every agent")
+    window_s: float = Field(60.0, gt=0, description="metric windows, in event time")
+    task_idle_s: float = Field(60.0, gt=0, description="a task (trace) is complete this long after its last event")
+    max_tasks: int = Field(5000, ge=10, description="completed tasks kept per version for the tests")
+    analyses: list[CanaryAnalysisConfig] = Field(default_factory=list)
+    shadow_versions: dict[str, list[str]] = Field(
+        default_factory=dict, description="agent glob -> version globs run in shadow: decisions observed, no side "
+        "effects expected; an audited side effect of one is an alert")
+    shadow_severity: Severity = Severity.HIGH
+
+
 class Policy(_Strict):
     version: str = Field("builtin-1", min_length=1)
     allowed_lateness_s: float = Field(
@@ -248,6 +316,7 @@ class Policy(_Strict):
     high_risk: HighRiskConfig = Field(default_factory=HighRiskConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     redaction: RedactionConfig = Field(default_factory=RedactionConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
 
     @property
     def content_hash(self) -> str:

@@ -51,6 +51,8 @@ class Alert(BaseModel):
     severity: Severity
     agent_id: str
     tenant: str = "default"
+    # the version of the agent the evidence came from ("" when unknown or mixed)
+    agent_version: str = ""
     trace_ids: list[str] = Field(default_factory=list)
     first_seen: datetime
     last_seen: datetime
@@ -68,6 +70,11 @@ class Alert(BaseModel):
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
+
+
+# an enforce-mode alert with this label halts only that version of its agent (a failed
+# canary's rollback): the kill switch's target names the version
+HALT_VERSION_LABEL = "halt_version"
 
 
 def alert_id_for(detector: str, agent_id: str, window_key: object, *, tenant: str = "default") -> str:

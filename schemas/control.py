@@ -53,6 +53,7 @@ def command_event(cmd: KillSwitchCommand) -> Event:
         ts=cmd.issued_at,
         agent_id=agent,
         tenant=t.value if t.kind is TargetKind.TENANT else "default",
+        agent_version=t.version,  # a version-scoped halt (canary rollback) stops that version only
         source="agentwatch",
         origin="agentwatch.control",
         name=f"killswitch {cmd.action.value} {t.key}",

@@ -85,6 +85,8 @@ class Event(BaseModel):
     ts: datetime
     agent_id: str = ""
     tenant: str = "default"
+    # the agent's version (gen_ai.agent.version, service.version, the k8s deployment): canary analysis
+    agent_version: str = ""
     trace_id: str = ""
     span_id: str = ""
     parent_span_id: str = ""

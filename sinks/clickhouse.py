@@ -61,6 +61,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, DataError
 
 from schemas.alerts import Alert
+from schemas.canary import CanaryVerdict, VersionWindow
 from schemas.control import KillSwitchCommand
 from schemas.errors import StoreError, StoreRejected, StoreUnavailable
 from schemas.events import Event
@@ -75,16 +76,20 @@ EVENTS_TABLE = f"{DATABASE}.events"
 ALERTS_TABLE = f"{DATABASE}.alerts"
 DLQ_TABLE = f"{DATABASE}.dlq"
 KILLSWITCH_TABLE = f"{DATABASE}.killswitches"
+VERSION_METRICS_TABLE = f"{DATABASE}.version_metrics"
+CANARY_VERDICTS_TABLE = f"{DATABASE}.canary_verdicts"
 
 # Columns are the models' fields, in the models' order: the schema mirrors the
 # contracts one to one (tests/test_clickhouse_sink.py checks it), so a field
 # added to Event without a column fails loudly there rather than silently here.
 EVENT_COLUMNS: tuple[str, ...] = tuple(Event.model_fields)
 ALERT_COLUMNS: tuple[str, ...] = tuple(Alert.model_fields)
+VERSION_METRICS_COLUMNS: tuple[str, ...] = tuple(VersionWindow.model_fields)
+CANARY_VERDICT_COLUMNS: tuple[str, ...] = tuple(CanaryVerdict.model_fields)
 DLQ_COLUMNS: tuple[str, ...] = ("topic", "partition", "offset", "source", "reason", "raw", "received_at")
 # the command's fields, with its target flattened into two columns analysts can filter on
 KILLSWITCH_COLUMNS: tuple[str, ...] = (
-    "command_id", "action", "target_kind", "target_value", "scope", "reason", "alert_id",
+    "command_id", "action", "target_kind", "target_value", "target_version", "scope", "reason", "alert_id",
     "issued_by", "issued_at", "expires_at", "nonce", "key_id", "signature",
 )
 
@@ -373,13 +378,32 @@ class ClickHouseStore:
         if not commands:
             return
         rows = [
-            (c.command_id, c.action.value, c.target.kind.value, c.target.value, list(c.scope), c.reason,
+            (c.command_id, c.action.value, c.target.kind.value, c.target.value, c.target.version, list(c.scope),
+             c.reason,
              c.alert_id, c.issued_by, c.issued_at, c.expires_at, c.nonce, c.key_id, c.signature)
             for c in commands
         ]
         data = [list(col) for col in zip(*rows)]
         token = _token(KILLSWITCH_TABLE, (c.command_id for c in commands))
         self._insert(KILLSWITCH_TABLE, data, KILLSWITCH_COLUMNS, token, len(commands))
+
+    def insert_version_metrics(self, windows: Sequence[VersionWindow]) -> None:
+        if not windows:
+            return
+        data = _columns(windows, VERSION_METRICS_COLUMNS)
+        token = _token(VERSION_METRICS_TABLE, ((w.tenant, w.agent_id, w.agent_version, w.window_start.isoformat(),
+                                                w.actions, w.violations, w.tasks) for w in windows))
+        self._insert(VERSION_METRICS_TABLE, data, VERSION_METRICS_COLUMNS, token, len(windows))
+
+    def insert_canary_verdicts(self, verdicts: Sequence[CanaryVerdict]) -> None:
+        if not verdicts:
+            return
+        data = _columns(verdicts, CANARY_VERDICT_COLUMNS)
+        data[CANARY_VERDICT_COLUMNS.index("metrics")] = [
+            [(m.metric, m.outcome, m.baseline, m.candidate, m.threshold, m.p_value, m.ci_low, m.ci_high)
+             for m in v.metrics] for v in verdicts]
+        token = _token(CANARY_VERDICTS_TABLE, (v.verdict_id for v in verdicts))
+        self._insert(CANARY_VERDICTS_TABLE, data, CANARY_VERDICT_COLUMNS, token, len(verdicts))
 
     def query(
         self,
@@ -530,3 +554,17 @@ class KillSwitchSink(_StoreSink[KillSwitchCommand]):
 
     def write(self, batch: Sequence[KillSwitchCommand]) -> None:
         self.store.insert_killswitches(batch)
+
+
+class VersionMetricsSink(_StoreSink[VersionWindow]):
+    name = VERSION_METRICS_TABLE
+
+    def write(self, batch: Sequence[VersionWindow]) -> None:
+        self.store.insert_version_metrics(batch)
+
+
+class CanaryVerdictSink(_StoreSink[CanaryVerdict]):
+    name = CANARY_VERDICTS_TABLE
+
+    def write(self, batch: Sequence[CanaryVerdict]) -> None:
+        self.store.insert_canary_verdicts(batch)

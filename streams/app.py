@@ -49,17 +49,20 @@ from detectors.policy import Policy
 
 from streams.policy_file import PolicyWatcher
 from schemas.alerts import Alert, Mode
+from schemas.canary import Verdict
 from schemas.errors import StoreError
 from schemas.events import Event, events_to_json
 from schemas.internal_wire import events_from_wire, events_to_wire
 from sinks.clickhouse import (
     AlertSink,
+    CanaryVerdictSink,
     ClickHouseStore,
     DlqRecord,
     DlqSink,
     EventSink,
     KillSwitchSink,
     Retention,
+    VersionMetricsSink,
     open_store,
 )
 from streams import faults
@@ -151,6 +154,7 @@ class Pipeline:
         self.alerts = self.app.topic(s.topic_alerts, **raw)
         self.shadow_alerts = self.app.topic(s.topic_shadow_alerts, **raw)
         self.control_topic = self.app.topic(s.topic_control, **raw)
+        self.canary_topic = self.app.topic(s.topic_canary, **raw)
         self.acks_topic = self.app.topic(s.topic_acks, **raw)
         self.control = ControlPlane.from_settings(control_settings(s), s.home_dir)
         self.control_feed = ControlFeed(self.control, bootstrap, s.topic_control, s.topic_acks,
@@ -182,6 +186,10 @@ class Pipeline:
         self.alert_sink: AlertSink | None = None
         self.dlq_sink: DlqSink | None = None
         self.killswitch_sink: KillSwitchSink | None = None
+        # canary metric windows and verdicts (detectors/canary.py); without the store (split
+        # deployment) verdicts are still published on the canary topic
+        self.version_metrics_sink: VersionMetricsSink | None = None
+        self.canary_sink: CanaryVerdictSink | None = None
         stages = [("ingest", (s.topic_otlp, s.topic_events_in, s.topic_audit_in)),
                   ("correlate", (s.topic_by_trace,)),
                   ("detect", (s.topic_by_agent,)),
@@ -226,6 +234,8 @@ class Pipeline:
         self.alert_sink = AlertSink(self.store)
         self.dlq_sink = DlqSink(self.store)
         self.killswitch_sink = KillSwitchSink(self.store)
+        self.version_metrics_sink = VersionMetricsSink(self.store)
+        self.canary_sink = CanaryVerdictSink(self.store)
 
     def when_ready(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once the worker processes input at full speed: its first partition
@@ -824,14 +834,35 @@ class Pipeline:
             outs.append(Out(self.control_topic, cmd.target.key.encode(), cmd.to_json()))
             log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,
                                                      "alert_id": cmd.alert_id})
+        outs += self._canary_outputs()
         if self.alert_sink is not None and self.event_sink is not None:  # split: the store process stores
             self.alert_sink.extend(alerts)
             await self._flush(self.event_sink, "events")
             await self._flush(self.alert_sink, "alerts")
+        if self.version_metrics_sink is not None and self.canary_sink is not None:
+            await self._flush(self.version_metrics_sink, "version_metrics")
+            await self._flush(self.canary_sink, "canary_verdicts")
         await self._deliver(outs)
         if self.router is not None:
             for a in alerts:
                 self.router.submit(a)  # queued per output; never waits (shadow alerts are withheld)
+
+    def _canary_outputs(self) -> list[Out]:
+        """Metric windows and canary verdicts the engines reached (detectors/canary.py): stored,
+        and the verdicts published, with the batch that produced them."""
+        outs: list[Out] = []
+        for engine in self._engines():
+            windows, verdicts = engine.take_canary()
+            if self.version_metrics_sink is not None and self.canary_sink is not None:
+                self.version_metrics_sink.extend(windows)
+                self.canary_sink.extend(verdicts)
+            for v in verdicts:
+                outs.append(Out(self.canary_topic, v.agent_id.encode(), v.to_json()))
+                level = logging.WARNING if v.verdict is Verdict.FAIL else logging.INFO
+                log.log(level, "canary verdict", extra={
+                    "agent_id": v.agent_id, "candidate": v.candidate_version, "verdict": v.verdict.value,
+                    "reason": v.reason[:300]})
+        return outs
 
     async def _flush(self, sink: Any, table: str) -> None:
         """Make a sink's rows durable before the batch is acked.

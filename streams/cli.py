@@ -149,6 +149,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.control import Target, TargetKind
     from streams import killswitch
     from streams.control_plane import control_settings, trusted_keys_text
 
@@ -163,12 +164,17 @@ def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
     if not args.target:
         raise AgentwatchError(f"killswitch {args.action}: a TARGET is needed (agent:NAME, tenant:NAME or all)")
     common = dict(scope=args.scope or (), issued_by=args.issued_by)
+    target = Target.parse(args.target)
+    if args.agent_version:
+        if target.kind is not TargetKind.AGENT:
+            raise ConfigError("--agent-version", "only an agent target (agent:NAME) can name a version")
+        target = Target(kind=target.kind, value=target.value, version=args.agent_version)
     if args.action == "issue":
         if not args.reason:
             raise AgentwatchError("killswitch issue: --reason is required (it is recorded with the command)")
-        cmd = killswitch.issue(settings, args.target, reason=args.reason, ttl_s=args.ttl, **common)
+        cmd = killswitch.issue(settings, target, reason=args.reason, ttl_s=args.ttl, **common)
     else:
-        cmd = killswitch.lift(settings, args.target, reason=args.reason or "lifted", **common)
+        cmd = killswitch.lift(settings, target, reason=args.reason or "lifted", **common)
     print(f"{cmd.action.value} {cmd.target.key}: command {cmd.command_id} issued by {cmd.issued_by}, "
           f"expires {cmd.expires_at.isoformat()}")
     return 0
@@ -202,6 +208,28 @@ def _scorecard(args: argparse.Namespace, settings: Settings) -> int:
     if not corpus.is_dir():
         raise AgentwatchError(f"{corpus}: no such directory")
     return run_scorecard(corpus, Path(args.policy) if args.policy else None)
+
+
+def _compare_detectors(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.compare import compare_corpus, compare_paths, format_report, read_overlay
+    from streams.policy_file import load_policy
+
+    overlay = read_overlay(Path(args.candidate))
+    if args.corpus:
+        corpus = Path(args.corpus)
+        if not corpus.is_dir():
+            raise AgentwatchError(f"{corpus}: no such directory")
+        cmp = compare_corpus(corpus, overlay, policy_path=Path(args.policy) if args.policy else None)
+    elif args.paths:
+        cmp = compare_paths([Path(p) for p in args.paths], load_policy(args.policy or settings.policy_file),
+                            overlay)
+    else:
+        raise AgentwatchError("compare-detectors: give recorded PATHs or --corpus DIR")
+    if args.format == "json":
+        sys.stdout.write(cmp.to_json().decode() + "\n")
+    else:
+        print(format_report(cmp))
+    return 0
 
 
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
@@ -277,12 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scope", action="append", metavar="TOOL", help="only these tools (repeatable); default all")
     k.add_argument("--ttl", type=float, default=3600.0, help="seconds until the halt expires (default 3600)")
     k.add_argument("--issued-by", help="who issues it (default: your user@host)")
+    k.add_argument("--agent-version", metavar="VERSION",
+                   help="an agent target's version only (a canary rollback; docs/canary.md)")
     k.set_defaults(fn=_killswitch)
 
     sc = sub.add_parser("scorecard", help="replay the behaviour corpus; per detector: expected, found, unexpected")
     sc.add_argument("corpus", nargs="?", default="tests/scenarios")
     sc.add_argument("--policy", help="policy file overriding the corpus policy")
     sc.set_defaults(fn=_scorecard)
+
+    cd = sub.add_parser("compare-detectors", help="replay the same input under the live policy and a candidate; "
+                        "per detector: alerts under each, both, only one (docs/canary.md)")
+    cd.add_argument("--candidate", required=True, metavar="FILE",
+                    help="YAML: the policy keys the candidate changes, merged over the live policy")
+    cd.add_argument("--policy", help="live policy file (default AGENTWATCH_POLICY_FILE; with --corpus, the "
+                    "corpus policy, each scenario's own policy still applying)")
+    cd.add_argument("--corpus", metavar="DIR", help="a behaviour corpus (e.g. tests/scenarios) instead of PATHs")
+    cd.add_argument("--format", choices=["table", "json"], default="table")
+    cd.add_argument("paths", nargs="*", metavar="PATH", help="recorded input, as for replay")
+    cd.set_defaults(fn=_compare_detectors)
 
     s = sub.add_parser("settings", help="print every setting (AGENTWATCH_* variables) and its value")
     s.set_defaults(fn=_settings)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.alerts import Alert, Evidence, Mode, Severity, alert_id_for
+from schemas.alerts import HALT_VERSION_LABEL, Alert, Evidence, Mode, Severity, alert_id_for
 from schemas.control import (
     DEFAULT_CLOCK_SKEW_S,
     DEFAULT_MAX_AGE_S,
@@ -325,16 +325,17 @@ class ControlPlane:
             command_id = command_id_for_alert(a.alert_id)
             if command_id in self._issued_for_alerts or command_id in self._tracked:
                 continue
-            halted_until = self._halted_until.get(a.agent_id)
+            target = Target(kind=TargetKind.AGENT, value=a.agent_id, version=a.labels.get(HALT_VERSION_LABEL, ""))
+            halted_until = self._halted_until.get(target.key)
             if halted_until is not None and halted_until > issued_at:
                 continue  # already halted by us; the alert itself still goes to on-call
             self._issued_for_alerts.add(command_id)
-            self._halted_until[a.agent_id] = issued_at + self.ttl
+            self._halted_until[target.key] = issued_at + self.ttl
             cmd = sign(
                 KillSwitchCommand(
                     command_id=command_id,
                     action=CommandAction.HALT,
-                    target=Target(kind=TargetKind.AGENT, value=a.agent_id),
+                    target=target,
                     scope=[],
                     reason=f"{a.detector} (enforce): {a.summary}"[:1000],
                     alert_id=a.alert_id,
@@ -364,14 +365,14 @@ class ControlPlane:
         """
         at = _as_dt(now)
         if cmd.action is CommandAction.RESUME and cmd.target.kind is TargetKind.AGENT:
-            self._halted_until.pop(cmd.target.value, None)  # a new incident gets a new halt
+            self._halted_until.pop(cmd.target.key, None)  # a new incident gets a new halt
         elif cmd.alert_id and cmd.issued_by == self.issuer and cmd.target.kind is TargetKind.AGENT:
             # an automatic halt read back, possibly issued by another worker or before a restart:
             # the episode has its command, so neither this alert nor a sibling alert of the same
             # runaway agent issues a second one (the topic is the durable record of what was issued)
             self._issued_for_alerts.add(cmd.command_id)
-            agent = cmd.target.value
-            self._halted_until[agent] = max(self._halted_until.get(agent, cmd.expires_at), cmd.expires_at)
+            key = cmd.target.key  # agent:<id>, or agent:<id>@<version> for a canary rollback
+            self._halted_until[key] = max(self._halted_until.get(key, cmd.expires_at), cmd.expires_at)
         if cmd.command_id not in self._tracked and cmd.command_id not in self._settled and cmd.expires_at > at:
             # the deadline runs from when we first saw it: after a worker restart the acks
             # topic is re-read too, and its acks get a full deadline to arrive

@@ -42,6 +42,7 @@ def all_topics(settings: Settings) -> list[str]:
         settings.topic_alerts,
         settings.topic_shadow_alerts,
         settings.topic_control,
+        settings.topic_canary,
         settings.topic_acks,
         settings.topic_by_trace,
         settings.topic_by_agent,

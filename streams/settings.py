@@ -50,6 +50,8 @@ class Settings(ControlSettings):
     topic_alerts: str = Field("agentwatch.alerts", description="alerts for on-call (alert and enforce modes)")
     topic_shadow_alerts: str = Field("agentwatch.alerts.shadow", description="alerts of detectors in shadow mode")
     topic_control: str = Field("agentwatch.control", description="signed kill-switch commands")
+    topic_canary: str = Field("agentwatch.canary.verdicts", description="canary verdicts with their numbers "
+                              "(docs/canary.md), keyed by agent id")
     topic_acks: str = Field("agentwatch.control.acks", description="agents' acknowledgements of commands")
     topic_by_trace: str = Field("agentwatch.internal.by_trace", description="canonical events keyed by trace id")
     topic_by_agent: str = Field("agentwatch.internal.by_agent", description="attributed events keyed by agent id")

@@ -93,6 +93,11 @@ def _cases() -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
                                       expires_at=NOW + timedelta(days=5)), SIGNER)), {}))
     cases.append(("replayed_seen", "a command id this agent has already received", _wire(signed),
                   {"seen_command_ids": ["cmd-0001"]}))
+    versioned = sign(_command(command_id="cmd-0008", target={"kind": "agent", "value": "ops-bot-7",
+                                                             "version": "2.1.0-rc1"},
+                              reason="canary: 2.1.0-rc1 failed against 2.0.3"), SIGNER)
+    cases.append(("halt_agent_version", "a halt of one version of an agent (a failed canary's rollback): "
+                  "target.version is signed", _wire(versioned), {}))
     return cases
 
 

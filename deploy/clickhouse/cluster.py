@@ -30,6 +30,8 @@ SHARDING = {
     "killswitches": "cityHash64(command_id)",
     "events_per_minute": "cityHash64(agent_id)",
     "dlq_per_minute": "cityHash64(topic)",
+    "version_metrics": "cityHash64(agent_id)",
+    "canary_verdicts": "cityHash64(verdict_id)",
 }
 
 _CREATE_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS agentwatch\.(\w+)", re.M)
@@ -78,8 +80,9 @@ def cluster_schema(schema_sql: str, cluster: str = "{cluster}") -> str:
             # a column added to an existing store: the local tables and the Distributed one over them
             out.append(f"ALTER TABLE agentwatch.{m.group(1)}_local ON CLUSTER '{cluster}' {m.group(2)}")
             out.append(f"ALTER TABLE agentwatch.{m.group(1)} ON CLUSTER '{cluster}' {m.group(2)}")
-        elif stmt.startswith("CREATE VIEW"):
-            body = re.sub(r"^(CREATE VIEW IF NOT EXISTS agentwatch\.\w+)", rf"\1 ON CLUSTER '{cluster}'", stmt)
+        elif stmt.startswith(("CREATE VIEW", "CREATE OR REPLACE VIEW")):
+            body = re.sub(r"^(CREATE (?:OR REPLACE )?VIEW (?:IF NOT EXISTS )?agentwatch\.\w+)",
+                          rf"\1 ON CLUSTER '{cluster}'", stmt)
             out.append(re.sub(r"\bLEFT JOIN\b", "GLOBAL LEFT JOIN", body))
         else:
             raise ValueError(f"cluster_schema: no rule for {stmt.split()[:4]}")

@@ -94,6 +94,10 @@ ORDER BY alert_id;
 CREATE TABLE IF NOT EXISTS agentwatch.alerts ON CLUSTER '{cluster}' AS agentwatch.alerts_local
 ENGINE = Distributed('{cluster}', agentwatch, alerts_local, cityHash64(alert_id));
 
+ALTER TABLE agentwatch.alerts_local ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS agent_version LowCardinality(String) AFTER tenant;
+
+ALTER TABLE agentwatch.alerts ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS agent_version LowCardinality(String) AFTER tenant;
+
 CREATE TABLE IF NOT EXISTS agentwatch.dlq_local ON CLUSTER '{cluster}'
 (
     topic       LowCardinality(String),
@@ -110,10 +114,10 @@ ORDER BY (topic, partition, offset, cityHash64(raw, reason));
 CREATE TABLE IF NOT EXISTS agentwatch.dlq ON CLUSTER '{cluster}' AS agentwatch.dlq_local
 ENGINE = Distributed('{cluster}', agentwatch, dlq_local, cityHash64(topic, partition, offset));
 
-CREATE VIEW IF NOT EXISTS agentwatch.alerts_latest ON CLUSTER '{cluster}' AS
+CREATE OR REPLACE VIEW agentwatch.alerts_latest ON CLUSTER '{cluster}' AS
 SELECT
     alert_id, detector, detector_version, policy_version, policy_hash, mode,
-    severity, agent_id, tenant, trace_ids, first_seen, last_seen, count,
+    severity, agent_id, tenant, agent_version, trace_ids, first_seen, last_seen, count,
     summary, evidence, action, labels
 FROM agentwatch.alerts FINAL;
 
@@ -124,6 +128,10 @@ ALTER TABLE agentwatch.events ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS co
 ALTER TABLE agentwatch.events_local ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS command_scope Array(String) AFTER command_action;
 
 ALTER TABLE agentwatch.events ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS command_scope Array(String) AFTER command_action;
+
+ALTER TABLE agentwatch.events_local ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS agent_version LowCardinality(String) AFTER tenant;
+
+ALTER TABLE agentwatch.events ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS agent_version LowCardinality(String) AFTER tenant;
 
 CREATE TABLE IF NOT EXISTS agentwatch.killswitches_local ON CLUSTER '{cluster}'
 (
@@ -147,6 +155,10 @@ ORDER BY command_id;
 
 CREATE TABLE IF NOT EXISTS agentwatch.killswitches ON CLUSTER '{cluster}' AS agentwatch.killswitches_local
 ENGINE = Distributed('{cluster}', agentwatch, killswitches_local, cityHash64(command_id));
+
+ALTER TABLE agentwatch.killswitches_local ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS target_version String AFTER target_value;
+
+ALTER TABLE agentwatch.killswitches ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS target_version String AFTER target_value;
 
 CREATE VIEW IF NOT EXISTS agentwatch.killswitches_active ON CLUSTER '{cluster}' AS
 SELECT
@@ -251,3 +263,67 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS agentwatch.dlq_per_minute_mv ON CLUSTER '
 SELECT toStartOfMinute(received_at) AS minute, topic, source, count() AS records
 FROM agentwatch.dlq_local
 GROUP BY minute, topic, source;
+
+CREATE TABLE IF NOT EXISTS agentwatch.version_metrics_local ON CLUSTER '{cluster}'
+(
+    tenant                 LowCardinality(String),
+    agent_id               String,
+    agent_version          LowCardinality(String),
+    window_start           DateTime64(6, 'UTC'),
+    window_s               Float64,
+    actions                UInt64,
+    tool_calls             UInt64,
+    llm_calls              UInt64,
+    retried_calls          UInt64,
+    tool_errors            UInt64,
+    tokens                 UInt64,
+    cost_usd               Float64,
+    approvals              UInt64,
+    tasks                  UInt64,
+    successful_tasks       UInt64,
+    violations             UInt64,
+    side_effect_errors     UInt64,
+    violations_by_detector Map(String, UInt64),
+    tool_calls_by_tool     Map(String, UInt64),
+    inserted_at            DateTime64(6, 'UTC') DEFAULT now64(6)
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/agentwatch/version_metrics_local', '{replica}', inserted_at)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (tenant, agent_id, agent_version, window_start);
+
+CREATE TABLE IF NOT EXISTS agentwatch.version_metrics ON CLUSTER '{cluster}' AS agentwatch.version_metrics_local
+ENGINE = Distributed('{cluster}', agentwatch, version_metrics_local, cityHash64(agent_id));
+
+CREATE TABLE IF NOT EXISTS agentwatch.canary_verdicts_local ON CLUSTER '{cluster}'
+(
+    verdict_id        String,
+    tenant            LowCardinality(String),
+    agent_id          String,
+    baseline_version  LowCardinality(String),
+    candidate_version LowCardinality(String),
+    verdict           LowCardinality(String),
+    test              LowCardinality(String),
+    confidence        Float64,
+    judged_at         DateTime64(6, 'UTC'),
+    baseline_tasks    UInt64,
+    candidate_tasks   UInt64,
+    min_tasks         UInt64,
+    metrics           Array(Tuple(
+                          metric    String,
+                          outcome   String,
+                          baseline  Float64,
+                          candidate Float64,
+                          threshold Float64,
+                          p_value   Nullable(Float64),
+                          ci_low    Nullable(Float64),
+                          ci_high   Nullable(Float64))),
+    reason            String,
+    policy_version    LowCardinality(String),
+    alert_id          String,
+    inserted_at       DateTime64(6, 'UTC') DEFAULT now64(6)
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/agentwatch/canary_verdicts_local', '{replica}', inserted_at)
+ORDER BY verdict_id;
+
+CREATE TABLE IF NOT EXISTS agentwatch.canary_verdicts ON CLUSTER '{cluster}' AS agentwatch.canary_verdicts_local
+ENGINE = Distributed('{cluster}', agentwatch, canary_verdicts_local, cityHash64(verdict_id));

@@ -116,6 +116,9 @@ ENGINE = ReplacingMergeTree(version)
 ORDER BY alert_id
 SETTINGS non_replicated_deduplication_window = 1000;
 
+-- the agent's version (canary analysis, docs/canary.md); before alerts_latest, which reads it
+ALTER TABLE agentwatch.alerts ADD COLUMN IF NOT EXISTS agent_version LowCardinality(String) AFTER tenant;
+
 -- Malformed input, never dropped: the original bytes (raw is a String, which
 -- in ClickHouse is an arbitrary byte string, so non-UTF-8 input round-trips)
 -- and the reason. A replayed bad record has the same position and bytes, so
@@ -140,11 +143,12 @@ SETTINGS non_replicated_deduplication_window = 1000;
 
 -- The latest state of every alert, for analysts and dashboards. FINAL applies
 -- the ReplacingMergeTree collapse at read time, so the answer is exact even
--- before background merges have run.
-CREATE VIEW IF NOT EXISTS agentwatch.alerts_latest AS
+-- before background merges have run. OR REPLACE: a store created before a column
+-- was added (agent_version) gets the view with it.
+CREATE OR REPLACE VIEW agentwatch.alerts_latest AS
 SELECT
     alert_id, detector, detector_version, policy_version, policy_hash, mode,
-    severity, agent_id, tenant, trace_ids, first_seen, last_seen, count,
+    severity, agent_id, tenant, agent_version, trace_ids, first_seen, last_seen, count,
     summary, evidence, action, labels
 FROM agentwatch.alerts FINAL
 ;
@@ -154,6 +158,9 @@ FROM agentwatch.alerts FINAL
 -- fresh store and on one created before these fields existed.
 ALTER TABLE agentwatch.events ADD COLUMN IF NOT EXISTS command_action LowCardinality(String) AFTER command_id;
 ALTER TABLE agentwatch.events ADD COLUMN IF NOT EXISTS command_scope Array(String) AFTER command_action;
+
+-- The agent's version (canary analysis, docs/canary.md).
+ALTER TABLE agentwatch.events ADD COLUMN IF NOT EXISTS agent_version LowCardinality(String) AFTER tenant;
 
 -- Every kill-switch command seen (schemas.control.KillSwitchCommand), whoever
 -- issued it: the worker's enforce-mode halts and people's `agentwatch
@@ -181,6 +188,9 @@ CREATE TABLE IF NOT EXISTS agentwatch.killswitches
 ENGINE = ReplacingMergeTree(inserted_at)
 ORDER BY command_id
 SETTINGS non_replicated_deduplication_window = 1000;
+
+-- a version-scoped halt (a failed canary's rollback) names the agent version it stops
+ALTER TABLE agentwatch.killswitches ADD COLUMN IF NOT EXISTS target_version String AFTER target_value;
 
 -- Kill switches in force now: per target, the latest command (by issue time)
 -- if it is a halt that has not expired. A resume for a target lifts whatever
@@ -307,4 +317,69 @@ ORDER BY (minute, topic, source);
 CREATE MATERIALIZED VIEW IF NOT EXISTS agentwatch.dlq_per_minute_mv TO agentwatch.dlq_per_minute AS
 SELECT toStartOfMinute(received_at) AS minute, topic, source, count() AS records
 FROM agentwatch.dlq
-GROUP BY minute, topic, source
+GROUP BY minute, topic, source;
+
+-- Behaviour per agent version, per window of event time (schemas.canary.VersionWindow,
+-- detectors/canary.py): dashboards and the weekly review. A window is written once,
+-- when it is complete; a replay rewrites the same key.
+CREATE TABLE IF NOT EXISTS agentwatch.version_metrics
+(
+    tenant                 LowCardinality(String),
+    agent_id               String,
+    agent_version          LowCardinality(String),
+    window_start           DateTime64(6, 'UTC'),
+    window_s               Float64,
+    actions                UInt64,
+    tool_calls             UInt64,
+    llm_calls              UInt64,
+    retried_calls          UInt64,
+    tool_errors            UInt64,
+    tokens                 UInt64,
+    cost_usd               Float64,
+    approvals              UInt64,
+    tasks                  UInt64,
+    successful_tasks       UInt64,
+    violations             UInt64,
+    side_effect_errors     UInt64,
+    violations_by_detector Map(String, UInt64),
+    tool_calls_by_tool     Map(String, UInt64),
+    inserted_at            DateTime64(6, 'UTC') DEFAULT now64(6)
+)
+ENGINE = ReplacingMergeTree(inserted_at)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (tenant, agent_id, agent_version, window_start)
+SETTINGS non_replicated_deduplication_window = 1000;
+
+-- Canary verdicts with the numbers behind them (schemas.canary.CanaryVerdict), also
+-- published on the canary topic.
+CREATE TABLE IF NOT EXISTS agentwatch.canary_verdicts
+(
+    verdict_id        String,
+    tenant            LowCardinality(String),
+    agent_id          String,
+    baseline_version  LowCardinality(String),
+    candidate_version LowCardinality(String),
+    verdict           LowCardinality(String),
+    test              LowCardinality(String),
+    confidence        Float64,
+    judged_at         DateTime64(6, 'UTC'),
+    baseline_tasks    UInt64,
+    candidate_tasks   UInt64,
+    min_tasks         UInt64,
+    metrics           Array(Tuple(
+                          metric    String,
+                          outcome   String,
+                          baseline  Float64,
+                          candidate Float64,
+                          threshold Float64,
+                          p_value   Nullable(Float64),
+                          ci_low    Nullable(Float64),
+                          ci_high   Nullable(Float64))),
+    reason            String,
+    policy_version    LowCardinality(String),
+    alert_id          String,
+    inserted_at       DateTime64(6, 'UTC') DEFAULT now64(6)
+)
+ENGINE = ReplacingMergeTree(inserted_at)
+ORDER BY verdict_id
+SETTINGS non_replicated_deduplication_window = 1000;

@@ -65,7 +65,11 @@ _OUTPUT_TOKEN_KEYS = (
 _MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name")
 _COST_KEYS = ("gen_ai.usage.cost", "llm.cost.total")
 _CONVERSATION_KEYS = ("gen_ai.conversation.id", "session.id")
-_CONVERSATION_ATTR = "gen_ai.conversation.id"  # both conventions land under one key, so joins need one column
+_CONVERSATION_ATTR = "gen_ai.conversation.id"
+# the agent's version a span names itself; else the resource's service.version, else its
+# k8s deployment (a canary usually runs as a deployment of its own)
+_VERSION_KEYS = ("gen_ai.agent.version", "agent.version")
+_RESOURCE_VERSION_KEYS = ("service.version", "k8s.deployment.name")  # both conventions land under one key, so joins need one column
 
 # Correlation keys and context worth carrying on the event: a later join with
 # audit records (CloudTrail requestID, k8s objects, SQL) looks for these.
@@ -118,6 +122,7 @@ _ROLES: dict[str, tuple[str, int]] = {
         ("model", _MODEL_KEYS),
         ("cost", _COST_KEYS),
         ("conversation", _CONVERSATION_KEYS),
+        ("version", _VERSION_KEYS),
     )
     for rank, key in enumerate(keys)
 }
@@ -255,6 +260,7 @@ def _resource(attrs: dict[str, Any], origin: str, source: str) -> _Resource:
         source=source,
         origin=origin or str(service),
         fallback_agent_id=resource_agent_id(attrs),
+        agent_version=next((_as_text(attrs[k]) for k in _RESOURCE_VERSION_KEYS if attrs.get(k)), ""),
     )
     return _Resource(tenant=str(roles.get("tenant") or ""), kept=kept, template=template)
 
@@ -360,6 +366,8 @@ def _span_event(span: _Span, res: _Resource) -> Event:
     if span.start_ns and span.end_ns >= span.start_ns:
         kw["duration_ms"] = (span.end_ns - span.start_ns) / 1e6
 
+    if "version" in roles:
+        kw["agent_version"] = _as_text(roles["version"])
     agent, identity = _agent_attribute(span, roles, kind)
     if agent:
         kw["agent_id"] = agent
@@ -433,6 +441,9 @@ def _resolve_in_record(events: list[Event]) -> None:
                 d["agent_id"] = parent.agent_id
                 d["identity"] = IdentitySource.ANCESTOR
                 fields_set.update(("agent_id", "identity"))
+                if parent.agent_version:  # the version of the agent the span works for
+                    d["agent_version"] = parent.agent_version
+                    fields_set.add("agent_version")
                 if e.tenant == "default":
                     d["tenant"] = parent.tenant
                     fields_set.add("tenant")
