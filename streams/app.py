@@ -177,6 +177,10 @@ class Pipeline:
             restore=lambda data: DetectStage.restore(self.policy, data), replay=_replay_detect, **state)
         self.state_topic = self.app.topic(s.topic_state, **raw)
         self._correlate_lock = asyncio.Lock()
+        # ingest messages a PostgreSQL record still being assembled needs (see _ack_ingested), and
+        # the lock under which records are decoded, delivered and their messages released
+        self._held: list[tuple[Any, EventT]] = []
+        self._ingest_lock = asyncio.Lock()
         self._broker_seen_at = _now()
 
         # chDB is an in-process engine: one thread owns every call into it
@@ -344,6 +348,17 @@ class Pipeline:
     async def _on_before_shutdown(self, app: Any, **kwargs: Any) -> None:
         await self._drain_outputs()
 
+    def let_go_held(self) -> None:
+        """At a stop: the ingest messages held for records being assembled stay uncommitted,
+        so the restarted worker reads them again. Faust's stop waits until every message it
+        handed out is acked and has no public way to give one up: they leave its set of
+        unacked messages without an ack (else the stop waits out its timeout)."""
+        unacked = getattr(self.app.consumer, "_unacked_messages", None)
+        for _, e in self._held:
+            if unacked is not None:
+                unacked.discard(e.message)
+        self._held.clear()
+
     def _stop_worker(self) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -367,8 +382,11 @@ class Pipeline:
             progress.begin(batch)
             self._batch_events = 0
             yield batch
-            for e in batch:
-                await stream.ack(e)
+            if stage == "ingest":
+                await self._ack_ingested(stream, batch)
+            else:
+                for e in batch:
+                    await stream.ack(e)
             progress.done(batch, self._batch_events)
             self.metrics.stage_batch_seconds.labels(stage).observe(time.perf_counter() - started)
 
@@ -401,12 +419,43 @@ class Pipeline:
             for topic, n in Counter(r.topic for r in records).items():
                 self.metrics.messages_in.labels(topic).inc(n)
             dead: list[DeadLetter] = []
-            parts = self._isolated("ingest", lambda rs: [self.ingest.process(rs)], records, dead,
-                                   lambda r: DeadLetter(r.value, "", "", r.topic, r.partition, r.offset))
-            routed = parts[0] if len(parts) == 1 else _merge_routed(parts)
-            routed.dead.extend(dead)
-            self._batch_events = routed.events
-            await self._emit_ingested(routed)
+            # decoded and delivered under the lock: the tick must not release messages of a record
+            # this batch completed before its events are delivered
+            async with self._ingest_lock:
+                parts = self._isolated("ingest", lambda rs: [self.ingest.process(rs)], records, dead,
+                                       lambda r: DeadLetter(r.value, "", "", r.topic, r.partition, r.offset))
+                routed = parts[0] if len(parts) == 1 else _merge_routed(parts)
+                routed.dead.extend(dead)
+                self._batch_events = routed.events
+                await self._emit_ingested(routed)
+
+    async def _ack_ingested(self, stream: Any, batch: list[EventT]) -> None:
+        """Ack an ingest batch whose outputs are delivered, except what a record still
+        being assembled needs.
+
+        A PostgreSQL record shipped in pieces (an ERROR awaiting its STATEMENT, a
+        statement's next lines) is assembled in memory. Every message of its
+        partition from the one it started in stays unacked until it is decoded and
+        delivered, so the committed offset never passes it: a restart reads those
+        messages again and assembles the record whole (records delivered meanwhile
+        come again with the same event ids). All of them, not only the first: faust
+        commits past a gap of one message."""
+        async with self._ingest_lock:
+            self._held += [(stream, e) for e in batch]
+            await self._release_held()
+
+    async def _release_held(self) -> None:
+        """Ack the held ingest messages no open record needs any more (under _ingest_lock,
+        after what decoded those records is delivered)."""
+        first = self.ingest.open_offsets()
+        keep: list[tuple[Any, EventT]] = []
+        for stream, e in self._held:
+            m = e.message
+            if (m.topic, m.partition) in first and m.offset >= first[(m.topic, m.partition)]:
+                keep.append((stream, e))
+            else:
+                await stream.ack(e)
+        self._held = keep
 
     async def _emit_ingested(self, routed: Routed) -> None:
         """Send what the ingest stage decoded on (by trace, by agent, dead letters) and count it."""
@@ -515,10 +564,14 @@ class Pipeline:
         """A final snapshot of every revoked partition, then its state is dropped: the
         new owner restores it, and this worker's timers for it stop."""
         revoked = set(revoked or ())
+        gone = {(tp.topic, tp.partition) for tp in revoked}
         for progress in self.progress.values():
             # positions of a partition another worker now moves on are stale here: kept,
             # they would say its input waits (and hold idle event time) if it came back
-            progress.forget({(tp.topic, tp.partition) for tp in revoked})
+            progress.forget(gone)
+        async with self._ingest_lock:  # records being assembled there: their new owner reads them again
+            self.ingest.forget(gone)
+            self._held = [(s, e) for s, e in self._held if (e.message.topic, e.message.partition) not in gone]
         for states, lock in ((self.correlates, self._correlate_lock), (self.detects, self._alert_order)):
             parts = {tp.partition for tp in revoked if tp.topic == states.topic}
             if not parts:
@@ -667,7 +720,9 @@ class Pipeline:
         # would have met had it been up, not after the downtime has run the clock on
         now = min(wall, self._idle_clock_cap())
         self._check_policy()
-        await self._emit_ingested(self.ingest.tick(now))  # PostgreSQL records whose rest never came
+        async with self._ingest_lock:  # PostgreSQL records whose rest never came, then their messages
+            await self._emit_ingested(self.ingest.tick(now))
+            await self._release_held()
         async with self._correlate_lock:
             dead: list[DeadLetter] = []
             outs: list[Out] = []

@@ -27,7 +27,7 @@ from schemas.decoders import DecodeResult
 from schemas.decoders.audit import AuditDecoder, Stitched, decode_audit
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
-from schemas.decoders.pgaudit import PgLogConfig, looks_like_pg_text, pg_log_records
+from schemas.decoders.pgaudit import Headers, PgLogConfig, looks_like_pg_text, pg_log_records
 from schemas.errors import AgentwatchError
 from streams.stages import CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord
 
@@ -72,11 +72,11 @@ class _ReplayDecoder:
         return decode_any(payload, origin=origin, pg=self.pg)
 
     def feed(self, payload: bytes, *, stream: Hashable, offset: int, origin: str = "",
-             received_at: datetime | None = None, wall: float = 0.0) -> list[Stitched]:
+             received_at: datetime | None = None, wall: float = 0.0, headers: Headers = ()) -> list[Stitched]:
         if classify(payload, self.pg) != "audit":
             return [Stitched(decode_any(payload, origin=origin, pg=self.pg), offset)]
         return self.audit.feed(payload, stream=stream, offset=offset, origin=origin, received_at=received_at,
-                               wall=wall)
+                               wall=wall, headers=headers)
 
     def flush(self, wall: float, *, force: bool = False) -> list[tuple[Hashable, Stitched]]:
         return self.audit.flush(wall, force=force)

@@ -147,7 +147,9 @@ class IngestStage:
     """Raw records -> routed events. A decoder with ``feed``/``flush`` (the audit
     decoder's stitching of PostgreSQL logs shipped in pieces) sees each message with
     its stream (topic, partition, key) and may decode a record a later message or
-    ``tick`` completes; its events keep the offset of the message they started in."""
+    ``tick`` completes; its events keep the offset and the headers (identity) of the
+    message they started in. ``open_offsets`` names the messages such records still
+    need: the worker leaves them uncommitted, so a restart reads them again."""
 
     def __init__(self, decoders: dict[str, Decoder], default: Decoder | None = None, *,
                  header_identity: Mapping[str, str] | None = None, redactor: Redactor = DEFAULT_REDACTOR) -> None:
@@ -161,10 +163,27 @@ class IngestStage:
         """Decode records whose remaining pieces did not arrive in time."""
         out = Routed()
         wall = time.time() if wall_now is None else wall_now
-        for decoder in {id(d): d for d in (*self.decoders.values(), self.default) if hasattr(d, "flush")}.values():
-            for (topic, partition, _key), part in decoder.flush(wall):  # type: ignore[union-attr]
-                self._emit(part.result, RawRecord(topic, partition, part.offset, b""), out)
+        for decoder in self._stitching("flush"):
+            for (topic, partition, key), part in decoder.flush(wall):
+                self._emit(part.result, RawRecord(topic, partition, part.offset, b"", key, part.headers), out)
         return out
+
+    def open_offsets(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> offset of the first message a record still being
+        assembled needs (none of its partition's messages from there on may be committed)."""
+        out: dict[tuple[str, int], int] = {}
+        for decoder in self._stitching("open_offsets"):
+            for (topic, partition, _key), offset in decoder.open_offsets().items():
+                out[(topic, partition)] = min(offset, out.get((topic, partition), offset))
+        return out
+
+    def forget(self, partitions: set[tuple[str, int]]) -> None:
+        """Drop what is being assembled from ``partitions`` (revoked: their new owner reads it again)."""
+        for decoder in self._stitching("forget"):
+            decoder.forget(lambda stream: stream[:2] in partitions)
+
+    def _stitching(self, method: str) -> list[Any]:
+        return list({id(d): d for d in (*self.decoders.values(), self.default) if hasattr(d, method)}.values())
 
     def _emit(self, result: DecodeResult, rec: RawRecord, out: Routed) -> None:
         for ev in result.events:
@@ -195,9 +214,9 @@ class IngestStage:
                     continue
                 for part in feed(rec.value, stream=(rec.topic, rec.partition, rec.key), offset=rec.offset,
                                  origin=rec.topic, received_at=rec.received_at,
-                                 wall=time.time() if wall is None else wall):
+                                 wall=time.time() if wall is None else wall, headers=rec.headers):
                     at = rec if part.offset == rec.offset else RawRecord(rec.topic, rec.partition, part.offset, b"",
-                                                                          rec.key, rec.headers)
+                                                                          rec.key, part.headers)
                     self._emit(part.result, at, out)
             except Exception as exc:
                 # a decoder bug or a value no check anticipated (a timestamp past year 9999,

@@ -75,3 +75,26 @@ def test_the_setting_is_json_and_a_bad_value_names_the_variable(monkeypatch) -> 
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "AGENTWATCH_HEADER_IDENTITY" in str(err.value)
+
+
+def test_a_postgres_record_stitched_from_several_messages_keeps_the_headers_of_its_first() -> None:
+    """An ERROR and its STATEMENT in two messages, and a record closed by the stitch bound,
+    take their identity from the message they started in, not from the one that closed them."""
+    from schemas.decoders.audit import AuditDecoder
+    from schemas.decoders.pgaudit import PgLogConfig
+
+    stage = IngestStage({"audit": AuditDecoder(PgLogConfig("debian", stitch_s=2.0))}, header_identity=MAPPING)
+    pg = "2026-11-25 09:22:45.355 UTC [23759] agent_sql@postgres "
+    lines = [f"{pg}ERROR:  permission denied for table salaries",
+             f"{pg}STATEMENT:  SELECT amount FROM hr.salaries WHERE id = 1;",
+             f"{pg}LOG:  disconnection: session time: 0:00:00.011 user=agent_sql database=postgres",
+             f"{pg}ERROR:  permission denied for table payroll"]
+    tenants = [b"acme", b"", b"other", b"globex"]
+    records = [RawRecord("audit", 0, i, line.encode(), b"pg-1", (("x-tenant-id", t),) if t else ())
+               for i, (line, t) in enumerate(zip(lines, tenants))]
+    routed = stage.process(records, wall=100.0)
+    [paired] = [e for evs in routed.by_trace.values() for e in evs]
+    assert (paired.resource, paired.tenant, paired.offset) == ("hr.salaries", "acme", 0)
+    assert stage.open_offsets() == {("audit", 0): 3}  # the last ERROR may still get its STATEMENT
+    [flushed] = [e for evs in stage.tick(103.0).by_trace.values() for e in evs]
+    assert (flushed.tenant, flushed.offset) == ("globex", 3) and stage.open_offsets() == {}

@@ -54,6 +54,7 @@ from schemas.decoders.native_audit import _native_event
 from schemas.decoders.ocsf import _ocsf_event
 from schemas.decoders.pgaudit import (
     AUTO_PREFIX,
+    Headers,
     PgLogConfig,
     PgStitcher,
     Stitched,
@@ -271,7 +272,7 @@ class AuditDecoder:
         return decode_audit(payload, origin=origin, tenant=tenant, received_at=received_at, pg=self.pg)
 
     def feed(self, payload: bytes, *, stream: Hashable, offset: int, origin: str = "", tenant: str = "default",
-             received_at: datetime | None = None, wall: float = 0.0) -> list[Stitched]:
+             received_at: datetime | None = None, wall: float = 0.0, headers: Headers = ()) -> list[Stitched]:
         head = payload.lstrip()[:1]
         if head in (b"{", b"[") or not head:
             return [Stitched(self(payload, origin=origin, tenant=tenant, received_at=received_at), offset)]
@@ -281,10 +282,16 @@ class AuditDecoder:
             return [Stitched(self(payload, origin=origin, tenant=tenant, received_at=received_at), offset)]
         try:
             return self.stitcher.feed(stream, text.rstrip("\n"), offset=offset, origin=origin, tenant=tenant,
-                                      wall=wall, received_at=received_at)
+                                      wall=wall, received_at=received_at, headers=headers)
         except Exception as e:  # never raise, whatever the input
             return [Stitched(_failure(payload, f"pgaudit: stitching error ({type(e).__name__}: {e})",
                                       SOURCE_PGAUDIT), offset)]
 
     def flush(self, wall: float, *, force: bool = False) -> list[tuple[Hashable, Stitched]]:
         return self.stitcher.flush(wall, force=force)
+
+    def open_offsets(self) -> dict[Hashable, int]:
+        return self.stitcher.open_offsets()
+
+    def forget(self, streams: Callable[[Hashable], bool]) -> None:
+        self.stitcher.forget(streams)

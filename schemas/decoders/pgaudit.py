@@ -46,7 +46,7 @@ import io
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -606,12 +606,17 @@ def _decode_record(rec: _PgRecord | str, ctx: _Ctx, cfg: PgLogConfig, received_a
 # --------------------------------------------------------------------------- stitching
 
 
+# a Kafka message's headers, carried opaque with the record it started (identity headers)
+Headers = tuple[tuple[str, bytes], ...]
+
+
 @dataclass(slots=True)
 class _Stream:
     open: _PgRecord | None = None  # the record that may still get continuation or follower lines
     open_offset: int = -1
     open_ctx: _Ctx | None = None
     open_received_at: datetime | None = None
+    open_headers: Headers = ()
     deadline: float = 0.0
     # the last record was finished or skipped: stray continuation lines belong to it
     absorbing: bool = False
@@ -619,10 +624,11 @@ class _Stream:
 
 @dataclass(slots=True)
 class Stitched:
-    """A decoded record and the offset of the message it started in."""
+    """A decoded record, and the offset and Kafka headers of the message it started in."""
 
     result: DecodeResult
     offset: int
+    headers: Headers = ()
 
 
 class PgStitcher:
@@ -633,9 +639,10 @@ class PgStitcher:
     open record: it is decoded when the next record starts, when its shape says
     it is complete (an AUDIT record whose CSV is closed), or when ``flush`` finds
     it older than ``stitch_s``. The pid -> user map of connection records lives
-    here too. State is this small on purpose: a worker restart loses at most one
-    open record per stream (its message is already committed) and the session
-    map, which refills as backends connect.
+    here too. State is this small on purpose: ``open_offsets`` tells the caller
+    which messages an open record still needs, so it keeps them uncommitted and a
+    restarted worker reads them again; only the session map is lost at a restart,
+    and it refills as backends connect.
     """
 
     def __init__(self, cfg: PgLogConfig, *, max_streams: int = 4096) -> None:
@@ -646,7 +653,7 @@ class PgStitcher:
         self.sessions = PgSessions()
 
     def feed(self, stream: Hashable, text: str, *, offset: int, origin: str, tenant: str, wall: float,
-             received_at: datetime | None = None) -> list[Stitched]:
+             received_at: datetime | None = None, headers: Headers = ()) -> list[Stitched]:
         st = self._streams.get(stream)
         if st is None:
             st = self._streams[stream] = _Stream()
@@ -676,9 +683,9 @@ class PgStitcher:
             out.extend(self._close(st))
             self.sessions.observe(rec)  # after closing the previous record: a disconnection ends its session
             st.open, st.open_offset, st.deadline, st.absorbing = rec, offset, wall + self.cfg.stitch_s, False
-            st.open_ctx, st.open_received_at = ctx, received_at
+            st.open_ctx, st.open_received_at, st.open_headers = ctx, received_at, headers
         if stray:
-            out.append(Stitched(_decode_record("\n".join(stray), ctx, self.cfg, received_at), offset))
+            out.append(Stitched(_decode_record("\n".join(stray), ctx, self.cfg, received_at), offset, headers))
         # decode now what can get nothing more: a closed AUDIT record, a skipped server record
         if st.open is not None and (
             (st.open.is_audit and _audit_complete(st.open))
@@ -698,7 +705,8 @@ class PgStitcher:
             return []
         st.absorbing = True
         self.sessions.fill(rec)
-        return [Stitched(_decode_record(rec, st.open_ctx, self.cfg, st.open_received_at), st.open_offset)]
+        return [Stitched(_decode_record(rec, st.open_ctx, self.cfg, st.open_received_at), st.open_offset,
+                         st.open_headers)]
 
     def flush(self, wall: float, *, force: bool = False) -> list[tuple[Hashable, Stitched]]:
         """Decode the open records older than the bound (all of them with ``force``)."""
@@ -707,6 +715,17 @@ class PgStitcher:
             if st.open is not None and (force or wall >= st.deadline):
                 out.extend((key, s) for s in self._close(st))
         return out
+
+    def open_offsets(self) -> dict[Hashable, int]:
+        """Stream -> offset of the message its open record started in: what a restart
+        has to read again to assemble that record whole."""
+        return {key: st.open_offset for key, st in self._streams.items() if st.open is not None}
+
+    def forget(self, streams: Callable[[Hashable], bool]) -> None:
+        """Drop the streams ``streams`` selects, open records included (their partition
+        moved to another worker, which reads them again from the committed offset)."""
+        for key in [k for k in self._streams if streams(k)]:
+            del self._streams[key]
 
 
 # --------------------------------------------------------------------------- one-shot decoding
@@ -804,6 +823,7 @@ def pg_jsonlog_event(doc: Mapping[str, Any], ctx: _Ctx, cfg: PgLogConfig = PgLog
 __all__ = [
     "AUTO_PREFIX",
     "DEFAULT_PG_LOG_LINE_PREFIX",
+    "Headers",
     "PG_PREFIX_PRESETS",
     "PgLogConfig",
     "PgSessions",
