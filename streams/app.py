@@ -616,7 +616,9 @@ class Pipeline:
             if self.killswitch_sink is not None:
                 await self._flush(self.killswitch_sink, "killswitches")
             dead: list[DeadLetter] = []
-            outs = self._forward(events, dead, broadcast_unknown=True)
+            # every detect partition learns of every halt: an agent shielding a halted peer is
+            # judged on its own partition, which is the peer's only by chance
+            outs = self._forward(events, dead, broadcast=True)
             await self._deliver(outs + [self._dead_out(d, "control") for d in dead])
 
     async def _control_feed(self, _: Any) -> None:
@@ -825,22 +827,20 @@ class Pipeline:
         return events
 
     def _forward(self, events: Iterable[Event], dead: list[DeadLetter], *,
-                 broadcast_unknown: bool = False) -> list[Out]:
-        """Events to the detect stage keyed by agent. With ``broadcast_unknown``, events
-        that name no single agent (tenant- or fleet-wide halts) go to every partition."""
-        groups: dict[str, list[Event]] = {}
-        broadcast: list[Event] = []
-        for ev in events:
-            if broadcast_unknown and not ev.agent_id:
-                broadcast.append(ev)
-            else:
-                groups.setdefault(ev.agent_id or "unknown", []).append(ev)
-        outs = self._pack(self.by_agent, groups, dead)
+                 broadcast: bool = False) -> list[Out]:
+        """Events to the detect stage keyed by agent; with ``broadcast``, to every partition
+        (kill-switch commands: the halted agent's partition and every possible shielder's)."""
         if broadcast:
+            events = list(events)
+            if not events:
+                return []
             n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.partitions)
-            value = events_to_wire(broadcast)
-            outs += [Out(self.by_agent, None, value, partition=p) for p in range(n)]
-        return outs
+            value = events_to_wire(_serialisable(events, dead))
+            return [Out(self.by_agent, None, value, partition=p) for p in range(n)]
+        groups: dict[str, list[Event]] = {}
+        for ev in events:
+            groups.setdefault(ev.agent_id or "unknown", []).append(ev)
+        return self._pack(self.by_agent, groups, dead)
 
     def _pack(self, topic: Any, groups: dict[str, list[Event]], dead: list[DeadLetter]) -> list[Out]:
         """One message per destination partition, not per key.

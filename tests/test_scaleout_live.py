@@ -14,12 +14,15 @@ theirs picks), and one is never acknowledged. Printed and asserted:
   nowhere, whichever worker tracks them and whichever dies.
 
 The halted agents are not the workload's, and their commands are dated before it, so
-the commands neither mark the workload's agents as halted nor move event time.
+the commands neither mark the workload's agents as halted nor move event time. One
+agent restarts a halted agent's runtime (peer_preservation shielding) from another detect
+partition than the halted agent's: the halt must reach the shielder's partition too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -30,10 +33,14 @@ import pytest
 
 from agentwatch_client.wire import agent_key
 from schemas.alerts import Alert, alert_id_for
-from schemas.control import (AckStatus, ControlAck, KillSwitchCommand, Target, generate_keypair,
+from schemas.control import (AckStatus, ControlAck, KillSwitchCommand, Target, command_event, generate_keypair,
                              load_private_key, sign)
+from schemas.decoders.native import decode_native
 from sinks.control import ControlPublisher
 from streams.control_plane import AGENT_KEYS_DIR, UNACKED_DETECTOR
+from streams.kafka import partition_for
+from streams.policy_file import load_policy
+from streams.stages import DetectStage, IngestStage, RawRecord
 from tests.live import LiveWorker
 from tests.test_faults_live import T0, Workload, expected_alerts, produce_chunk, workload
 
@@ -43,6 +50,31 @@ PRIV, _ = generate_keypair()
 KEY = load_private_key(PRIV)
 SEED = 4
 ACK_DEADLINE_S = 8
+# shielding is judged in alert mode here: an enforce-mode halt issued now would move event time
+POLICY = """
+version: scale-out-1
+detectors:
+  peer_preservation:
+    mode: alert
+"""
+
+
+def shield(halted: KillSwitchCommand, partitions: int) -> tuple[str, bytes]:
+    """An agent on another detect partition than the halted one restarts its runtime."""
+    target = halted.target.value
+    agent = next(f"shielder-{i}" for i in range(100)
+                 if partition_for(f"shielder-{i}", partitions) != partition_for(target, partitions))
+    ev = {"kind": "agent", "lifecycle": "restart", "agent_id": agent, "target_agent_id": target,
+          "ts": (T0 + timedelta(minutes=5, seconds=30)).isoformat(), "event_id": f"s{SEED}-shield"}
+    return agent, json.dumps(ev).encode()
+
+
+def shield_alerts(policy_file: Path, halted: KillSwitchCommand, value: bytes, topic: str) -> dict[str, int]:
+    """What one detect stage that sees everything (replay) makes of the halt and the shielding."""
+    routed = IngestStage({topic: decode_native}).process([RawRecord(topic, 0, 0, value)])
+    detect = DetectStage(load_policy(policy_file))
+    alerts = detect.process([command_event(halted), *(ev for evs in routed.by_agent.values() for ev in evs)])
+    return {a.alert_id: a.count for a in alerts + detect.finish()}
 
 
 def halt_and_ack(w: LiveWorker, agents: list[str], *, acked: bool = True) -> list[KillSwitchCommand]:
@@ -82,7 +114,9 @@ def wait_stored(store: LiveWorker, n: int, timeout: float = 120) -> None:
 
 
 def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_path: Path) -> None:
-    base = LiveWorker(kafka_bootstrap, tmp_path, partitions=2,
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    base = LiveWorker(kafka_bootstrap, tmp_path, partitions=2, policy=policy,
                       env={"AGENTWATCH_CONTROL_PRIVATE_KEY": PRIV, "AGENTWATCH_DETECT_PARTITIONS": "2",
                            "AGENTWATCH_KILLSWITCH_ACK_DEADLINE_S": str(ACK_DEADLINE_S)})
     store, a, b = base.sibling("store", "store"), base.sibling("detect", "worker-a"), base.sibling("detect", "worker-b")
@@ -93,6 +127,7 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
         a.start()
         acked: list[KillSwitchCommand] = []
         last_command = time.monotonic()
+        shielding: dict[str, int] = {}
         ignored: list[KillSwitchCommand] = []
         for c, chunk in enumerate(load.chunks):
             if c == 2:
@@ -103,6 +138,9 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
                 last_command = time.monotonic()
             if c == 1:
                 ignored += halt_and_ack(a, ["ignores-halts"], acked=False)
+                shielder, value = shield(acked[0], 2)
+                a.produce(a.settings.topic_events_in, [value], key=shielder.encode())
+                shielding = shield_alerts(policy, acked[0], value, a.settings.topic_events_in)
             if c == 3:
                 time.sleep(0.5)  # somewhere inside the processing of this chunk
                 assert a.proc is not None
@@ -110,10 +148,12 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
                 a.proc.wait()
             # the next chunk once this one is stored (see test_faults_live: pacing keeps the
             # verdict independent of how a backlog interleaves across partitions)
-            wait_stored(store, (c + 1) * 8 * 8, timeout=180)
+            wait_stored(store, (c + 1) * 8 * 8 + (c >= 1), timeout=180)
 
         want = expected_alerts(load, a.settings.topic_events_in)
         want.update({alert_id_for(UNACKED_DETECTOR, cmd.target.value, cmd.command_id): 1 for cmd in ignored})
+        assert len(shielding) == 1, shielding
+        want.update(shielding)
         deadline = time.monotonic() + 120
         dead = 0
         while time.monotonic() < deadline:
@@ -137,13 +177,13 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
         unacked = [x for x in alerts if x.detector == UNACKED_DETECTOR]
         total, distinct = stored_events(store)
         rows = store.query("SELECT count() FROM agentwatch.killswitches FINAL").rows
-        print(f"\n[scale-out: B joins, A SIGKILLed] events produced={load.valid_events} stored={distinct} "
+        print(f"\n[scale-out: B joins, A SIGKILLed] events produced={load.valid_events + 1} stored={distinct} "
               f"duplicates={total - distinct} poison produced={load.poison} dlq={dead} | alerts "
               f"expected={len(want)} emitted={len(got)} extra={len(extra)} wrong_count={len(wrong)} | "
               f"commands acked={len(acked)} ignored={len(ignored)} killswitch_unacknowledged={len(unacked)} "
               f"commands stored={rows[0][0]}")
         logs = "\n".join(f"--- {p.log_path.name}\n{p.log_tail(15)}" for p in procs)
-        assert distinct == load.valid_events, logs
+        assert distinct == load.valid_events + 1, logs  # the workload and the shielding event
         assert dead == load.poison, logs
         assert [x.labels.get("command_id") for x in unacked] == [c.command_id for c in ignored], logs
         assert not extra and not wrong, (extra, wrong, logs)
