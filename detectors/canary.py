@@ -361,7 +361,7 @@ class CanaryAnalysis(Detector):
                 continue
             key = (task.tenant, task.agent, task.version)
             self._samples.setdefault(key, deque(maxlen=self.cfg.max_tasks)).append(task)
-            self._register(task.tenant, task.last)
+            self._register(task)
             if self.cfg.metrics:
                 w = self._window(task.tenant, task.agent, task.version, task.last)
                 if w is not None:
@@ -380,10 +380,13 @@ class CanaryAnalysis(Detector):
                     out.append(f)
         return out
 
-    def _register(self, tenant: str, ts: float) -> None:
+    def _register(self, task: Task) -> None:
+        """Judge the analyses of a task's agent from now on, where its tasks are: the worker
+        runs one engine per agent-keyed partition, and only one of them sees that agent."""
         for i, cfg in enumerate(self.cfg.analyses):
-            if (i, tenant) not in self._analyses:
-                self._analyses[(i, tenant)] = _Analysis(cfg, tenant, next_judge=ts + cfg.judge_every_s)
+            if cfg.agent == task.agent and (i, task.tenant) not in self._analyses:
+                self._analyses[(i, task.tenant)] = _Analysis(cfg, task.tenant,
+                                                             next_judge=task.last + cfg.judge_every_s)
 
     def verdict(self, cfg: CanaryAnalysisConfig, tenant: str, at: float) -> CanaryVerdict:
         """The verdict on ``cfg`` from the tasks completed so far."""

@@ -18,6 +18,7 @@ from schemas.control import CommandAction, KillSwitchCommand, Target, TargetKind
 from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
 from schemas.events import Event, EventKind, events_from_json, events_to_json
+from schemas.internal_wire import events_from_wire, events_to_wire
 from streams.control_plane import ControlPlane
 
 T0 = 1_780_000_000
@@ -78,6 +79,8 @@ def test_version_survives_native_decoding_and_internal_hops() -> None:
     assert ev.agent_version == "3.1"
     (back,) = events_from_json(events_to_json([ev]))
     assert back.agent_version == "3.1"
+    (hop,) = events_from_wire(events_to_wire([ev]))  # the stages' internal format
+    assert hop.agent_version == "3.1"
 
 
 def _tool(agent: str, version: str, at: float, tool: str = "search", **kw: Any) -> Event:
