@@ -8,8 +8,16 @@ project's own classes; a corrupt, truncated or foreign snapshot raises
 
 Envelope::
 
-    {"format": "agentwatch.state", "version": 1, "kind": "<engine|identity|join>",
-     "events": [<Event as JSON>, ...], "state": {...}}
+    {"format": "agentwatch.state", "version": 2, "kind": "<engine|identity|join>",
+     "fields": [<Event field names>], "events": [[<values of an event>], ...], "state": {...}}
+
+Events are rows of their field values in the order ``fields`` names them (the
+internal topics' layout, ``schemas.internal_wire``): a stage snapshots its
+state every few seconds, and a join holding its allowed lateness of spans
+holds many, so writing them is one C-level call per event, not a
+``model_dump``. Restoring still validates each event (snapshots are rare to
+read and come from a topic). Version 1 snapshots (events as JSON objects)
+are still read.
 
 Events held in several places (a call in a retry window and in a failure
 streak) are written once in ``events`` and referenced by index, so a snapshot
@@ -32,9 +40,11 @@ from pydantic import ValidationError
 
 from schemas.errors import StateError
 from schemas.events import Event
+from schemas.internal_wire import FIELDS, row_of
 
 FORMAT = "agentwatch.state"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
 
 
 class Encoder:
@@ -43,29 +53,30 @@ class Encoder:
     __slots__ = ("events", "_refs")
 
     def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
+        self.events: list[tuple[Any, ...]] = []
         self._refs: dict[int, int] = {}
 
     def event(self, ev: Event) -> int:
         ref = self._refs.get(id(ev))
         if ref is None:
             ref = self._refs[id(ev)] = len(self.events)
-            self.events.append(ev.model_dump(mode="json", exclude_defaults=True))
+            self.events.append(row_of(ev.__dict__))
         return ref
 
     def dumps(self, kind: str, state: dict[str, Any]) -> bytes:
-        return orjson.dumps({"format": FORMAT, "version": VERSION, "kind": kind, "events": self.events,
-                             "state": state})
+        return orjson.dumps({"format": FORMAT, "version": VERSION, "kind": kind, "fields": FIELDS,
+                             "events": self.events, "state": state})
 
 
 class Decoder:
     """Resolves event references of a snapshot; validates each event once, on first use."""
 
-    __slots__ = ("_raw", "_objs")
+    __slots__ = ("_raw", "_objs", "_fields")
 
-    def __init__(self, raw: list[Any]) -> None:
+    def __init__(self, raw: list[Any], fields: list[str] | None = None) -> None:
         self._raw = raw
         self._objs: list[Event | None] = [None] * len(raw)
+        self._fields = fields  # version 2: events are rows of these fields; version 1: objects
 
     def event(self, ref: Any) -> Event:
         i = integer(ref)
@@ -73,7 +84,13 @@ class Decoder:
             raise StateError(f"event reference {i} out of range")
         ev = self._objs[i]
         if ev is None:
-            ev = self._objs[i] = Event.model_validate(mapping(self._raw[i]))
+            raw = self._raw[i]
+            if self._fields is not None:
+                row = seq(raw)
+                if len(row) != len(self._fields):
+                    raise StateError(f"event {i} has {len(row)} values for {len(self._fields)} fields")
+                raw = dict(zip(self._fields, row))
+            ev = self._objs[i] = Event.model_validate(mapping(raw))
         return ev
 
 
@@ -87,11 +104,13 @@ def loads(kind: str, data: bytes) -> tuple[dict[str, Any], Decoder]:
         raise StateError(f"{kind} snapshot: not JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StateError(f"{kind} snapshot: not an agentwatch state snapshot")
-    if doc.get("version") != VERSION:
-        raise StateError(f"{kind} snapshot: format version {doc.get('version')!r}, this build reads {VERSION}")
+    version = doc.get("version")
+    if version not in READABLE:
+        raise StateError(f"{kind} snapshot: format version {version!r}, this build reads {READABLE}")
     if doc.get("kind") != kind:
         raise StateError(f"{kind} snapshot: it holds {doc.get('kind')!r} state")
-    return mapping(doc.get("state")), Decoder(seq(doc.get("events")))
+    fields = texts(doc.get("fields")) if version >= 2 else None
+    return mapping(doc.get("state")), Decoder(seq(doc.get("events")), fields)
 
 
 @contextmanager

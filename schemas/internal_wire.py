@@ -40,7 +40,8 @@ MARKER = "agentwatch.events"
 VERSION = 1
 
 FIELDS: tuple[str, ...] = tuple(Event.model_fields)
-_row_of: Callable[[dict[str, Any]], tuple[Any, ...]] = itemgetter(*FIELDS)
+# an event's field values in FIELDS order, out of its __dict__ in one C-level call
+row_of: Callable[[dict[str, Any]], tuple[Any, ...]] = itemgetter(*FIELDS)
 _KNOWN = frozenset(FIELDS)
 _ALL_SET = set(FIELDS)
 _KINDS = {k.value: k for k in EventKind}
@@ -57,7 +58,6 @@ class InternalFormatError(DecodeError):
 def events_to_wire(events: Sequence[Event]) -> bytes:
     """A batch of events as one internal message (see the module doc)."""
     rows: list[Any] = [MARKER, VERSION, FIELDS]
-    row_of = _row_of
     rows.extend(row_of(e.__dict__) for e in events)
     return orjson.dumps(rows)
 

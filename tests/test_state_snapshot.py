@@ -93,9 +93,25 @@ def test_snapshot_is_plain_json_with_a_version_and_shares_held_events():
     eng = DetectionEngine(parse_policy({}))
     eng.process([tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3)])
     doc = orjson.loads(eng.snapshot())
-    assert doc["format"] == "agentwatch.state" and doc["version"] == 1 and doc["kind"] == "engine"
+    assert doc["format"] == "agentwatch.state" and doc["version"] == 2 and doc["kind"] == "engine"
     # each failed call sits in the same-call window and the failure run: written once
     assert len(doc["events"]) == 3
+    assert all(len(row) == len(doc["fields"]) for row in doc["events"])
+
+
+def test_version_1_snapshot_with_events_as_objects_still_restores():
+    eng = DetectionEngine(parse_policy({}))
+    eng.process([tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3)])
+    doc = orjson.loads(eng.snapshot())
+    fields = doc.pop("fields")
+    doc["version"] = 1
+    doc["events"] = [dict(zip(fields, row)) for row in doc["events"]]
+    restored = DetectionEngine.restore(parse_policy({}), orjson.dumps(doc))
+    again = orjson.loads(restored.snapshot())
+    assert sorted(again["events"]) == sorted(orjson.loads(eng.snapshot())["events"])
+    # and it goes on detecting where the original left off (the failure run continues)
+    more = [tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3, 8)]
+    assert [a.alert_id for a in restored.process(more)] == [a.alert_id for a in eng.process(more)]
 
 
 def _engine_snapshot() -> bytes:
