@@ -36,4 +36,6 @@ def test_bench_prints_every_row_and_the_planted_incidents_fire(kafka_bootstrap: 
         line = next(ln for ln in table.splitlines() if ln.strip().startswith(detector))
         assert line.rstrip().endswith("ok"), line
     assert "detection latency" in table and "kill switch" in table
+    # the wait for an agent span exported after its tool calls is reported apart from detection
+    assert "agent span exported later" in table
     assert code == 0

@@ -49,6 +49,8 @@ from streams.worker import WorkerInfo, running_worker
 
 METRICS_TIMEOUT_S = 30.0  # a worker busy with a large batch answers late: that is not a failure
 STALL_S = 180.0
+# every other live loop's agent span is sent this long after its tool calls, in a later message
+AGENT_SPAN_WAIT_S = 1.0
 
 
 @dataclass
@@ -56,6 +58,10 @@ class PipelineResult:
     seconds: float = 0.0
     alerts: dict[str, int] = field(default_factory=dict)
     latency_s: list[tuple[float, float]] = field(default_factory=list)  # (since live start, latency)
+    # loops whose agent span came AGENT_SPAN_WAIT_S later, in a later message: the wait for
+    # it (deciding span's produce -> agent span's produce) and the latency after it
+    agent_wait_s: list[float] = field(default_factory=list)
+    latency_after_agent_s: list[float] = field(default_factory=list)
     killswitch_s: list[float] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)  # (since live start, bytes)
     live_rate: float = 0.0
@@ -255,6 +261,8 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
     await producer.start()
     rng = random.Random(7)
     produced_at: dict[str, float] = {}
+    held: list[tuple[float, tuple[str, bytes, bytes, int, int]]] = []  # (send at, agent span)
+    agent_at: dict[str, float] = {}  # produce of a held-back agent span
     pid = w.proc.pid if w.proc else 0
     try:
         start = time.time()
@@ -278,11 +286,21 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
             loop_agent = ""
             if elapsed >= next_loop and len(produced_at) < loops:
                 loop_agent = f"live-loop-{len(produced_at):02d}"
-                loop_trace(wr, loop_agent, now_ns)
+                # odd loops: the agent span ends last and is exported in a later message
+                split = len(produced_at) % 2 == 1
+                loop_trace(wr, loop_agent, now_ns, agent_span=not split)
+                for span in wr.held:
+                    held.append((time.time() + AGENT_SPAN_WAIT_S, span))
                 next_loop += interval
+            due = [h for h in held if h[0] <= time.time()]
+            for h in due:
+                wr.add_held(h[1])
+                held.remove(h)
             msg = wr.take()
             if loop_agent:
                 produced_at[loop_agent] = time.time()
+            for _, span in due:
+                agent_at[span[0]] = time.time()
             await producer.send(spans_topic, msg.value, timestamp_ms=msg.ts_ms)
             sent_spans += msg.spans
             if elapsed >= next_rss:
@@ -290,6 +308,14 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
                 next_rss += 1.0
             progress(f"live phase at {rate:,.0f} spans/s: {elapsed:,.0f}/{duration_s:,.0f}s, "
                      f"{len(produced_at)} loops, {len(halted)} halts")
+        while held:  # the last loops' agent spans
+            send_at, span = held.pop(0)
+            await asyncio.sleep(max(0.0, send_at - time.time()))
+            wr = TraceWriter(rng)
+            wr.add_held(span)
+            msg = wr.take()
+            agent_at[span[0]] = time.time()
+            await producer.send(spans_topic, msg.value, timestamp_ms=msg.ts_ms)
         res.live_rate = sent_spans / max(time.time() - start, 1e-6)
         await producer.flush()
         # the last loops' alerts and halts
@@ -300,10 +326,13 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
             await asyncio.sleep(0.2)
         for agent, t in produced_at.items():
             got = alerts.arrived.get(("retry_loop", agent))
-            if got is not None:
+            if got is not None and agent in agent_at:
+                res.agent_wait_s.append(agent_at[agent] - t)
+                res.latency_after_agent_s.append(got - agent_at[agent])
+            elif got is not None:
                 res.latency_s.append((t - start, got - t))
-                if agent in halted:
-                    res.killswitch_s.append(halted[agent] - got)
+            if got is not None and agent in halted:
+                res.killswitch_s.append(halted[agent] - got)
         res.live_loops, res.live_halts = len(produced_at), len(halted)
         res.live_alerts = sum(1 for a in produced_at if ("retry_loop", a) in alerts.arrived)
         progress_done(f"live phase: {res.live_loops} loops, {res.live_alerts} alerts, {res.live_halts} halts")

@@ -97,13 +97,18 @@ class TraceWriter:
         self.req = ExportTraceServiceRequest()
         self.spans = 0
         self.last_ns = 0
+        self.held: list[tuple[str, bytes, bytes, int, int]] = []  # agent spans not written yet
         rs = self.req.resource_spans.add()
         rs.resource.attributes.append(_kv("service.name", f"svc-{rng.randint(1, 50)}"))
         self.scope = rs.scope_spans.add()
 
-    def trace(self, agent: str, t_ns: int,
-              children: list[tuple[str, dict[str, str | int]]]) -> list[tuple[bytes, bytes]]:
-        """One agent span with ``children`` (name, attributes); returns (trace_id, span_id) of each child."""
+    def trace(self, agent: str, t_ns: int, children: list[tuple[str, dict[str, str | int]]], *,
+              agent_span: bool = True) -> list[tuple[bytes, bytes]]:
+        """One agent span with ``children`` (name, attributes); returns (trace_id, span_id) of each child.
+
+        Without ``agent_span`` only the children are written, and the agent span waits in
+        ``held`` for :meth:`add_held` to put it into a later message, as a real exporter
+        does when the parent span ends after its children's batch was sent."""
         trace_id, root = self.rng.randbytes(16), self.rng.randbytes(8)
         ids = []
         for i, (name, attrs) in enumerate(children):
@@ -114,12 +119,23 @@ class TraceWriter:
             s.attributes.extend(_kv(k, v) for k, v in attrs.items())
             ids.append((trace_id, span_id))
         end = t_ns + len(children) * 1_000_000 + 1_000_000
+        self.spans += len(children)
+        self.last_ns = max(self.last_ns, t_ns + len(children) * 1_000_000)
+        span = (agent, trace_id, root, t_ns, end)
+        if agent_span:
+            self.add_held(span)
+        else:
+            self.held.append(span)
+        return ids
+
+    def add_held(self, span: tuple[str, bytes, bytes, int, int]) -> None:
+        """An agent span (as ``trace`` holds it back) into this message."""
+        agent, trace_id, root, t_ns, end = span
         s = self.scope.spans.add(trace_id=trace_id, span_id=root, name=f"invoke_agent {agent}", kind=1,
                                  start_time_unix_nano=t_ns, end_time_unix_nano=end)
         s.attributes.extend([_kv("gen_ai.operation.name", "invoke_agent"), _kv("gen_ai.agent.id", agent)])
-        self.spans += len(children) + 1
+        self.spans += 1
         self.last_ns = max(self.last_ns, end)
-        return ids
 
     def take(self) -> Message:
         msg = Message(self.req.SerializeToString(), self.last_ns // 1_000_000, self.spans)
@@ -164,8 +180,9 @@ def input_end_ns(now_ns: int) -> int:
     return end - end % (60 * NS)
 
 
-def loop_trace(w: TraceWriter, agent: str, t_ns: int) -> None:
-    w.trace(agent, t_ns, [tool("query_db", '{"sql": "SELECT 1", "retry": true}')] * LOOP_CALLS)
+def loop_trace(w: TraceWriter, agent: str, t_ns: int, *, agent_span: bool = True) -> None:
+    w.trace(agent, t_ns, [tool("query_db", '{"sql": "SELECT 1", "retry": true}')] * LOOP_CALLS,
+            agent_span=agent_span)
 
 
 def make_workload(events: int, per_message: int, *, end_ns: int, agents: int = 100, loops: int = 10,
