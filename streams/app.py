@@ -348,17 +348,6 @@ class Pipeline:
     async def _on_before_shutdown(self, app: Any, **kwargs: Any) -> None:
         await self._drain_outputs()
 
-    def let_go_held(self) -> None:
-        """At a stop: the ingest messages held for records being assembled stay uncommitted,
-        so the restarted worker reads them again. Faust's stop waits until every message it
-        handed out is acked and has no public way to give one up: they leave its set of
-        unacked messages without an ack (else the stop waits out its timeout)."""
-        unacked = getattr(self.app.consumer, "_unacked_messages", None)
-        for _, e in self._held:
-            if unacked is not None:
-                unacked.discard(e.message)
-        self._held.clear()
-
     def _stop_worker(self) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -446,13 +435,22 @@ class Pipeline:
 
     async def _release_held(self) -> None:
         """Ack the held ingest messages no open record needs any more (under _ingest_lock,
-        after what decoded those records is delivered)."""
+        after what decoded those records is delivered).
+
+        The others are held, not in progress: faust's stop and its rebalances wait until
+        every message it handed out is acked, and a held one may wait for a line behind
+        them. Faust has no public way to say so: they leave its set of unacked messages
+        (a stop or a rebalance then commits up to the first of them, and the worker that
+        reads the partition next reads them again)."""
         first = self.ingest.open_offsets()
+        unacked = getattr(self.app.consumer, "_unacked_messages", None)
         keep: list[tuple[Any, EventT]] = []
         for stream, e in self._held:
             m = e.message
             if (m.topic, m.partition) in first and m.offset >= first[(m.topic, m.partition)]:
                 keep.append((stream, e))
+                if unacked is not None:
+                    unacked.discard(m)
             else:
                 await stream.ack(e)
         self._held = keep

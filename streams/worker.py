@@ -11,7 +11,6 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +111,6 @@ def run_worker(settings: Settings, roles: Roles | None = None) -> None:
     worker = BoundedShutdownWorker(
         pipeline.app,
         shutdown_timeout_s=settings.shutdown_timeout_s,
-        on_stop=pipeline.let_go_held,
         loglevel=settings.log_level.upper(),
         quiet=True,
         override_logging=False,
@@ -153,11 +151,9 @@ class BoundedShutdownWorker(faust.Worker):
     either way: what was not acked is not committed and is processed again.
     """
 
-    def __init__(self, *args: object, shutdown_timeout_s: float, on_stop: Callable[[], None] = lambda: None,
-                 **kwargs: object) -> None:
+    def __init__(self, *args: object, shutdown_timeout_s: float, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._shutdown_timeout_s = shutdown_timeout_s
-        self._on_stop = on_stop  # runs first, before faust starts its stop
         self._watchdog: threading.Timer | None = None
 
     def _arm_watchdog(self) -> None:
@@ -177,12 +173,10 @@ class BoundedShutdownWorker(faust.Worker):
 
     def _on_sigterm(self) -> None:
         self._arm_watchdog()
-        self._on_stop()
         super()._on_sigterm()
 
     def _on_sigint(self) -> None:
         self._arm_watchdog()
-        self._on_stop()
         super()._on_sigint()
 
 
