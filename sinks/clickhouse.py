@@ -51,6 +51,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from datetime import datetime
 from importlib.resources import files
 from typing import Any, TypeVar
@@ -278,8 +279,15 @@ def _token(table: str, keys: Iterable[object]) -> str:
 
 
 def _columns(records: Sequence[Any], names: Sequence[str]) -> list[list[Any]]:
-    """Column-oriented data by attribute access: 2-6x faster than a
-    ``model_dump`` per row, and StrEnum members insert as their strings."""
+    """Column-oriented data without a ``model_dump`` per row; StrEnum members insert as
+    their strings. Records whose ``__dict__`` holds every column (the pydantic models)
+    are transposed in C: one itemgetter call per row, then zip, instead of a getattr
+    per value (the events table has ~45 columns, and a checkpoint thousands of rows)."""
+    if records and all(name in getattr(records[0], "__dict__", ()) for name in names):
+        get = itemgetter(*names)
+        if len(names) == 1:
+            return [[get(r.__dict__) for r in records]]
+        return [list(col) for col in zip(*[get(r.__dict__) for r in records])]
     return [[getattr(r, name) for r in records] for name in names]
 
 
