@@ -22,6 +22,7 @@ partition than the halted agent's: the halt must reach the shielder's partition 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import signal
 import time
@@ -123,8 +124,8 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
     load: Workload = workload(seed=SEED)
     procs = [store, a, b]
     try:
-        store.start()
-        a.start()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both start at once
+            list(pool.map(LiveWorker.start, [store, a]))
         acked: list[KillSwitchCommand] = []
         last_command = time.monotonic()
         shielding: dict[str, int] = {}
