@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Any
@@ -187,6 +187,50 @@ class Task:
 
 
 WindowKey = tuple[str, str, str, float]  # tenant, agent, version, window start
+# VersionWindow's counters (every int/float field but the window's size): an open window keeps
+# them in a slots object, not in the pydantic model, because it is updated on every event of a
+# versioned agent and pydantic's __setattr__ costs about ten times a slot's
+_COUNTERS = tuple(name for name, f in VersionWindow.model_fields.items()
+                  if f.annotation in (int, float) and name != "window_s")
+_MAPS = ("violations_by_detector", "tool_calls_by_tool")
+
+
+class _CountsMethods:
+    __slots__ = ()
+    size: float
+
+    def window(self, key: WindowKey) -> VersionWindow:
+        tenant, agent, version, start = key
+        return VersionWindow(tenant=tenant, agent_id=agent, agent_version=version, window_start=_dt(start),
+                             window_s=self.size, **{n: getattr(self, n) for n in (*_COUNTERS, *_MAPS)})
+
+    def to_state(self) -> list[Any]:
+        return [self.size, *(getattr(self, n) for n in (*_COUNTERS, *_MAPS))]
+
+    @classmethod
+    def from_state(cls, v: Any) -> Any:
+        size, *values = st.seq(v)
+        c = cls(st.num(size))  # type: ignore[call-arg]
+        for name, value in zip((*_COUNTERS, *_MAPS), values, strict=True):
+            if name in _MAPS:
+                value = {st.text(k): st.integer(n) for k, n in st.mapping(value).items()}
+            else:
+                value = st.num(value) if VersionWindow.model_fields[name].annotation is float else st.integer(value)
+            setattr(c, name, value)
+        return c
+
+
+_Counts = make_dataclass(
+    "_Counts",
+    [("size", float),
+     *((n, VersionWindow.model_fields[n].annotation, field(default=0)) for n in _COUNTERS),
+     *((n, dict, field(default_factory=dict)) for n in _MAPS)],
+    bases=(_CountsMethods,), slots=True)
+
+
+_TOOL, _LLM, _AUDIT = EventKind.TOOL_CALL, EventKind.LLM_CALL, EventKind.AUDIT
+_OBSERVED = frozenset({_TOOL, _LLM, _AUDIT, EventKind.APPROVAL})
+_NONE: list[Finding] = []  # returned empty and never appended to: no list per event
 
 
 def _dt(ts: float) -> datetime:
@@ -218,7 +262,7 @@ class CanaryAnalysis(Detector):
         self._tasks: dict[str, Task] = {}  # open tasks by trace id
         self._task_due: ExpiryQueue[str] = ExpiryQueue()
         self._samples: dict[tuple[str, str, str], deque[Task]] = {}  # (tenant, agent, version)
-        self._windows: dict[WindowKey, VersionWindow] = {}
+        self._windows: dict[WindowKey, Any] = {}  # open windows' _Counts
         self._window_due: ExpiryQueue[WindowKey] = ExpiryQueue()
         self._analyses: dict[tuple[int, str], _Analysis] = {}  # (analysis index, tenant)
         self._evidence: dict[tuple[str, str, str], deque[Event]] = {}  # recent candidate events
@@ -227,49 +271,59 @@ class CanaryAnalysis(Detector):
         self.verdicts_out: list[CanaryVerdict] = []
         self.late_updates = 0  # counted into a window already emitted: dropped
         self._watermark = -math.inf
+        self._metrics = self.cfg.metrics
+        self._shadow_versions = bool(self.cfg.shadow_versions)
 
     # -- events ------------------------------------------------------------------------------
 
     def observe(self, event: Event) -> list[Finding]:
         kind = event.kind
-        if kind not in (EventKind.TOOL_CALL, EventKind.LLM_CALL, EventKind.AUDIT, EventKind.APPROVAL):
-            return []
+        if kind not in _OBSERVED:
+            return _NONE
         version = event.agent_version
+        if not version:  # most events of most fleets: nothing to count
+            return _NONE
         agent = event.agent_id
-        out: list[Finding] = []
-        if kind is EventKind.AUDIT and version and self.cfg.shadow_versions:
-            f = self._shadow(event)
-            if f is not None:
-                out.append(f)
-        if not version or not agent:
+        out = _NONE
+        if kind is _AUDIT:
+            if self._shadow_versions:
+                f = self._shadow(event)
+                if f is not None:
+                    out = [f]
+            return out
+        if not agent:
             return out
         sampled = agent in self._agents and (agent, version) in self._sampled
-        if not self.cfg.metrics and not sampled:
+        metrics = self._metrics
+        if not metrics and not sampled:
             return out
         ts = event.ts_seconds
-        w = self._window(event.tenant, agent, version, ts) if self.cfg.metrics else None
-        task = self._task(event, ts) if sampled and event.trace_id else None
-        if kind is EventKind.TOOL_CALL:
-            call = event.tool_name + "\x1f" + event.args_fingerprint
+        w = self._window(event.tenant, agent, version, ts) if metrics else None
+        # tasks of every versioned agent for the windows' task counts; kept as samples only
+        # for the versions an analysis compares
+        task = self._task(event, ts) if event.trace_id else None
+        if kind is _TOOL:
+            tool = event.tool_name
             failed = event.outcome == "error"
+            retried = False
             if task is not None:
-                task.actions += 1
-                task.tool_calls += 1
+                call = tool + "\x1f" + event.args_fingerprint
                 seen = task.calls.get(call, 0)
                 task.calls[call] = seen + 1
                 retried = seen > 0
+                task.actions += 1
+                task.tool_calls += 1
                 task.retried += retried
                 task.tool_errors += failed
                 task.last_tool_failed = failed
-            else:
-                retried = False
             if w is not None:
                 w.actions += 1
                 w.tool_calls += 1
                 w.retried_calls += retried
                 w.tool_errors += failed
-                w.tool_calls_by_tool[event.tool_name] = w.tool_calls_by_tool.get(event.tool_name, 0) + 1
-        elif kind is EventKind.LLM_CALL:
+                by_tool = w.tool_calls_by_tool
+                by_tool[tool] = by_tool.get(tool, 0) + 1
+        elif kind is _LLM:
             tokens = event.input_tokens + event.output_tokens
             cost = event.cost_usd or 0.0
             if task is not None:
@@ -281,14 +335,17 @@ class CanaryAnalysis(Detector):
                 w.llm_calls += 1
                 w.tokens += tokens
                 w.cost_usd += cost
-        elif kind is EventKind.APPROVAL:
+        else:  # approval
             if task is not None:
                 task.approvals += 1
             if w is not None:
                 w.approvals += 1
         if sampled:
-            ev_q = self._evidence.setdefault((event.tenant, agent, version), deque(maxlen=MAX_EVIDENCE))
-            ev_q.append(event)
+            key = (event.tenant, agent, version)
+            recent = self._evidence.get(key)
+            if recent is None:
+                recent = self._evidence[key] = deque(maxlen=MAX_EVIDENCE)
+            recent.append(event)
         return out
 
     def on_finding(self, f: Finding) -> None:
@@ -324,7 +381,7 @@ class CanaryAnalysis(Detector):
         self._task_due.touch(ev.trace_id, task.last + self.cfg.task_idle_s)
         return task
 
-    def _window(self, tenant: str, agent: str, version: str, ts: float) -> VersionWindow | None:
+    def _window(self, tenant: str, agent: str, version: str, ts: float) -> Any:
         size = self.cfg.window_s
         start = math.floor(ts / size) * size
         key = (tenant, agent, version, start)
@@ -334,8 +391,7 @@ class CanaryAnalysis(Detector):
             if closes <= self._watermark:
                 self.late_updates += 1  # that window was emitted already: a second row would replace it
                 return None
-            w = self._windows[key] = VersionWindow(tenant=tenant, agent_id=agent, agent_version=version,
-                                                   window_start=_dt(start), window_s=size)
+            w = self._windows[key] = _Counts(size)
             self._window_due.touch(key, closes)
         return w
 
@@ -359,9 +415,10 @@ class CanaryAnalysis(Detector):
             task = self._tasks.pop(trace, None)
             if task is None:
                 continue
-            key = (task.tenant, task.agent, task.version)
-            self._samples.setdefault(key, deque(maxlen=self.cfg.max_tasks)).append(task)
-            self._register(task)
+            if task.agent in self._agents and (task.agent, task.version) in self._sampled:
+                key = (task.tenant, task.agent, task.version)
+                self._samples.setdefault(key, deque(maxlen=self.cfg.max_tasks)).append(task)
+                self._register(task)
             if self.cfg.metrics:
                 w = self._window(task.tenant, task.agent, task.version, task.last)
                 if w is not None:
@@ -370,7 +427,7 @@ class CanaryAnalysis(Detector):
         for key in self._window_due.due(watermark):
             w = self._windows.pop(key, None)
             if w is not None:
-                self.windows_out.append(w)
+                self.windows_out.append(w.window(key))
         out: list[Finding] = []
         for a in self._analyses.values():
             if not a.failed and watermark >= a.next_judge:
@@ -427,7 +484,7 @@ class CanaryAnalysis(Detector):
         return {
             "tasks": [[t, task.to_state()] for t, task in self._tasks.items()],
             "samples": [[list(k), [t.to_state() for t in q]] for k, q in self._samples.items()],
-            "windows": [w.model_dump(mode="json") for w in self._windows.values()],
+            "windows": [[list(k), w.to_state()] for k, w in self._windows.items()],
             "analyses": [[i, tenant, a.next_judge, a.failed] for (i, tenant), a in self._analyses.items()],
             "evidence": [[list(k), [enc.event(e) for e in q]] for k, q in self._evidence.items()],
             "out": [[w.model_dump(mode="json") for w in self.windows_out],
@@ -442,13 +499,12 @@ class CanaryAnalysis(Detector):
             tenant, agent, version = st.texts(k)
             self._samples[(tenant, agent, version)] = deque((Task.from_state(t) for t in st.seq(tasks)),
                                                             maxlen=self.cfg.max_tasks)
-        for raw in st.seq(data.get("windows", [])):
-            w = VersionWindow.model_validate(st.mapping(raw))
-            start = w.window_start.timestamp()
-            key = (w.tenant, w.agent_id, w.agent_version, start)
+        for k, raw in st.seq(data.get("windows", [])):
+            tenant, agent, version, start = st.seq(k)
+            key = (st.text(tenant), st.text(agent), st.text(version), st.num(start))
             # the window size may have changed with the policy: the stored window keeps its own
-            self._windows[key] = w
-            self._window_due.touch(key, start + w.window_s + self.cfg.task_idle_s + self._lateness)
+            w = self._windows[key] = _Counts.from_state(raw)
+            self._window_due.touch(key, key[3] + w.size + self.cfg.task_idle_s + self._lateness)
         for i, tenant, next_judge, failed in st.seq(data.get("analyses", [])):
             idx = st.integer(i)
             if idx < len(self.cfg.analyses):  # analyses are the policy's: a removed one is gone

@@ -484,7 +484,10 @@ class ControlPlane:
 
     @staticmethod
     def _apply_ack(tracked: _Tracked, ack: ControlAck) -> None:
-        if not tracked.command.target.matches(ack.agent_id, ack.tenant):
+        target = tracked.command.target
+        # an ack names no version: an instance of the agent that acks a version-scoped command
+        # took it as its own (other versions ignore it silently), so the agent is what is checked
+        if not target.matches(ack.agent_id, ack.tenant, target.version):
             return  # an ack from an agent the command was not for proves nothing
         if ack.status is AckStatus.OBEYED:
             tracked.obeyed_by.add(ack.agent_id)

@@ -26,7 +26,17 @@ from schemas.alerts import Alert
 from schemas.errors import AgentwatchError
 from schemas.control import KillSwitchCommand
 from streams.control_plane import control_settings, trusted_keys_text
-from streams.fleet import SCRIPTED_AGENTS, default_fleet, incident_script, run_fleet, run_script
+from streams.fleet import (
+    CANARY_AGENT,
+    CANARY_BASELINE,
+    CANARY_CANDIDATE,
+    SCRIPTED_AGENTS,
+    default_fleet,
+    incident_script,
+    run_canary,
+    run_fleet,
+    run_script,
+)
 from streams.killswitch import format_active, list_active
 from streams.control_plane import AGENT_KEYS_DIR
 from streams.kafka import ensure_topics, input_topics, topic_options
@@ -97,6 +107,7 @@ FAMILIES = [
     ("peer preservation", "peer_preservation"),
     ("unattributed side effect (audit record)", "unattributed_side_effect"),
     ("retry loop", "retry_loop"),
+    ("canary rollback (agent version)", "canary"),
 ]
 
 
@@ -130,9 +141,19 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float,
                                   # each agent signs its acks; the worker finds the public half under <home>
                                   ack_key=str(settings.home_dir / AGENT_KEYS_DIR / f"{agent}.key"))
                for agent, tenant in agent_ids}
+    # triage-bot's two versions, each an instance with its own client: a version-scoped halt
+    # (a failed canary's rollback) stops the candidate's only
+    canary_clients = {v: AgentClient(CANARY_AGENT, bootstrap, tenant="acme", agent_version=v, public_keys=keys,
+                                     on_halt=on_halt_for(f"{CANARY_AGENT}@{v}"),
+                                     events_topic=settings.topic_events_in, control_topic=settings.topic_control,
+                                     acks_topic=settings.topic_acks, lookback_s=0, kafka_options=security,
+                                     batch_interval_s=0.2,
+                                     # one agent, one key: its instances of either version sign acks alike
+                                     ack_key=str(settings.home_dir / AGENT_KEYS_DIR / f"{CANARY_AGENT}.key"))
+                      for v in (CANARY_BASELINE, CANARY_CANDIDATE)}
     await consumer.start()
     await producer.start()
-    for c in clients.values():
+    for c in [*clients.values(), *canary_clients.values()]:
         await c.start()
     seen: dict[str, Alert] = {}
     try:
@@ -143,6 +164,8 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float,
                 a = Alert.model_validate(orjson.loads(msg.value))
                 seen[a.alert_id] = a
                 first_alert.setdefault(a.agent_id, time.monotonic())
+                if a.agent_version:
+                    first_alert.setdefault(f"{a.agent_id}@{a.agent_version}", time.monotonic())
                 first_by_detector.setdefault(a.detector, time.monotonic() - traffic_started)
                 _print_alert(a)
 
@@ -150,12 +173,14 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float,
         watcher = asyncio.create_task(watch())
         say(f"publishing simulated agent traffic for {duration_s:.0f}s: 5 fleet agents (3 healthy, ops-bot-7 "
             "stuck in a retry loop, research-agent-3 failing; plus 3 malformed records for the DLQ) and one "
-            "scripted incident per detector family...")
+            f"scripted incident per detector family; {CANARY_AGENT} runs {CANARY_BASELINE} and, as a canary, "
+            f"{CANARY_CANDIDATE}, which repeats its searches...")
         fleet_task = run_fleet(producer, otlp_topic=settings.topic_otlp, events_topic=settings.topic_events_in,
                                duration_s=duration_s, fleet=fleet, clients=clients)
         script_task = run_script(script, producer, events_topic=settings.topic_events_in,
                                  audit_topic=settings.topic_audit_in, clients=clients, say=say)
-        sent, _ = await asyncio.gather(fleet_task, script_task)
+        canary_task = run_canary(canary_clients, duration_s=duration_s)
+        sent, _, _ = await asyncio.gather(fleet_task, script_task, canary_task)
         say(f"traffic done: {sent} fleet messages and {len(script)} scripted steps published; "
             "waiting for the last alerts (absence is decided after the allowed lateness)...")
         wanted = {d for _, d in FAMILIES}
@@ -167,8 +192,10 @@ async def _run(settings: Settings, bootstrap: str, duration_s: float,
         halted = sorted(a for a, c in clients.items() if c.halted)
         say(f"agents halted by a kill switch: {', '.join(halted) or 'none'}; "
             f"still running: {', '.join(sorted(set(clients) - set(halted)))}")
+        say(f"{CANARY_AGENT} by version: " + ", ".join(
+            f"{v} {'halted (rolled back)' if c.halted else 'running'}" for v, c in canary_clients.items()))
     finally:
-        for c in clients.values():
+        for c in [*clients.values(), *canary_clients.values()]:
             await c.stop()
         await producer.stop()
         await consumer.stop()

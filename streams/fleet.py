@@ -192,6 +192,44 @@ async def run_fleet(
     return sent
 
 
+# --- a canary rollout ----------------------------------------------------------------------------
+# triage-bot runs version 3.1 and, as a canary, 3.2. Both take a task a second; 3.2 repeats each
+# search twice more. Under the demo policy's canary section 3.2 fails and is halted, 3.1 is not.
+
+CANARY_AGENT = "triage-bot"
+CANARY_BASELINE, CANARY_CANDIDATE = "3.1", "3.2"
+
+
+def canary_task(version: str, i: int, at: datetime, *, tenant: str = "acme") -> list[dict[str, object]]:
+    """One task (a trace) of triage-bot ``version``: a model call, a search and a ticket; the
+    candidate repeats its search twice."""
+    trace = uuid.uuid5(uuid.NAMESPACE_OID, f"{CANARY_AGENT}/{version}/{i}").hex
+    searches = 3 if version == CANARY_CANDIDATE else 1
+    calls = [("search_docs", {"query": f"ticket {i}"})] * searches + [("create_ticket", {"title": f"#{i}"})]
+    base = {"agent_id": CANARY_AGENT, "agent_version": version, "tenant": tenant, "trace_id": trace}
+    out: list[dict[str, object]] = [{**base, "kind": "llm_call", "ts": at.isoformat(), "span_id": f"{i:08x}00000000",
+                                     "model": "claude-haiku", "input_tokens": 400, "output_tokens": 60}]
+    for k, (tool, args) in enumerate(calls, 1):
+        out.append({**base, "kind": "tool_call", "ts": (at + timedelta(milliseconds=100 * k)).isoformat(),
+                    "span_id": f"{i:08x}{k:08x}", "tool_name": tool, "arguments": args, "outcome": "ok"})
+    return out
+
+
+async def run_canary(clients: dict[str, AgentClient], *, duration_s: float, period_s: float = 1.0) -> int:
+    """Both versions take a task every ``period_s`` through their clients (``clients`` by version);
+    a halted one takes no more. Returns the tasks run."""
+    deadline = time.monotonic() + duration_s
+    i = 0
+    while time.monotonic() < deadline:
+        for version, client in clients.items():
+            if not client.halted:
+                for record in canary_task(version, i, datetime.now(timezone.utc)):
+                    client.emit(record)
+        i += 1
+        await asyncio.sleep(period_s)
+    return i
+
+
 # --- scripted incidents -------------------------------------------------------------------------
 # Besides the fleet's steady traffic, the demo plays one incident per detector family at
 # a fixed offset, so each shows up within two minutes. The records are built up front

@@ -32,7 +32,7 @@ from streams.settings import Settings
 from streams.worker import running_worker
 
 ACTIVE_VIEW = "agentwatch.killswitches_active"
-ACTIVE_COLUMNS = ("command_id", "target_kind", "target_value", "scope", "reason", "alert_id",
+ACTIVE_COLUMNS = ("command_id", "target_kind", "target_value", "target_version", "scope", "reason", "alert_id",
                   "issued_by", "issued_at", "expires_at")
 
 
@@ -148,10 +148,10 @@ def _dt(v: Any) -> datetime:
 
 
 def _active(r: dict[str, Any]) -> ActiveKillSwitch:
-    kind, value = str(r["target_kind"]), str(r["target_value"])
+    kind, value, version = str(r["target_kind"]), str(r["target_value"]), str(r.get("target_version") or "")
     return ActiveKillSwitch(
         command_id=str(r["command_id"]),
-        target="all" if kind == "all" else f"{kind}:{value}",
+        target="all" if kind == "all" else f"{kind}:{value}" + (f"@{version}" if version else ""),
         scope=list(r["scope"] or []),
         reason=str(r["reason"]),
         alert_id=str(r["alert_id"]),

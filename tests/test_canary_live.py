@@ -33,6 +33,7 @@ from tests.live import LiveWorker
 pytestmark = pytest.mark.kafka
 
 PRIV, PUB = generate_keypair()
+ACK_DEADLINE_S = 3
 ANALYSIS = """
     - agent: {agent}
       baseline: "1.4"
@@ -85,7 +86,8 @@ def worker(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     home = tmp_path_factory.mktemp("canary-live")
     policy = Path(home) / "policy.yaml"
     policy.write_text(POLICY)
-    with LiveWorker(kafka_bootstrap, home, policy=policy, env={"AGENTWATCH_CONTROL_PRIVATE_KEY": PRIV}) as w:
+    env = {"AGENTWATCH_CONTROL_PRIVATE_KEY": PRIV, "AGENTWATCH_KILLSWITCH_ACK_DEADLINE_S": str(ACK_DEADLINE_S)}
+    with LiveWorker(kafka_bootstrap, home, policy=policy, env=env) as w:
         yield w
 
 
@@ -94,7 +96,7 @@ def _client(w: LiveWorker, version: str, halted: list[KillSwitchCommand]) -> Age
     return AgentClient("support-bot", w.bootstrap, agent_version=version, public_keys=PUB,
                        events_topic=s.topic_events_in, control_topic=s.topic_control, acks_topic=s.topic_acks,
                        batch_interval_s=0.1, on_halt=halted.append,
-                       ack_key=str(w.home / AGENT_KEYS_DIR / f"support-bot-{version}.key"))
+                       ack_key=str(w.home / AGENT_KEYS_DIR / "support-bot.key"))  # the agent's key, either version
 
 
 def _verdicts(w: LiveWorker, until: Any, timeout: float = 90) -> dict[str, list[CanaryVerdict]]:
@@ -150,6 +152,7 @@ def test_a_degraded_canary_fails_and_only_its_version_stops(worker: LiveWorker) 
         return base, cand
 
     base, cand = asyncio.run(run())
+    halted_at = time.monotonic()
     assert halted_cand, worker.log_tail()
     (cmd,) = halted_cand
     assert (cmd.target.value, cmd.target.version) == ("support-bot", "1.5")
@@ -171,7 +174,10 @@ def test_a_degraded_canary_fails_and_only_its_version_stops(worker: LiveWorker) 
         return (any(a.detector == "canary" for a in alerts) and any(a.detector == "shadow_version" for a in alerts)
                 and any(a.detector == "peer_preservation" for a in alerts))
 
+    # past the ack deadline: an ack the control plane could not verify would have escalated by now
+    time.sleep(max(0.0, halted_at + ACK_DEADLINE_S + 3 - time.monotonic()))
     alerts = worker.wait_alerts(done, timeout=60)
+    assert not [a for a in alerts if a.detector == "killswitch_unacknowledged"], "the candidate's ack was not counted"
     (canary,) = [a for a in alerts if a.detector == "canary"]
     assert (canary.mode, canary.agent_id, canary.labels[HALT_VERSION_LABEL]) == (Mode.ENFORCE, "support-bot", "1.5")
     assert canary.alert_id == fail.alert_id and "retried_call_rate" in canary.summary

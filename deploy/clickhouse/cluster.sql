@@ -160,16 +160,16 @@ ALTER TABLE agentwatch.killswitches_local ON CLUSTER '{cluster}' ADD COLUMN IF N
 
 ALTER TABLE agentwatch.killswitches ON CLUSTER '{cluster}' ADD COLUMN IF NOT EXISTS target_version String AFTER target_value;
 
-CREATE VIEW IF NOT EXISTS agentwatch.killswitches_active ON CLUSTER '{cluster}' AS
+CREATE OR REPLACE VIEW agentwatch.killswitches_active ON CLUSTER '{cluster}' AS
 SELECT
-    command_id, target_kind, target_value, scope, reason, alert_id,
+    command_id, target_kind, target_value, target_version, scope, reason, alert_id,
     issued_by, issued_at, expires_at
 FROM
 (
     SELECT *
     FROM agentwatch.killswitches FINAL
     ORDER BY issued_at DESC, command_id DESC
-    LIMIT 1 BY target_kind, target_value
+    LIMIT 1 BY target_kind, target_value, target_version
 )
 WHERE action = 'halt' AND expires_at > now64(6);
 

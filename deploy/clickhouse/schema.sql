@@ -196,16 +196,18 @@ ALTER TABLE agentwatch.killswitches ADD COLUMN IF NOT EXISTS target_version Stri
 -- if it is a halt that has not expired. A resume for a target lifts whatever
 -- halt came before it for that same target (agent, tenant or all), whatever
 -- its scope. now64() is evaluated at query time, so expiry needs no job.
-CREATE VIEW IF NOT EXISTS agentwatch.killswitches_active AS
+-- A version-scoped halt (a canary rollback) is a target of its own. OR REPLACE: a store
+-- created before target_version gets the view with it.
+CREATE OR REPLACE VIEW agentwatch.killswitches_active AS
 SELECT
-    command_id, target_kind, target_value, scope, reason, alert_id,
+    command_id, target_kind, target_value, target_version, scope, reason, alert_id,
     issued_by, issued_at, expires_at
 FROM
 (
     SELECT *
     FROM agentwatch.killswitches FINAL
     ORDER BY issued_at DESC, command_id DESC
-    LIMIT 1 BY target_kind, target_value
+    LIMIT 1 BY target_kind, target_value, target_version
 )
 WHERE action = 'halt' AND expires_at > now64(6);
 
