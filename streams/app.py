@@ -49,7 +49,7 @@ from detectors.policy import Policy
 
 from streams.policy_file import PolicyWatcher
 from schemas.alerts import Alert, Mode
-from schemas.canary import Verdict
+from schemas.canary import CanaryVerdict, Verdict
 from schemas.errors import StoreError
 from schemas.events import Event, events_to_json
 from schemas.internal_wire import events_from_wire, events_to_wire
@@ -203,7 +203,8 @@ class Pipeline:
         if roles.store_only:
             stages += [("store_events", (s.topic_by_agent,)),
                        ("store_alerts", (s.topic_alerts, s.topic_shadow_alerts)),
-                       ("store_killswitches", (s.topic_control,))]
+                       ("store_killswitches", (s.topic_control,)),
+                       ("store_canary", (s.topic_canary,))]
         self.progress = {name: StageProgress(name, topics) for name, topics in stages}
         # the stages whose input holds idle event time (see _idle_clock_cap)
         self._progress_by_topic = {t: p for p in self.progress.values() if p.name in ("ingest", "correlate", "detect")
@@ -304,6 +305,7 @@ class Pipeline:
                                      value_serializer="raw", key_serializer="raw"),
                       name="store_alerts")(self._fail_fast(self._store_alerts_agent))
             app.agent(self.control_topic, name="store_killswitches")(self._fail_fast(self._store_commands_agent))
+            app.agent(self.canary_topic, name="store_canary")(self._fail_fast(self._store_canary_agent))
         app.timer(interval=5.0)(self._measure_lag)
         app.on_before_shutdown.connect(self._on_before_shutdown)
         app.page("/metrics")(_view(get=self._metrics_view))
@@ -652,20 +654,28 @@ class Pipeline:
             await self._flush(self.event_sink, "events")
 
     async def _store_alerts_agent(self, stream: Any) -> None:
-        assert self.alert_sink is not None
-        async for batch in self._batches("store_alerts", stream):
-            alerts: list[Alert] = []
+        await self._store_models("store_alerts", stream, self.alert_sink, "alerts", Alert)
+
+    async def _store_canary_agent(self, stream: Any) -> None:
+        await self._store_models("store_canary", stream, self.canary_sink, "canary_verdicts", CanaryVerdict)
+
+    async def _store_models(self, stage: str, stream: Any, sink: Any, table: str, model: Any) -> None:
+        """Records of one JSON model from a topic into its table; one that is not that model
+        goes to the DLQ with the reason (anyone can write to an output topic)."""
+        assert sink is not None
+        async for batch in self._batches(stage, stream):
+            rows: list[Any] = []
             for e in batch:
                 try:
-                    alerts.append(Alert.model_validate_json(e.value or b""))
-                except ValueError as exc:  # not ours: keep it, with the reason
+                    rows.append(model.model_validate_json(e.value or b""))
+                except ValueError as exc:
                     m = e.message
                     await self._deliver([self._dead_out(DeadLetter(
-                        e.value or b"", f"not an alert: {exc}"[:1000], "alerts", m.topic, m.partition, m.offset),
-                        "store")])
-            self._batch_events = len(alerts)
-            self.alert_sink.extend(alerts)
-            await self._flush(self.alert_sink, "alerts")
+                        e.value or b"", f"not a {model.__name__}: {exc}"[:1000], table, m.topic, m.partition,
+                        m.offset), "store")])
+            self._batch_events = len(rows)
+            sink.extend(rows)
+            await self._flush(sink, table)
 
     async def _store_commands_agent(self, stream: Any) -> None:
         assert self.killswitch_sink is not None

@@ -34,6 +34,7 @@ import pytest
 
 from agentwatch_client.wire import agent_key
 from schemas.alerts import Alert, alert_id_for
+from schemas.canary import CanaryVerdict, Verdict
 from schemas.control import (AckStatus, ControlAck, KillSwitchCommand, Target, command_event, generate_keypair,
                              load_private_key, sign)
 from schemas.decoders.native import decode_native
@@ -139,6 +140,11 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
                 last_command = time.monotonic()
             if c == 1:
                 ignored += halt_and_ack(a, ["ignores-halts"], acked=False)
+                # a canary verdict, as a detection worker publishes it: the store process stores it
+                a.produce(a.settings.topic_canary, [CanaryVerdict(
+                    verdict_id=f"v{SEED}", agent_id="canaried", baseline_version="1", candidate_version="2",
+                    verdict=Verdict.PASS, test="mann_whitney", confidence=0.95, judged_at=T0, baseline_tasks=30,
+                    candidate_tasks=30, min_tasks=20).to_json()], key=b"canaried")
                 shielder, value = shield(acked[0], 2)
                 a.produce(a.settings.topic_events_in, [value], key=shielder.encode())
                 shielding = shield_alerts(policy, acked[0], value, a.settings.topic_events_in)
@@ -178,6 +184,7 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
         unacked = [x for x in alerts if x.detector == UNACKED_DETECTOR]
         total, distinct = stored_events(store)
         rows = store.query("SELECT count() FROM agentwatch.killswitches FINAL").rows
+        verdicts = store.query(f"SELECT verdict_id FROM agentwatch.canary_verdicts WHERE verdict_id = 'v{SEED}'").rows
         print(f"\n[scale-out: B joins, A SIGKILLed] events produced={load.valid_events + 1} stored={distinct} "
               f"duplicates={total - distinct} poison produced={load.poison} dlq={dead} | alerts "
               f"expected={len(want)} emitted={len(got)} extra={len(extra)} wrong_count={len(wrong)} | "
@@ -189,6 +196,7 @@ def test_second_worker_joins_then_first_is_sigkilled(kafka_bootstrap: str, tmp_p
         assert [x.labels.get("command_id") for x in unacked] == [c.command_id for c in ignored], logs
         assert not extra and not wrong, (extra, wrong, logs)
         assert int(rows[0][0]) == len(acked) + len(ignored), logs
+        assert verdicts == [(f"v{SEED}",)], logs
         assert b.proc is not None and b.proc.poll() is None, logs
     finally:
         for p in procs:
