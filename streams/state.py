@@ -42,6 +42,8 @@ log = logging.getLogger("agentwatch.state")
 OFFSET_HEADER = "agentwatch.state.offset"
 
 STATE_MAX_MESSAGE_BYTES = 64 << 20
+# time between two snapshots of a partition >= this many times what the last one took
+SNAPSHOT_COST_RATIO = 20.0
 
 # compaction keeps the latest snapshot per key; small segments so it actually runs
 STATE_TOPIC_CONFIG = {
@@ -180,6 +182,7 @@ class PartitionedState:
         self.states: dict[int, object] = {}
         self.next_offset: dict[int, int] = {}
         self._snapshot_at: dict[int, float] = {}
+        self._every: dict[int, float] = {}  # seconds between a partition's snapshots
         self._dirty: set[int] = set()
         self.last_restore: tuple[int, float] = (0, 0.0)  # bytes, seconds (for metrics and the bench)
 
@@ -245,8 +248,14 @@ class PartitionedState:
                 continue
             if p not in self.states:
                 continue
-            if force or now - self._snapshot_at.get(p, 0.0) >= self.snapshot_s:
+            if force or now - self._snapshot_at.get(p, 0.0) >= self._every.get(p, self.snapshot_s):
+                started = time.perf_counter()
                 out.append((self.key(p), self.next_offset.get(p, 0), self.states[p].snapshot()))  # type: ignore[attr-defined]
+                # A snapshot is the whole state: a join holding 15 minutes of spans took long
+                # enough that snapshotting it every few seconds starved the stage (latency grew
+                # with the state). Spacing snapshots by their own cost keeps them under
+                # 1/SNAPSHOT_COST_RATIO of the time; a restore then replays at most that much more.
+                self._every[p] = max(self.snapshot_s, SNAPSHOT_COST_RATIO * (time.perf_counter() - started))
                 self._snapshot_at[p] = now
                 self._dirty.discard(p)
         return out
@@ -256,4 +265,5 @@ class PartitionedState:
             self.states.pop(p, None)
             self.next_offset.pop(p, None)
             self._snapshot_at.pop(p, None)
+            self._every.pop(p, None)
             self._dirty.discard(p)

@@ -167,3 +167,43 @@ def test_mangled_snapshots_restore_or_raise_state_error_nothing_else():
             continue
         assert isinstance(eng, DetectionEngine)
     assert refused > 100
+
+
+def test_snapshots_are_spaced_by_what_they_cost(monkeypatch):
+    """A state that takes long to snapshot is snapshotted less often (at most 1/20 of the
+    time), a cheap one every ``snapshot_s``."""
+    import streams.state as state_mod
+
+    class Clock:
+        now = 1000.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
+        perf_counter = monotonic
+
+    class Slow:
+        cost = 0.01
+
+        def snapshot(self) -> bytes:
+            Clock.now += self.cost
+            return b"{}"
+
+    monkeypatch.setattr(state_mod, "time", Clock)
+    ps = state_mod.PartitionedState("detect", "t", make=Slow, restore=None, replay=None, bootstrap="-",
+                                    state_topic="s", snapshot_s=2.0)
+    ps.states[0] = Slow()
+
+    def snapshots_over(seconds: float) -> int:
+        n, end = 0, Clock.now + seconds
+        while Clock.now < end:
+            ps.advanced(0, 1)
+            n += len(ps.due())
+            Clock.now += 0.25
+        return n
+
+    assert 9 <= snapshots_over(20) <= 11  # cheap: every 2 s
+    Slow.cost = 1.0
+    assert 2 <= snapshots_over(60) <= 4  # 1 s each: every 20 s
+    assert [k for k, _, _ in ps.due(force=True)] == ["detect/t/0"]  # a revoke's final one still goes
