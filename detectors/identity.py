@@ -143,7 +143,8 @@ class _Trace:
 
 
 class IdentityResolver:
-    def __init__(self, allowed_lateness_s: float, *, rules: Sequence[IdentityRuleLike] = ()) -> None:
+    def __init__(self, allowed_lateness_s: float, *, rules: Sequence[IdentityRuleLike] = (),
+                 version_attribute: str = "") -> None:
         self.watermark = Watermark(allowed_lateness_s)
         self._traces: dict[str, _Trace] = {}
         # a trace is due for its final decision at its newest span's time, and forgotten
@@ -151,6 +152,8 @@ class IdentityResolver:
         self._due: ExpiryQueue[str] = ExpiryQueue()
         self._seq = 0
         self._rules = tuple(_Rule(tuple(r.match.items()), r.agent_id) for r in rules)
+        # the policy's canary.version_attribute: the agent's version where a deployment puts it
+        self._version_attr = version_attribute
         self._notices: list[Event] = []
         self.resolved_by_ancestor = 0
         self.fell_back = 0
@@ -169,6 +172,10 @@ class IdentityResolver:
             self.watermark.observe(ts, wall)
             if self._rules:
                 self._apply_rules(ev)
+            if self._version_attr:
+                version = ev.attributes.get(self._version_attr)
+                if version:
+                    ev.agent_version = version
             if not ev.trace_id or not ev.span_id:
                 out.append(self._fallback(ev, None) if not ev.agent_id else ev)
                 continue
@@ -237,10 +244,10 @@ class IdentityResolver:
                                       "fell_back": self.fell_back})
 
     @classmethod
-    def restore(cls, allowed_lateness_s: float, data: bytes, *,
-                rules: Sequence[IdentityRuleLike] = ()) -> "IdentityResolver":
+    def restore(cls, allowed_lateness_s: float, data: bytes, *, rules: Sequence[IdentityRuleLike] = (),
+                version_attribute: str = "") -> "IdentityResolver":
         """A fresh resolver holding the state ``snapshot`` wrote (StateError if unreadable)."""
-        r = cls(allowed_lateness_s, rules=rules)
+        r = cls(allowed_lateness_s, rules=rules, version_attribute=version_attribute)
         with st.reading("identity", data) as (state, dec):
             r.watermark.load_state(st.mapping(state["watermark"]))
             r.resolved_by_ancestor = st.integer(state["resolved_by_ancestor"])

@@ -279,6 +279,11 @@ class CanaryConfig(_Strict):
     mode: Mode = Field(Mode.ALERT, description="of the canary alert: enforce = roll the candidate back")
     severity: Severity = Severity.HIGH
     metrics: bool = Field(True, description="compute per-version metric windows for every agent")
+    version_attribute: str = Field(
+        "", description="a span or resource attribute naming the agent's version, preferred to the built-in ones "
+        "(gen_ai.agent.version, service.version, k8s.deployment.name); one the decoders keep on events: any "
+        "k8s.*, cloud.* or aws.* key (k8s.pod.label..., a deployment annotation), service.namespace, "
+        "deployment.environment ...")
     window_s: float = Field(60.0, gt=0, description="metric windows, in event time")
     task_idle_s: float = Field(60.0, gt=0, description="a task (trace) is complete this long after its last event")
     max_tasks: int = Field(5000, ge=10, description="completed tasks kept per version for the tests")

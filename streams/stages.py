@@ -243,7 +243,8 @@ class CorrelateStage:
     """
 
     def __init__(self, policy: Policy) -> None:
-        self.resolver = IdentityResolver(policy.allowed_lateness_s, rules=policy.identity_rules)
+        self.resolver = IdentityResolver(policy.allowed_lateness_s, rules=policy.identity_rules,
+                                         version_attribute=policy.canary.version_attribute)
         self.joiner = Joiner(policy)
 
     def process(self, events: list[Event], *, wall: float | None = None) -> list[Event]:
@@ -300,7 +301,9 @@ class CorrelateStage:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StateError(f"not a correlate stage snapshot: {exc}") from None
         stage = cls(policy)
-        stage.resolver = IdentityResolver.restore(policy.allowed_lateness_s, identity)
+        # the policy's identity rules and version attribute, as a fresh stage has them
+        stage.resolver = IdentityResolver.restore(policy.allowed_lateness_s, identity, rules=policy.identity_rules,
+                                                  version_attribute=policy.canary.version_attribute)
         stage.joiner = Joiner.restore(policy, join)
         _resume_clock(stage.resolver.watermark, stage.joiner.watermark)
         return stage

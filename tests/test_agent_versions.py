@@ -141,3 +141,24 @@ def test_enforce_alert_with_halt_version_issues_a_version_scoped_halt() -> None:
     alerts = engine.process(base + cand)
     after_halt = [a for a in alerts if a.detector == "peer_preservation"]
     assert after_halt and {a.agent_version for a in after_halt} == {"1.5"}
+
+
+def test_a_configured_version_attribute_wins_and_survives_a_restore() -> None:
+    from detectors.policy import IdentityRule
+
+    record = _otlp({"service.name": "bot", "service.version": "1.4.0", "k8s.pod.label.release": "canary-7"},
+                   [_span("01" * 8, "", "tool", TOOL, T0)])
+    resolver = IdentityResolver(30.0, version_attribute="k8s.pod.label.release",
+                                rules=[IdentityRule(match={"service.name": "bot"}, agent_id="bot-{service.version}")])
+    resolver = IdentityResolver.restore(30.0, resolver.snapshot(), version_attribute="k8s.pod.label.release",
+                                        rules=[IdentityRule(match={"service.name": "bot"}, agent_id="bot-x")])
+    (ev,) = resolver.process(decode_otlp(record).events)
+    assert (ev.agent_id, ev.agent_version) == ("bot-x", "canary-7")
+    # the correlate stage passes the policy's rules and attribute to a restored resolver too
+    from streams.stages import CorrelateStage
+
+    policy = parse_policy({"canary": {"version_attribute": "k8s.pod.label.release"},
+                           "identity_rules": [{"match": {"service.name": "bot"}, "agent_id": "mapped"}]})
+    stage = CorrelateStage.restore(policy, CorrelateStage(policy).snapshot())
+    (ev,) = stage.process_local(decode_otlp(record).events)
+    assert (ev.agent_id, ev.agent_version) == ("mapped", "canary-7")
