@@ -294,9 +294,7 @@ class DetectionEngine:
             ep = self._episodes.pop(key)  # type: ignore[arg-type]
             self._close(key, ep, out)  # type: ignore[arg-type]
             self.resolved.append(ep.alert.alert_id)
-        # a redelivery of the latest-arriving source still finds its bucket
-        horizon = (wm - 2 * self.policy.allowed_lateness_s - max(self._source_extra.values(), default=0.0)
-                   - self.policy.dedup_window_s)
+        horizon = wm - 2 * self.policy.allowed_lateness_s - self.policy.dedup_window_s
         order = self._seen_order
         while order and (order[0] + 1) * DEDUP_BUCKET_S < horizon:
             self._seen.pop(heapq.heappop(order), None)
