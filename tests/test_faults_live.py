@@ -241,15 +241,18 @@ def test_broker_restart_mid_stream(tmp_path):
     try:
         load = workload(seed=3)
         with LiveWorker(info.bootstrap, tmp_path) as w:
-            half = CHUNKS // 2
-            for chunk in load.chunks[:half]:
-                produce_chunk(w, chunk)
-            wait_events(w, 8 * AGENTS)  # mid-stream: some processed, some not
+            produce_chunk(w, load.chunks[0])
+            wait_events(w, 8 * AGENTS)
+            produce_chunk(w, load.chunks[1])  # mid-stream: in flight while the broker goes
             broker.down(state)
             again = broker.up(state)
             assert again.bootstrap == info.bootstrap  # same port: workers and agents reconnect
-            for chunk in load.chunks[half:]:
+            # one chunk at a time after that, as in the SIGKILL case: a backlog of several
+            # chunks, minutes apart in event time, would reach a detect partition interleaved
+            # across input partitions beyond the allowed lateness (one watermark per partition)
+            for c, chunk in enumerate(load.chunks[2:], start=2):
                 produce_chunk(w, chunk)
+                wait_events(w, (c + 1) * 8 * AGENTS, timeout=180)
             verdict("broker restart", w, load)
             assert w.proc is not None and w.proc.poll() is None
     finally:
