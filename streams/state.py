@@ -42,6 +42,7 @@ log = logging.getLogger("agentwatch.state")
 OFFSET_HEADER = "agentwatch.state.offset"
 
 STATE_MAX_MESSAGE_BYTES = 64 << 20
+_RECORD_HEADROOM = 64 << 10  # key, headers and batch framing around a snapshot's value
 # time between two snapshots of a partition >= this many times what the last one took
 SNAPSHOT_COST_RATIO = 20.0
 
@@ -250,7 +251,16 @@ class PartitionedState:
                 continue
             if force or now - self._snapshot_at.get(p, 0.0) >= self._every.get(p, self.snapshot_s):
                 started = time.perf_counter()
-                out.append((self.key(p), self.next_offset.get(p, 0), self.states[p].snapshot()))  # type: ignore[attr-defined]
+                data = self.states[p].snapshot()  # type: ignore[attr-defined]
+                if len(data) <= STATE_MAX_MESSAGE_BYTES - _RECORD_HEADROOM:
+                    out.append((self.key(p), self.next_offset.get(p, 0), data))
+                else:
+                    # one message per snapshot: a state this large (a join holding its whole
+                    # lateness at a high rate) cannot be written. Crashing would repeat on every
+                    # restart; without it, a restore replays from the previous snapshot instead
+                    log.error("state snapshot larger than the state topic accepts; not written, a restore "
+                              "replays the input since the previous one",
+                              extra={"key": self.key(p), "bytes": len(data), "limit": STATE_MAX_MESSAGE_BYTES})
                 # A snapshot is the whole state: a join holding 15 minutes of spans took long
                 # enough that snapshotting it every few seconds starved the stage (latency grew
                 # with the state). Spacing snapshots by their own cost keeps them under

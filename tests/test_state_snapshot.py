@@ -207,3 +207,23 @@ def test_snapshots_are_spaced_by_what_they_cost(monkeypatch):
     Slow.cost = 1.0
     assert 2 <= snapshots_over(60) <= 4  # 1 s each: every 20 s
     assert [k for k, _, _ in ps.due(force=True)] == ["detect/t/0"]  # a revoke's final one still goes
+
+
+def test_snapshot_over_the_topic_limit_is_skipped_not_fatal(monkeypatch, caplog):
+    import streams.state as state_mod
+
+    class Big:
+        def snapshot(self) -> bytes:
+            return b"x" * 2000
+
+    monkeypatch.setattr(state_mod, "STATE_MAX_MESSAGE_BYTES", 1000)
+    monkeypatch.setattr(state_mod, "_RECORD_HEADROOM", 0)
+    ps = state_mod.PartitionedState("correlate", "t", make=Big, restore=None, replay=None, bootstrap="-",
+                                    state_topic="s", snapshot_s=0.0)
+    ps.states[0] = Big()
+    ps.advanced(0, 5)
+    assert ps.due(force=True) == []
+    assert "larger than the state topic accepts" in caplog.text
+    monkeypatch.setattr(state_mod, "STATE_MAX_MESSAGE_BYTES", 5000)
+    ps.advanced(0, 6)
+    assert [(k, o) for k, o, _ in ps.due(force=True)] == [("correlate/t/0", 6)]
