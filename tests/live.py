@@ -214,18 +214,19 @@ class LiveWorker:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
 
-    def wait_settled(self, *, settle_s: float = 3.0, timeout: float = 120) -> float:
-        """Wait until the detect stage has seen events and then nothing new for ``settle_s``
-        (a loaded machine can take a while to start consuming); return the events seen."""
+    def wait_settled(self, *, settle_s: float = 3.0, timeout: float = 120, messages: int = 0) -> float:
+        """Wait until the worker has taken ``messages`` input messages, the detect stage has
+        seen events and then nothing new for ``settle_s`` (a loaded machine can take a while
+        to start consuming); return the events seen."""
         deadline = time.monotonic() + timeout
         last, since = -1.0, time.monotonic()
         while time.monotonic() < deadline:
             n = self.metric("agentwatch_events_detected_total")
-            if n != last:
+            if n != last or self.metric("agentwatch_messages_in_total") < messages:
                 last, since = n, time.monotonic()
-            elif n > 0 and time.monotonic() - since >= settle_s:
+            elif (n > 0 or messages) and time.monotonic() - since >= settle_s:
                 return n
-            time.sleep(0.5)
+            time.sleep(min(0.5, settle_s / 2))
         raise TimeoutError(f"worker did not settle ({last} events):\n{self.log_tail()}")
 
     # -- ClickHouse ------------------------------------------------------------------------
