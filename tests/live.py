@@ -214,19 +214,24 @@ class LiveWorker:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and not line.startswith("#") and line[len(name)] in " {")
 
-    def wait_settled(self, *, settle_s: float = 3.0, timeout: float = 120, messages: int = 0) -> float:
-        """Wait until the worker has taken ``messages`` input messages, the detect stage has
-        seen events and then nothing new for ``settle_s`` (a loaded machine can take a while
-        to start consuming); return the events seen."""
+    def wait_settled(self, *, settle_s: float = 3.0, timeout: float = 120, messages: int = 0,
+                     events: float | None = None) -> float:
+        """Wait until the worker has taken ``messages`` input messages and the detect stage
+        has seen ``events`` events, or (when it never does: duplicates, dead letters) events
+        and then nothing new for ``settle_s`` (a loaded machine can take a while to start
+        consuming); return the events seen."""
         deadline = time.monotonic() + timeout
         last, since = -1.0, time.monotonic()
         while time.monotonic() < deadline:
             n = self.metric("agentwatch_events_detected_total")
-            if n != last or self.metric("agentwatch_messages_in_total") < messages:
+            taken = self.metric("agentwatch_messages_in_total") >= messages
+            if taken and events is not None and n >= events:
+                return n
+            if n != last or not taken:
                 last, since = n, time.monotonic()
             elif (n > 0 or messages) and time.monotonic() - since >= settle_s:
                 return n
-            time.sleep(min(0.5, settle_s / 2))
+            time.sleep(0.1 if events is not None else min(0.5, settle_s / 2))
         raise TimeoutError(f"worker did not settle ({last} events):\n{self.log_tail()}")
 
     # -- ClickHouse ------------------------------------------------------------------------

@@ -17,13 +17,16 @@ run shortens both (for replay and live alike) to keep the suite quick.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
+from aiokafka import AIOKafkaProducer
 
 from schemas.alerts import Alert
 from streams.replay import classify, decode_any, records_in_event_time
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.kafka
 CORPUS = Path(__file__).parent / "scenarios"
 LATENESS_S = 5.0
 JOIN_WINDOW_S = 15.0
-PARALLEL = 4
+PARALLEL = 8  # workers mostly wait (settling, the horizon below): more at once, less wall time
 PARTITIONS = 3
 SHUFFLE_S = 2.0
 WAVE_S = 3.0  # with SHUFFLE_S, within the allowed lateness
@@ -56,85 +59,89 @@ def quick_policy(scenario: Scenario, directory: Path) -> Path:
     return path
 
 
-def shuffled(scenario: Scenario, rng: random.Random) -> list[tuple[float, str, bytes, int | None]]:
-    """(input kind, record, partition) in an arrival order where each record moved by up to
-    SHUFFLE_S of event time, to a random partition; a record that decodes to no event keeps
-    its predecessor's time. A PostgreSQL server log is the exception docs/join.md states: its
+class Record(NamedTuple):
+    ts: float  # shuffled event time
+    kind: str  # input: otlp, audit or native
+    value: bytes
+    partition: int
+    events: int  # events it decodes to
+
+
+def shuffled(scenario: Scenario, rng: random.Random) -> list[Record]:
+    """The scenario's records in an arrival order where each moved by up to SHUFFLE_S of
+    event time, each to a random partition; a record that decodes to no event keeps its
+    predecessor's time. A PostgreSQL server log is the exception docs/join.md states: its
     shipper keys it by server, so its lines stay in order on one partition (a session's
     connection line says who runs the statements after it)."""
-    keyed: list[tuple[float, bytes, str, int | None]] = []
+    out: list[Record] = []
     last = 0.0
     for rec in records_in_event_time(scenario.inputs):
-        ts = min((e.ts_seconds for e in decode_any(rec.value, origin=rec.topic).events), default=last)
-        last = ts
+        events = decode_any(rec.value, origin=rec.topic).events
+        ts = last = min((e.ts_seconds for e in events), default=last)
         kind = classify(rec.value)
         if kind == "audit" and rec.value.lstrip()[:1] not in (b"{", b"["):
-            keyed.append((ts, rec.value, kind, 0))
+            out.append(Record(ts, kind, rec.value, 0, len(events)))
         else:
-            keyed.append((ts + rng.uniform(0, SHUFFLE_S), rec.value, kind, rng.randrange(PARTITIONS)))
-    keyed.sort(key=lambda t: t[0])  # stable: a server log's records keep their order
-    return [(ts, kind, value, partition) for ts, value, kind, partition in keyed]
+            out.append(Record(ts + rng.uniform(0, SHUFFLE_S), kind, rec.value, rng.randrange(PARTITIONS), len(events)))
+    out.sort(key=lambda r: r.ts)  # stable: a server log's records keep their order
+    return out
 
 
-def produce_spread(w: LiveWorker, records: list[tuple[str, bytes, int | None]]) -> None:
-    """Each record to its partition of its source's topic, one producer, in order."""
-    import asyncio
-
-    from aiokafka import AIOKafkaProducer
-
-    topics = {"otlp": w.settings.topic_otlp, "audit": w.settings.topic_audit_in,
-              "native": w.settings.topic_events_in}
-
-    async def go() -> None:
-        p = AIOKafkaProducer(bootstrap_servers=w.bootstrap)
-        await p.start()
-        try:
-            for kind, value, partition in records:
-                await p.send_and_wait(topics[kind], value, partition=partition)
-        finally:
-            await p.stop()
-
-    asyncio.run(go())
-
-
-def waves(records: list[tuple[float, str, bytes, int | None]]) -> list[list[tuple[str, bytes, int | None]]]:
+def waves(records: list[Record]) -> list[list[Record]]:
     """The records cut where their (shuffled) event time passes WAVE_S from the wave's first."""
-    out: list[list[tuple[str, bytes, int | None]]] = []
+    out: list[list[Record]] = []
     start = -1e18
-    for ts, kind, value, partition in records:
-        if ts - start > WAVE_S:
+    for r in records:
+        if r.ts - start > WAVE_S:
             out.append([])
-            start = ts
-        out[-1].append((kind, value, partition))
+            start = r.ts
+        out[-1].append(r)
     return out
 
 
 def run_live(scenario: Scenario, policy: Path, bootstrap: str, home: Path) -> list[Alert]:
     rng = random.Random(scenario.name)  # a different spread per scenario, the same every run
-    with LiveWorker(bootstrap, home, policy=policy, partitions=PARTITIONS) as w:
-        produced = 0
-        for wave in waves(shuffled(scenario, rng)):
-            # a recording compresses minutes of event time into the seconds it takes to send
-            # it; in real time the worker has long finished an event when one minutes later
-            # arrives. So a wave waits for the one before it to be through the detectors
-            # (otherwise the worker's own consumption order, across partitions and through
-            # one hop more for spans than for native events, would skew event time by
-            # minutes); within a wave, records are shuffled and spread as they come
-            if produced:
-                w.wait_settled(settle_s=1.0, messages=produced)
-            produce_spread(w, wave)
-            produced += len(wave)
-        w.wait_settled()
-        # then at least long enough for the join window and the lateness to pass in idle
-        # event time (so an unexpected alert would have fired), and until every expected
-        # alert is there (a loaded machine may need longer)
-        settled = time.monotonic()
+    async def started() -> AIOKafkaProducer:
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await p.start()
+        return p
 
-        def done(alerts: list[Alert]) -> bool:
-            return time.monotonic() - settled >= HORIZON_S and all(
-                any(e.matches(a) for a in alerts) for e in scenario.expected)
+    loop = asyncio.new_event_loop()  # one producer per scenario, on this thread's own loop
+    producer = loop.run_until_complete(started())
+    try:
+        with LiveWorker(bootstrap, home, policy=policy, partitions=PARTITIONS) as w:
+            topics = {"otlp": w.settings.topic_otlp, "audit": w.settings.topic_audit_in,
+                      "native": w.settings.topic_events_in}
+            produced = decoded = 0
+            extra = 0.0  # events the worker counts beyond the decoded ones (identity links)
+            for wave in waves(shuffled(scenario, rng)):
+                # a recording compresses minutes of event time into the seconds it takes to
+                # send it; in real time the worker has long finished an event when one minutes
+                # later arrives. So a wave waits for the one before it to be through the
+                # detectors (otherwise the worker's own consumption order, across partitions
+                # and through one hop more for spans than for native events, would skew event
+                # time by minutes); within a wave, records are shuffled and spread as they come
+                if produced:
+                    seen = w.wait_settled(settle_s=1.5, messages=produced, events=decoded + extra)
+                    extra = max(extra, seen - decoded)
+                for r in wave:
+                    loop.run_until_complete(producer.send_and_wait(topics[r.kind], r.value, partition=r.partition))
+                produced += len(wave)
+                decoded += sum(r.events for r in wave)
+            w.wait_settled()
+            # then at least long enough for the join window and the lateness to pass in idle
+            # event time (so an unexpected alert would have fired), and until every expected
+            # alert is there (a loaded machine may need longer)
+            settled = time.monotonic()
 
-        return w.wait_alerts(done, timeout=2 * HORIZON_S + 20)
+            def done(alerts: list[Alert]) -> bool:
+                return time.monotonic() - settled >= HORIZON_S and all(
+                    any(e.matches(a) for a in alerts) for e in scenario.expected)
+
+            return w.wait_alerts(done, timeout=2 * HORIZON_S + 20)
+    finally:
+        loop.run_until_complete(producer.stop())
+        loop.close()
 
 
 def test_corpus_gives_the_expected_alerts_live_and_in_replay(kafka_bootstrap, tmp_path):
