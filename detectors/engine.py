@@ -181,7 +181,12 @@ class DetectionEngine:
             ids.add(ev.event_id)
             # a source late by design (CloudTrail) is on time within its own lateness, as in the
             # join; no window waits for it (the watermark moves with the other sources)
-            self.watermark.observe(ts, wall, self._source_extra.get(ev.source, 0.0))
+            if ev.kind is not EventKind.CONTROL_COMMAND:
+                # a kill-switch command is stamped by the monitor's clock when it is issued,
+                # not by the agents' event time: observed, one issued while recorded or
+                # backlogged traffic is read would move event time to today at once, closing
+                # every window and episode and dropping the redelivery memory
+                self.watermark.observe(ts, wall, self._source_extra.get(ev.source, 0.0))
             self.events_processed += 1
             if self.watermark.value >= self._ticked_at + TICK_EVERY_S:
                 # windows close as event time passes inside a batch too, so a detector

@@ -198,3 +198,25 @@ def test_corpus_stop_logging_is_one_alert_with_span_client_span_and_cloudtrail_r
     alerts = replay(read.inputs, read.policy()).alerts
     assert [(a.severity, a.mode, a.action, len(a.evidence)) for a in alerts] == [
         (Severity.LOW, Mode.ALERT, "notify", 3)]
+
+
+# ---- a kill-switch command is stamped by the monitor's clock, not the agents' event time ----
+
+
+def test_a_command_issued_while_older_traffic_is_read_does_not_move_event_time():
+    """Recorded or backlogged traffic read while a halt is issued now: the command's time must
+    not close the windows and episodes of that traffic, nor drop its redelivery memory (a
+    SIGKILL fault case counted one retry loop three times: each redelivered copy again)."""
+    calls = [ev(EventKind.TOOL_CALL, i, f"c{i}", tool_name="search", args_fingerprint="same", outcome="ok") for i in range(8)]
+    command = ev(EventKind.CONTROL_COMMAND, 300 * 86400, "cmd", target_agent_id="other", command_id="cmd-1",
+                 command_action="halt", attributes={"target": "agent:other"})
+    eng = DetectionEngine(parse_policy({}))
+    first = final(eng.process(calls[:4]))
+    wm = eng.watermark.value
+    eng.process([command])
+    assert eng.watermark.value == wm
+    later = final(eng.process(calls[:4] + calls[4:]))  # a redelivered half, then the rest
+    assert eng.duplicates_skipped == 4
+    uninterrupted = final(run(calls))
+    assert uninterrupted  # a retry loop, counted once per call
+    assert {**first, **later, **final(eng.finish())} == uninterrupted
