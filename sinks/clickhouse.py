@@ -258,6 +258,15 @@ def split_statements(sql: str) -> list[str]:
     return [stmt.strip() for stmt in code.split(";") if stmt.strip()]
 
 
+_DISTRIBUTED = re.compile(r"^Distributed\(\s*'([^']+)'\s*,\s*'?agentwatch'?\s*,\s*'?(\w+)'?")
+
+
+def _distributed_over(engine_full: str) -> tuple[str, str] | None:
+    """(cluster, local table) of a ``Distributed('{cluster}', agentwatch, X_local, ...)`` engine."""
+    m = _DISTRIBUTED.match(engine_full)
+    return (m.group(1), m.group(2)) if m else None
+
+
 def default_schema() -> str:
     return files("deploy").joinpath("clickhouse/schema.sql").read_text(encoding="utf-8")
 
@@ -310,7 +319,13 @@ class ClickHouseStore:
         return f"ClickHouseStore({self.location})"
 
     def apply_schema(self, sql: str | None = None) -> None:
-        """Create the database, tables and views if missing (idempotent)."""
+        """Create the database, tables and views if missing (idempotent).
+
+        Not on a cluster store (``agentwatch.events`` a Distributed table): its schema
+        is deploy/clickhouse/cluster.sql, applied ON CLUSTER by its operator, and the
+        single-node DDL would alter the Distributed tables, which refuse it (ADD INDEX)."""
+        if sql is None and self._distributed("events") is not None:
+            return
         for stmt in split_statements(default_schema() if sql is None else sql):
             head = " ".join(stmt.split()[:6])
             self._run(f"applying schema ({head} ...)", lambda: self.client.command(stmt))
@@ -335,23 +350,40 @@ class ClickHouseStore:
         as they merge (``ALTER TABLE ... MATERIALIZE TTL`` forces it).
         """
         for table, column, days in retention.rules():
-            row = self._run("reading table TTLs", lambda: self.client.query(
-                "SELECT engine_full FROM system.tables WHERE database = 'agentwatch' AND name = {t:String}",
-                parameters={"t": table})).result_rows
-            if not row:
+            engine = self._engine(table)
+            if engine is None:
                 continue
-            engine = str(row[0][0])
+            target = f"agentwatch.{table}"
+            if (dist := _distributed_over(engine)) is not None:
+                # a cluster store: the rows and their TTL live in the local tables on every
+                # shard (a Distributed table refuses a TTL), so the ALTER goes ON CLUSTER
+                cluster, local = dist
+                engine = self._engine(local)
+                if engine is None:
+                    continue
+                target = f"agentwatch.{local} ON CLUSTER '{cluster}'"
             current = re.search(r"\bTTL\s+(.*?)(?:\s+SETTINGS\s|$)", engine)
             if days <= 0:
                 if current:
                     self._run(f"removing the TTL of {table}",
-                              lambda: self.client.command(f"ALTER TABLE agentwatch.{table} REMOVE TTL"))
+                              lambda: self.client.command(f"ALTER TABLE {target} REMOVE TTL"))
                 continue
             if current and f"toIntervalDay({days})" in current.group(1) and column in current.group(1):
                 continue
-            sql = f"ALTER TABLE agentwatch.{table} MODIFY TTL toDateTime({column}) + INTERVAL {days} DAY"
+            sql = f"ALTER TABLE {target} MODIFY TTL toDateTime({column}) + INTERVAL {days} DAY"
             self._run(f"setting the TTL of {table}", lambda: self.client.command(
                 sql, settings={"materialize_ttl_after_modify": 0}))
+
+    def _engine(self, table: str) -> str | None:
+        """``engine_full`` of ``agentwatch.<table>``, None when there is no such table."""
+        rows = self._run("reading table engines", lambda: self.client.query(
+            "SELECT engine_full FROM system.tables WHERE database = 'agentwatch' AND name = {t:String}",
+            parameters={"t": table})).result_rows
+        return str(rows[0][0]) if rows else None
+
+    def _distributed(self, table: str) -> tuple[str, str] | None:
+        engine = self._engine(table)
+        return None if engine is None else _distributed_over(engine)
 
     def insert_events(self, events: Sequence[Event]) -> None:
         if not events:

@@ -105,6 +105,75 @@ def test_cluster_ddl_is_generated_from_the_schema_and_parses(store: ClickHouseSt
     assert all("Replicated" in s for s in statements if s.startswith("CREATE TABLE") and "_local ON" in s)
 
 
+# A worker against a cluster store built from cluster.sql, on chDB configured as a one-shard
+# cluster: its Distributed tables read and write this process's local tables (tcp_port names
+# the replica as local). chDB has no Keeper and runs no ON CLUSTER queue, so the Replicated
+# engines become their plain ones and ON CLUSTER is run here on the one replica; everything
+# else (the Distributed tables, views, materialized views, the worker's start) is the real engine.
+CLUSTER_STORE = r"""
+import re, sys
+from datetime import datetime, timezone
+from pathlib import Path
+import clickhouse_connect
+from schemas.alerts import Severity
+from schemas.events import Event, EventKind
+from sinks.clickhouse import ClickHouseStore, Retention, split_statements
+from tests.test_alert_outputs import make_alert
+
+tmp = Path(sys.argv[1])
+(tmp / "config.xml").write_text(
+    "<clickhouse><tcp_port>9000</tcp_port><remote_servers><aw><shard><replica><host>localhost</host>"
+    "<port>9000</port></replica></shard></aw></remote_servers>"
+    "<macros><cluster>aw</cluster><shard>01</shard><replica>r1</replica></macros></clickhouse>")
+client = clickhouse_connect.get_client(interface="chdb", path=f"{tmp / 'store'}?config-file={tmp / 'config.xml'}",
+                                       tz_mode="aware")
+real = client.command
+on_cluster = []
+
+def command(sql, *args, **kwargs):
+    if " ON CLUSTER " in sql:
+        on_cluster.append(sql)
+    sql = re.sub(r"Replicated(\w*MergeTree)\('[^']*', '\{replica\}'(, )?", r"\1(", sql)
+    return real(re.sub(r" ON CLUSTER '[^']*'", "", sql), *args, **kwargs)
+
+client.command = command
+for stmt in split_statements(Path("deploy/clickhouse/cluster.sql").read_text()):
+    client.command(stmt)
+on_cluster.clear()
+store = ClickHouseStore(client, location="cluster")
+# what a worker does at start
+store.apply_schema()
+assert on_cluster == [], on_cluster
+store.apply_retention(Retention(events_days=7, alerts_days=0, dlq_days=30))
+assert on_cluster and all(re.match(r"ALTER TABLE agentwatch\.\w+_local ON CLUSTER '\{cluster\}' MODIFY TTL ", s)
+                          for s in on_cluster), on_cluster
+ttl = dict(client.query("SELECT name, engine_full FROM system.tables WHERE database = 'agentwatch'").result_rows)
+assert "toIntervalDay(7)" in ttl["events_local"] and "toIntervalDay(30)" in ttl["dlq_local"], ttl
+assert " TTL " not in ttl["alerts_local"] and ttl["events"].startswith("Distributed(")
+on_cluster.clear()
+store.apply_retention(Retention(events_days=7, alerts_days=0, dlq_days=30))
+assert on_cluster == [], on_cluster  # unchanged: nothing altered
+store.warm_up()
+# writes and reads through the Distributed tables, the rollup fed by the local materialized view
+now = datetime.now(timezone.utc)
+store.insert_events([Event(event_id=f"c{i}", kind=EventKind.LLM_CALL, ts=now, agent_id="cl-agent", source="native",
+                           model="m", input_tokens=10, output_tokens=1, outcome="ok") for i in range(3)])
+store.insert_alerts([make_alert(Severity.HIGH, detector="retry_loop")])
+assert store.query("SELECT count() FROM agentwatch.events WHERE agent_id = 'cl-agent'").rows == [(3,)]
+assert store.query("SELECT sum(input_tokens) FROM agentwatch.events_per_minute WHERE agent_id = 'cl-agent'").rows == [(30,)]
+assert store.query("SELECT detector FROM agentwatch.alerts_latest").rows == [("retry_loop",)]
+print("cluster store ok")
+"""
+
+
+def test_a_worker_starts_on_the_cluster_schema(tmp_path: Path) -> None:
+    """The single-node DDL is not applied over the cluster's Distributed tables (they refuse
+    ADD INDEX), and retention alters the local tables ON CLUSTER (a Distributed table has no TTL)."""
+    out = subprocess.run([sys.executable, "-c", CLUSTER_STORE, str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, check=False, timeout=300)
+    assert out.returncode == 0 and "cluster store ok" in out.stdout, out.stderr[-3000:]
+
+
 # --- dashboards ------------------------------------------------------------------------------------
 
 DEMO_AGENT = "docs-writer"  # has LLM calls, tool calls, an audit record and an alert in the traffic below
