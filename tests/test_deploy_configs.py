@@ -8,6 +8,7 @@ Kubernetes manifests against the Kubernetes OpenAPI schemas (kubernetes-validate
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -147,6 +148,80 @@ def test_collector_config_uses_the_exporters_documented_keys() -> None:
     for section, names in (("receivers", traces["receivers"]), ("processors", traces["processors"]),
                            ("exporters", traces["exporters"])):
         assert set(names) <= set(cfg[section])
+    assert set(cfg["processors"]["batch"]) <= BATCH_KEYS
+    assert traces["processors"][0] == "memory_limiter"  # first, as the Collector documents
+
+
+BATCH_KEYS = {"send_batch_size", "timeout", "send_batch_max_size", "metadata_keys", "metadata_cardinality_limit"}
+
+
+def test_request_metadata_reaches_the_worker_as_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """include_metadata_keys copies nothing unless the receiver keeps the request's metadata
+    (include_metadata) and the batch processor keeps it per batch (metadata_keys); the worker
+    then maps each header to identity (AGENTWATCH_HEADER_IDENTITY)."""
+    cfg = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    keys = cfg["exporters"]["kafka"]["include_metadata_keys"]
+    assert keys
+    for name, protocol in cfg["receivers"]["otlp"]["protocols"].items():
+        assert protocol.get("include_metadata") is True, name
+    assert set(keys) <= set(cfg["processors"]["batch"].get("metadata_keys", [])), "batching drops the metadata"
+    from streams.settings import Settings
+
+    env = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["environment"]
+    monkeypatch.setenv("AGENTWATCH_HEADER_IDENTITY", env["AGENTWATCH_HEADER_IDENTITY"])  # as the worker reads it
+    mapping = Settings().header_identity
+    assert set(keys) <= set(mapping) and set(mapping.values()) == {"tenant", "agent_id"}
+
+
+# --- the worker's metrics, as the rules and dashboards use them ---------------------------------
+
+
+def _exported_metrics() -> dict[str, set[str]]:
+    """Every series name the worker exports -> its label names (from its own registry)."""
+    from prometheus_client import CollectorRegistry
+
+    from sinks.delivery import DeliveryMetrics
+    from streams.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics.create(registry)
+    DeliveryMetrics(registry)
+    out: dict[str, set[str]] = {}
+    for collector in list(registry._collector_to_names):  # noqa: SLF001 - the only list of collectors
+        names = registry._collector_to_names[collector]  # noqa: SLF001
+        labels = set(getattr(collector, "_labelnames", ()))
+        for name in names:
+            out[name] = labels
+    assert metrics.consumer_lag is not None and out
+    return out
+
+
+def test_rules_and_panels_use_only_metrics_the_worker_exports() -> None:
+    """A renamed metric or label would leave an alert that can never fire, silently."""
+    from deploy.grafana.dashboards import DASHBOARDS
+    from deploy.grafana.dashboards import OUT as DASHBOARD_DIR
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules" / "agentwatch.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    exprs += [t["expr"] for name in DASHBOARDS
+              for p in json.loads((DASHBOARD_DIR / f"{name}.json").read_text())["panels"]
+              for t in p["targets"] if "expr" in t]
+    exported = _exported_metrics()
+    scrape_labels = {"instance", "job", "le"}
+    checked = grouped = 0
+    for expr in exprs:
+        for name in re.findall(r"\b(agentwatch_\w+)", expr):
+            assert name in exported, f"{name} is not exported by the worker: {expr}"
+            checked += 1
+            for matchers in re.findall(re.escape(name) + r"\{([^}]*)\}", expr):
+                used = set(re.findall(r"(\w+)\s*[!=]~?", matchers))
+                assert used <= exported[name] | scrape_labels, (name, used)
+        # `sum by (labels) (... metric ...)`: the labels of the metric aggregated, the first after it
+        for m in re.finditer(r"\bby\s*\(([^)]*)\)\s*\(\s*\w*\(?\s*(agentwatch_\w+)", expr):
+            used = {g.strip() for g in m.group(1).split(",") if g.strip()}
+            assert used <= exported[m.group(2)] | scrape_labels, (expr, m.group(2), used)
+            grouped += 1
+    assert checked >= 10 and grouped >= 8
 
 
 # --- docker compose ------------------------------------------------------------------------------
@@ -296,8 +371,15 @@ def test_manifests_are_wired_together() -> None:
         selector = docs[(kind, "agentwatch-worker")]["spec"]["selector"]
         selector = selector.get("matchLabels", selector)
         assert selector.items() <= labels.items(), kind
-    port_names = {p["name"] for p in container["ports"]}
-    assert docs[("ServiceMonitor", "agentwatch-worker")]["spec"]["endpoints"][0]["port"] in port_names
+    # a ServiceMonitor endpoint names a port of the Service, whose targetPort names the container's
+    service_ports = {p["name"]: p for p in docs[("Service", "agentwatch-worker")]["spec"]["ports"]}
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    endpoint = docs[("ServiceMonitor", "agentwatch-worker")]["spec"]["endpoints"][0]
+    assert endpoint["port"] in service_ports and endpoint["path"] == "/metrics"
+    target = service_ports[endpoint["port"]]["targetPort"]
+    assert target in container_ports or target in container_ports.values()
+    web_port = {e["name"]: e.get("value") for e in container["env"]}["AGENTWATCH_WEB_PORT"]
+    assert int(web_port) == container_ports[endpoint["port"]] if target in container_ports else int(web_port) == target
     assert docs[("Service", "agentwatch-worker")]["spec"]["type"] == "ClusterIP"
     # the policy ConfigMap is the example policy, and valid
     policy = docs[("ConfigMap", "agentwatch-policy")]["data"]["policy.yaml"]
