@@ -11,10 +11,12 @@ from pathlib import Path
 
 import yaml
 
+from detectors.canary import CANARY, SHADOW_VERSION
 from detectors.engine import build_detectors
 from detectors.policy import DetectorsConfig, Policy
 from schemas.alerts import Severity
 from sinks.alertmanager import AlertmanagerOutput
+from sinks.delivery import OVERFLOW_DETECTOR
 from streams.control_plane import UNACKED_DETECTOR
 from streams.settings import Settings
 from tests.test_alert_outputs import make_alert
@@ -34,10 +36,27 @@ def _resolve(url: str) -> Path:
     return path
 
 
+# every page has these, detector or self-health alike (the issue's what / confirm / halt / tune)
+SECTIONS = ("## What fired", "## Confirm it in ClickHouse", "## Halt or resume", "## Tune a false positive")
+
+
 def detector_names() -> set[str]:
-    """Every detector that can raise an alert: the ones the engine builds, the policy's, the control plane's."""
+    """Every detector name an alert can carry: the ones the engine builds, the policy's, the
+    control plane's, the canary analysis's and the alert router's storm summary."""
     built = {d.name for d in build_detectors(Policy())}
-    return built | set(DetectorsConfig.model_fields) | {UNACKED_DETECTOR}
+    return built | set(DetectorsConfig.model_fields) | {UNACKED_DETECTOR, CANARY, SHADOW_VERSION, OVERFLOW_DETECTOR}
+
+
+def _detector_constants() -> set[str]:
+    """Detector names written in the code: ``name = "..."`` of a detector class, or a constant
+    passed as ``detector=``; a new one without a page fails the test below."""
+    found = set()
+    for path in [*(ROOT / "detectors").glob("*.py"), *(ROOT / "streams").glob("*.py"), *(ROOT / "sinks").glob("*.py")]:
+        text = path.read_text()
+        found |= set(re.findall(r'^    name = "(\w+)"', text, re.M))
+        found |= set(re.findall(r'^[A-Z_]*DETECTOR\w* = "(\w+)"', text, re.M))
+        found |= set(re.findall(r'^(?:CANARY|SHADOW_VERSION) = "(\w+)"', text, re.M))
+    return found
 
 
 def test_the_default_base_is_the_runbooks_directory() -> None:
@@ -46,7 +65,7 @@ def test_the_default_base_is_the_runbooks_directory() -> None:
 
 def test_every_detector_alert_links_to_its_page() -> None:
     names = detector_names()
-    assert len(names) >= 8
+    assert len(names) >= 11 and _detector_constants() <= names, _detector_constants() - names
     output = AlertmanagerOutput("http://127.0.0.1:1", runbook_base_url=BASE)
     for name in sorted(names):
         payload = output.payload(make_alert(Severity.HIGH, detector=name))
@@ -55,7 +74,7 @@ def test_every_detector_alert_links_to_its_page() -> None:
         page = _resolve(annotations["runbook_url"])
         assert page.name == f"{name}.md"
         text = page.read_text()
-        for section in ("## What fired", "## Confirm it in ClickHouse", "## Halt or resume", "## Tune a false positive"):
+        for section in SECTIONS:
             assert section in text, f"{page.name}: no {section!r}"
 
 
@@ -71,14 +90,43 @@ def test_every_self_health_rule_links_to_its_page() -> None:
                                            "AgentwatchSinkFailures", "AgentwatchDeadLetterRate"}
     for rule in rules:
         page = _resolve(rule["annotations"]["runbook_url"])
-        assert page.parent == RUNBOOKS and "## What fired" in page.read_text(), rule["alert"]
+        assert page.parent == RUNBOOKS, rule["alert"]
+        for section in SECTIONS:
+            assert section in page.read_text(), f"{page.name}: no {section!r}"
+
+
+def test_every_page_is_for_an_alert_and_listed() -> None:
+    """No orphan page, and the index lists every page."""
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    linked = {f"{n}.md" for n in detector_names()} | {_resolve(r["annotations"]["runbook_url"]).name for r in rules}
+    pages = {p.name for p in RUNBOOKS.glob("*.md")} - {"README.md"}
+    assert pages == linked, pages ^ linked
+    index = (RUNBOOKS / "README.md").read_text()
+    assert all(f"]({p})" in index for p in pages), [p for p in pages if f"]({p})" not in index]
+
+
+def _anchors(doc: Path) -> set[str]:
+    """The anchors a Markdown renderer (GitHub's) gives the headings of ``doc``."""
+    out = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", doc.read_text(), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", "")).replace(" ", "-")
+        out.add(slug)
+    return out
 
 
 def test_links_between_docs_resolve() -> None:
-    """Relative links in docs/ and the README point at files that exist."""
+    """Relative links in docs/ and the README point at files that exist, and at headings that exist."""
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", doc.read_text()):
             if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
                 continue
-            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)}: broken link {target}"
-            assert (doc.parent / target).resolve().is_relative_to(ROOT), f"{doc.relative_to(ROOT)}: {target} leaves the repository"
+            linked = (doc.parent / target) if target else doc
+            assert linked.exists(), f"{doc.relative_to(ROOT)}: broken link {target}"
+            assert linked.resolve().is_relative_to(ROOT), f"{doc.relative_to(ROOT)}: {target} leaves the repository"
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked), f"{doc.relative_to(ROOT)}: no heading #{anchor} in {target}"
+
+
+def test_the_readme_links_only_to_files_in_the_repository() -> None:
+    links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    assert links and not [t for t in links if re.match(r"[a-z]+:", t)]
