@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from schemas.control import (
 from schemas.decoders.native import decode_native
 from schemas.events import EventKind
 from sinks.control import ControlPublisher
+from agentwatch_client import SyncAgentClient
 from streams.client import AgentClient
 from streams.kafka import ensure_topics
 
@@ -221,3 +223,49 @@ async def test_telemetry_goes_out_in_batches_with_the_agents_identity(kafka_boot
     tools = [e for e in events if e.kind is EventKind.TOOL_CALL]
     assert len({e.args_fingerprint for e in tools}) == 5 and tools[0].tool_call_id == "call-0"
     assert c.published_events == 7
+
+
+def test_the_sync_client_records_and_obeys_from_plain_threads(kafka_bootstrap: str) -> None:
+    """SyncAgentClient for code that is not asyncio: recording from several threads, flush,
+    a signed halt obeyed (on_halt in the client's thread), acknowledged, and a clean stop."""
+    run = uuid.uuid4().hex[:8]
+    t = Topics(f"s{run}.events", f"s{run}.control", f"s{run}.acks")
+    asyncio.run(ensure_topics(kafka_bootstrap, [t.events, t.control, t.acks], partitions=2))
+    halted, halts, callers = threading.Event(), [], set()
+
+    def on_halt(cmd: KillSwitchCommand) -> None:
+        halts.append(cmd.command_id)
+        callers.add(threading.current_thread().name)
+        halted.set()
+
+    client = SyncAgentClient("sync-bot", kafka_bootstrap, tenant="acme", public_keys=PUB, on_halt=on_halt,
+                             events_topic=t.events, control_topic=t.control, acks_topic=t.acks, batch_interval_s=0.1)
+    with client:
+        assert client.allowed("kubectl_apply") and not client.halted
+        workers = [threading.Thread(target=lambda i=i: client.record_tool_call("search_docs", {"n": i},
+                                                                              tool_call_id=f"sync-{i}"))
+                   for i in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        client.record_llm_call("gpt-4o-mini", 100, 10)
+        client.flush()
+        assert client.published_events == 5
+
+        async def _halt() -> KillSwitchCommand:
+            async with ControlPublisher(kafka_bootstrap, t.control) as p:
+                (sent,) = await p.publish([sign(_cmd(target="agent:sync-bot"), KEY)])
+                return sent
+
+        cmd = asyncio.run(_halt())
+        assert halted.wait(20), "on_halt was not called"
+        assert halts == [cmd.command_id] and callers == {"agentwatch-sync-bot"}
+        assert client.halted and not client.allowed("kubectl_apply")
+        (ack,) = asyncio.run(_acks(kafka_bootstrap, t, 1))
+        assert (ack.command_id, ack.agent_id, ack.status) == (cmd.command_id, "sync-bot", AckStatus.OBEYED)
+    assert client._loop is None  # noqa: SLF001 - stopped: its thread and loop are gone
+    raw = asyncio.run(_read(kafka_bootstrap, t.events, lambda got: sum(len(orjson.loads(v)) for v in got) >= 5))
+    events = [e for v in raw for e in decode_native(v).events if e.kind in (EventKind.TOOL_CALL, EventKind.LLM_CALL)]
+    assert sorted(e.tool_call_id for e in events if e.kind is EventKind.TOOL_CALL) == [f"sync-{i}" for i in range(4)]
+    assert {e.agent_id for e in events} == {"sync-bot"}
