@@ -8,6 +8,7 @@ Kubernetes manifests against the Kubernetes OpenAPI schemas (kubernetes-validate
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -330,9 +331,24 @@ def test_dockerfile_runs_as_a_user_with_a_healthcheck_and_a_small_context() -> N
     for src in re.findall(r"^COPY\s+(?!--)(\S+)", text, re.M):
         for part in src.split():
             assert (ROOT / part).exists(), part
-    ignored = (ROOT / ".dockerignore").read_text().split()
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
     for heavy in (".venv", ".git", ".agentwatch", "deploy/secrets"):
         assert heavy in ignored, heavy
+
+    def excluded(path: str) -> bool:  # a pattern matching the path or one of its parents
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(fnmatch.fnmatch(p, pat.removeprefix("**/")) or fnmatch.fnmatch(p.split("/")[-1], pat.removeprefix("**/"))
+                   for pat in ignored for p in prefixes)
+
+    # what the image installs and the worker reads at run time stays in the build context
+    for src in re.findall(r"^COPY\s+(?!--)(.+)\s+\S+$", text, re.M):
+        for part in src.split():
+            assert not excluded(part), f"{part} is COPYed but .dockerignore leaves it out"
+    for needed in ("deploy/clickhouse/schema.sql", "deploy/broker.py", "detectors/policy.py", "streams/cli.py"):
+        assert not excluded(needed), needed
+    assert excluded("deploy/secrets/control.key") and excluded(".venv/bin/python")
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
