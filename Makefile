@@ -21,7 +21,8 @@ $(BIN)/agentwatch: pyproject.toml
 	@touch $@
 
 # Java 17+ and Maven run the real Kafka broker; Alertmanager is a real peer in tests;
-# PostgreSQL 15 with pgaudit is the real audited database of the pgaudit tests.
+# PostgreSQL 15 with pgaudit is the real audited database of the pgaudit tests; OpenSSL checks
+# the kill-switch test vectors as an agent in another language would.
 PG_BIN := /usr/lib/postgresql/15/bin
 system-deps:
 	@need=""; \
@@ -29,6 +30,7 @@ system-deps:
 	command -v mvn >/dev/null 2>&1 || need="$$need maven"; \
 	command -v prometheus-alertmanager >/dev/null 2>&1 || need="$$need prometheus-alertmanager"; \
 	command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
+	command -v openssl >/dev/null 2>&1 || need="$$need openssl"; \
 	test -x $(PG_BIN)/postgres || need="$$need postgresql-15"; \
 	test -f /usr/lib/postgresql/15/lib/pgaudit.so || need="$$need postgresql-15-pgaudit"; \
 	if [ -n "$$need" ]; then \

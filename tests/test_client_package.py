@@ -74,6 +74,46 @@ def test_vectors_verify_here() -> None:
         assert got == v["expect"], v["name"]
 
 
+# an Ed25519 public key as X.509 SubjectPublicKeyInfo (DER): this fixed prefix, then the raw 32 bytes
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
+def test_vectors_verify_with_openssl_not_only_python(tmp_path: Path) -> None:
+    """The signature is plain Ed25519 over exactly the documented signing bytes, and the key id
+    the documented SHA-256 prefix: checked by OpenSSL, as an agent in another language would."""
+    import base64
+    import binascii
+
+    doc = json.loads(VECTORS.read_text())
+    raw_keys = [base64.b64decode(k) for k in doc["trusted_public_keys_b64"]]
+    key_files = {}
+    for raw in raw_keys:
+        der = tmp_path / f"key{len(key_files)}.der"
+        der.write_bytes(ED25519_SPKI_PREFIX + raw)
+        digest = subprocess.run(["openssl", "dgst", "-sha256", "-hex"], input=raw, capture_output=True, check=True)
+        key_files[digest.stdout.decode().split()[-1][:16]] = der
+    assert sorted(key_files) == doc["trusted_key_ids"]
+    checked = {"good": 0, "bad": 0}
+    for v in doc["vectors"]:
+        wire = json.loads(v["wire"])
+        if not wire.get("signature") or wire.get("key_id") not in key_files or v["expect"] == "unknown_key":
+            continue
+        try:
+            signature = base64.b64decode(wire["signature"], validate=True)
+        except binascii.Error:
+            assert v["expect"] == "forged", v["name"]
+            continue
+        (tmp_path / "msg").write_bytes(bytes.fromhex(v["signing_bytes_hex"]))
+        (tmp_path / "sig").write_bytes(signature)
+        out = subprocess.run(["openssl", "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey",
+                              str(key_files[wire["key_id"]]), "-rawin", "-in", str(tmp_path / "msg"),
+                              "-sigfile", str(tmp_path / "sig")], capture_output=True, text=True, check=False)
+        valid_signature = v["expect"] != "forged"  # expired, replayed ... are refused after the signature
+        assert (out.returncode == 0) == valid_signature, (v["name"], out.stdout, out.stderr)
+        checked["good" if valid_signature else "bad"] += 1
+    assert checked["good"] >= 4 and checked["bad"] >= 1, checked
+
+
 APP = r'''
 import schemas                      # the application's own module, not ours
 assert schemas.APP_SCHEMAS is True
