@@ -138,3 +138,26 @@ def test_a_missing_input_topic_is_reported_not_created(kafka_bootstrap: str, tmp
         assert w.settings.partitions != BROKER_DEFAULT_PARTITIONS
         # its own topics it does create
         assert asyncio.run(missing_topics(kafka_bootstrap, [w.settings.topic_by_trace, w.settings.topic_dlq])) == []
+
+
+def test_keygen_writes_the_key_the_compose_secret_mounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`agentwatch killswitch keygen DIR` (README, docker-compose.yml): a 0600 private key and its
+    public half; the worker reads the key from that path (AGENTWATCH_CONTROL_PRIVATE_KEY, as the
+    compose secret is mounted), and a second run refuses to replace a key agents trust."""
+    from streams.cli import main
+
+    monkeypatch.setenv("AGENTWATCH_HOME", str(tmp_path / "home"))
+    keys = tmp_path / "secrets"
+    assert main(["killswitch", "keygen", str(keys)]) == 0
+    key, pub = keys / "control.key", keys / "control.pub"
+    assert key.stat().st_mode & 0o777 == 0o600
+    capsys.readouterr()
+    monkeypatch.setenv("AGENTWATCH_CONTROL_PRIVATE_KEY", str(key))
+    assert main(["killswitch", "pubkey"]) == 0
+    assert capsys.readouterr().out.strip() == pub.read_text().strip()
+    assert not (tmp_path / "home" / "keys").exists()  # no development key was made instead
+    before = key.read_bytes()
+    assert main(["killswitch", "keygen", str(keys)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and key.read_bytes() == before
