@@ -130,3 +130,21 @@ def test_links_between_docs_resolve() -> None:
 def test_the_readme_links_only_to_files_in_the_repository() -> None:
     links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
     assert links and not [t for t in links if re.match(r"[a-z]+:", t)]
+
+
+def test_the_design_and_the_license_are_in_the_repository() -> None:
+    """docs/architecture.md has the layers, dataflow, topics and guarantees, and names every topic
+    the worker uses; the LICENSE is the Apache License 2.0 the package declares."""
+    from streams.settings import Settings
+
+    design = (ROOT / "docs" / "architecture.md").read_text()
+    for section in ("## Layers", "## Dataflow", "## Topics", "## Guarantees"):
+        assert section in design, section
+    topics = design.split("## Topics", 1)[1].split("\n## ", 1)[0]
+    defaults = {name: f.default for name, f in Settings.model_fields.items() if name.startswith("topic_")}
+    missing = [t for t in defaults.values() if f"`{t}`" not in topics]
+    assert len(defaults) >= 12 and not missing, missing
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in license_text
+    assert re.search(r'^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text(), re.M)
