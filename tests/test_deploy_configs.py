@@ -249,7 +249,15 @@ def test_every_service_the_worker_needs_is_reachable_by_the_name_it_is_given(com
     bootstrap = env["AGENTWATCH_BOOTSTRAP"]
     assert _host(bootstrap) in services
     # Kafka advertises exactly that address to containers (else clients are redirected elsewhere)
-    assert f"://{bootstrap}" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    kafka_env = services["kafka"]["environment"]
+    assert f"://{bootstrap}" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+    # and a listener the host reaches: advertised as 127.0.0.1:P, published as 127.0.0.1:P -> its port
+    listeners = dict(re.findall(r"(\w+)://[^:,]*:(\d+)", kafka_env["KAFKA_LISTENERS"]))
+    host_side = [(name, port) for name, host, port in
+                 re.findall(r"(\w+)://([^:,]+):(\d+)", kafka_env["KAFKA_ADVERTISED_LISTENERS"]) if host == "127.0.0.1"]
+    assert host_side, "no listener advertised for the host"
+    for name, port in host_side:
+        assert f"127.0.0.1:{port}:{listeners[name]}" in services["kafka"]["ports"], name
     assert _host(env["AGENTWATCH_CLICKHOUSE_DSN"]) in services
     assert urlsplit(re.sub(r"\$\{[^}]*\}", "x", env["AGENTWATCH_CLICKHOUSE_DSN"])).username == services["clickhouse"]["environment"]["CLICKHOUSE_USER"]
     assert _host(env["AGENTWATCH_ALERTMANAGER_URL"]) in services

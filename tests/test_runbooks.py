@@ -148,3 +148,15 @@ def test_the_design_and_the_license_are_in_the_repository() -> None:
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in license_text
     assert re.search(r'^license = "Apache-2.0"$', (ROOT / "pyproject.toml").read_text(), re.M)
+
+
+def test_the_readme_still_has_its_two_commands() -> None:
+    """A newcomer needs two commands, both Makefile targets that set everything up."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["make demo", "make test"], commands
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("demo", "test"):
+        assert re.search(rf"^{target}: system-deps \$\(BIN\)/agentwatch\b", makefile, re.M), target
