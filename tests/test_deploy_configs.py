@@ -272,6 +272,15 @@ def test_every_service_the_worker_needs_is_reachable_by_the_name_it_is_given(com
     # Grafana's data source names the ClickHouse service
     ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "clickhouse.yaml").read_text())
     assert ds["datasources"][0]["jsonData"]["host"] in services
+    # whose plugin Grafana installs before it starts (provisioning fails on a missing plugin)
+    grafana_env = services["grafana"]["environment"]
+    assert ds["datasources"][0]["type"] in grafana_env["GF_PLUGINS_PREINSTALL_SYNC"].split(",")
+    assert "GF_INSTALL_PLUGINS" not in grafana_env  # deprecated since Grafana 12.1
+    assert ds["datasources"][0]["secureJsonData"]["password"] == "$CLICKHOUSE_PASSWORD" and "CLICKHOUSE_PASSWORD" in grafana_env
+    # the dashboards Grafana's provider reads are the ones mounted
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "agentwatch.yaml").read_text())
+    mounts = dict(v.split(":")[:2][::-1] for v in services["grafana"]["volumes"])
+    assert mounts[provider["providers"][0]["options"]["path"]] == "./deploy/grafana/dashboards"
     # the worker starts once its dependencies are healthy, and its input topics exist
     deps = services["worker"]["depends_on"]
     assert deps["kafka"]["condition"] == deps["clickhouse"]["condition"] == "service_healthy"
