@@ -27,9 +27,11 @@ event learns its span's trace and span id and is **re-keyed** to the trace
 (``take_rekeyed``: the worker sends it back to the trace-keyed topic, replay
 feeds it straight back), so the agent identity and the tool call's
 confirmation are decided in one place, the trace, by the same code whatever
-key found the match. A bucket rather than the raw id keys the index: every
-tool call id is distinct, and one Kafka message per id would cost faust far
-more than the copies themselves.
+key found the match. A tool call id the identity resolver recovers later
+(from the calls a model or chain span offered) sends its index copy then, the
+same way round (``take_rekeyed``, keyed by its bucket). A bucket rather than
+the raw id keys the index: every tool call id is distinct, and one Kafka
+message per id would cost faust far more than the copies themselves.
 
 Timing: either side may arrive first and out of order. An audit event waits
 up to ``join.window_s`` of event time (past the watermark, i.e. plus the join's
@@ -302,6 +304,8 @@ class Joiner:
             tr = self._traces.get(ev.trace_id) if ev.trace_id else None
             sp = tr.spans.get(ev.span_id) if tr is not None else None
             if tr is not None and sp is not None:
+                if ev.tool_call_id and ev.tool_call_id != sp.tool_call_id:
+                    self._recovered_call_id(sp, ev)
                 sp.resolved, sp.agent_id, sp.tenant = True, ev.agent_id, ev.tenant
                 sp.agent_version = ev.agent_version
                 for audit in tr.waiting.pop(ev.span_id, []):
@@ -313,6 +317,17 @@ class Joiner:
                 self._decide_tool(ev, c)
             else:
                 c.held = ev
+
+    def _recovered_call_id(self, sp: _Span, ev: Event) -> None:
+        """A tool span whose call id the identity resolver found after the span came in
+        (from the calls a model or chain span offered, detectors/identity.py): its
+        audit records carry that id, and one that names the call by its id alone must
+        find the span through the index, so an index copy goes round as ingest would
+        have sent it had the id been on the span."""
+        sp.tool_call_id = ev.tool_call_id
+        for key, copy in index_copies(ev):
+            if copy.attributes[INDEX] == KEY_TOOL_CALL_ID:
+                self._rekeyed.setdefault(key, []).append(copy)
 
     def fire(self) -> None:
         """Fire the timers the watermark has passed; forget state nobody can need."""

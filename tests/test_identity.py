@@ -226,6 +226,17 @@ def test_offers_from_a_langgraph_tool_node_input():
     assert offered_calls({"input.value": "plain text"}) == []
 
 
+def test_offers_from_a_crewai_task_output():
+    """CrewAI's OpenInference agent span: the completed task's messages hold the model's tool calls."""
+    call = {"id": "call_7", "type": "function", "function": {"name": "get_order", "arguments": '{"order_id": "A-1"}'}}
+    output = orjson.dumps({"description": "t", "raw": "Done.", "messages": [
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "ok", "tool_call_id": "call_7"}]}).decode()
+    (tool, fp, _, call_id), = offered_calls({"crew_id": "c1", "input.value": "{}", "output.value": output})
+    assert (tool, fp, call_id) == ("get_order", fingerprint_arguments({"order_id": "A-1"}), "call_7")
+    assert offered_calls({"input.value": "{}", "output.value": output}) == []  # not a CrewAI task span
+
+
 # --- the policy hook -------------------------------------------------------------------------
 
 

@@ -20,9 +20,10 @@ the real instrumentations (tests/frameworks generates their spans):
   and CrewAI instrumentations: not an identity.
 - Tool-call ids are not on the tool span in several stacks: they are recovered
   from the calls a model span offers (``llm.output_messages.*.tool_calls``,
-  ``gen_ai.output.messages``) or a parent chain span's input (LangGraph's
-  ``tool_call_with_context``), see ``offered_calls``; detectors/identity.py
-  matches them to tool spans of the same trace.
+  ``gen_ai.output.messages``), a parent chain span's input (LangGraph's
+  ``tool_call_with_context``) or a CrewAI task span's output messages, see
+  ``offered_calls``; detectors/identity.py matches them to tool spans of the
+  same trace.
 
 Only plain functions over an attribute dict, run once per span, and only on the
 spans that need them.
@@ -198,6 +199,22 @@ def _chain_input_call(value: Any) -> Iterator[tuple[str, Any, str]]:
         yield str(call.get("name") or ""), call.get("args"), call["id"]
 
 
+def _task_output_calls(value: Any) -> Iterator[tuple[str, Any, str]]:
+    """CrewAI (OpenInference): the agent span's ``output.value`` is the task's output, whose
+    ``messages`` hold the model's tool calls in OpenAI's format when it does native function
+    calling. Only a completed task has one: a run CrewAI stopped records none."""
+    if not isinstance(value, str) or '"tool_calls"' not in value:
+        return
+    doc = _json(value)
+    messages = doc.get("messages") if isinstance(doc, dict) else None
+    for msg in messages if isinstance(messages, list) else ():
+        calls = msg.get("tool_calls") if isinstance(msg, dict) and msg.get("role") == "assistant" else None
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(call.get("id"), str):
+                yield str(fn.get("name") or ""), fn.get("arguments"), call["id"]
+
+
 def offered_calls(attrs: dict[str, Any]) -> list[list[str]]:
     """Tool calls a span records but does not execute: [tool, fingerprint, alt fingerprint, call id].
 
@@ -213,6 +230,9 @@ def offered_calls(attrs: dict[str, Any]) -> list[list[str]]:
     for key in ("input.value", "traceloop.entity.input"):
         if key in attrs:
             sources.append(_chain_input_call(attrs[key]))
+    # a CrewAI task span (it has an input.value too, which is what brings the decoder here)
+    if "crew_id" in attrs and "output.value" in attrs:
+        sources.append(_task_output_calls(attrs["output.value"]))
     for source in sources:
         for tool, args, call_id in source:
             value = _json(args) if isinstance(args, str) else args
