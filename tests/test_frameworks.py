@@ -10,6 +10,8 @@ framework's own virtualenv (tests/frameworks/venvs.py), from an agent named
 - decoded and attributed: the agent id is the agent's name (never the SDK's
   random ``service.instance.id``), tool names, argument fingerprints as the
   model made the calls, call ids, token counts;
+- the call ids at work: an approval covering one call, audit records joined to
+  their calls (one by its call id alone), an unaudited call unconfirmed;
 - replayed through ``agentwatch replay``: every scenario's alerts, exactly;
 - live through a worker on the real broker: the same alerts.
 """
@@ -24,13 +26,17 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 
+from detectors.join import is_index_copy
+from detectors.policy import parse_policy
 from streams.policy_file import load_policy
 from schemas.alerts import Alert
+from schemas.decoders.native import decode_native
 from schemas.decoders.otlp import decode_otlp
 from schemas.events import Event, EventKind, IdentitySource, fingerprint_arguments
 from streams.replay import records_in_event_time
-from streams.stages import CorrelateStage, IngestStage, RawRecord
+from streams.stages import CorrelateStage, DetectStage, IngestStage, RawRecord
 from tests.frameworks import matrix
 from tests.frameworks.harness import SCENARIOS, SERVICE_NAME, usage
 from tests.frameworks.venvs import COMBOS, Combo, generate
@@ -76,22 +82,22 @@ def test_agent_tools_arguments_call_ids_and_tokens(recordings, combo: Combo):
         # wrappers around the agent (a crew, a workflow) that name none fall back to service.name
         assert {e.agent_id for e in events} <= {matrix.agent_id(combo), SERVICE_NAME}, where
         assert {e.tenant for e in events} == {matrix.tenant(combo)}, where
-        calls = [c for turn in turns for c in turn]
+        calls = matrix.calls(combo, scenario)
         tools = sorted((e for e in events if e.kind is EventKind.TOOL_CALL), key=lambda e: e.ts)
         if combo.framework == "smolagents":  # every smolagents run ends by calling its final_answer tool
             assert tools[-1].tool_name == "final_answer", where
             tools = tools[:-1]
-        if combo.framework in matrix.NO_TOOL_SPANS:
+        if combo.name in matrix.NO_TOOL_SPANS:
             assert tools == [], f"{where}: the instrumentation now records tool calls: add them to the matrix"
             continue
         assert [e.tool_name for e in tools] == [c.tool for c in calls], where
         # arguments as the model made the call: the same call fingerprints the same, any other differently
         assert [e.args_fingerprint for e in tools] == [fingerprint_arguments(c.args) for c in calls], where
-        if combo.framework not in matrix.NO_CALL_IDS:
+        if combo.name not in matrix.NO_CALL_IDS and (combo.framework, scenario) not in matrix.NO_CALL_IDS_IN:
             assert [e.tool_call_id for e in tools] == [c.call_id for c in calls], where
         failing = scenario == "failing"
         assert [e.outcome for e in tools] == ["error" if failing else "ok"] * len(calls), where
-        if combo.framework not in matrix.NO_TOKENS:
+        if combo.name not in matrix.NO_TOKENS:
             want_in = sum(usage(n)[0] for n in range(len(turns) + 1))
             want_out = sum(usage(n)[1] for n in range(len(turns) + 1))
             llm = [e for e in events if e.kind is EventKind.LLM_CALL]
@@ -100,8 +106,55 @@ def test_agent_tools_arguments_call_ids_and_tokens(recordings, combo: Combo):
                 want_in, want_out), where
     same = [e for e in _attributed(rec.records["same_call"]) if e.tool_name == "get_order"]
     varied = [e for e in _attributed(rec.records["varied"]) if e.tool_name == "get_order"]
-    if combo.framework not in matrix.NO_TOOL_SPANS:
+    if combo.name not in matrix.NO_TOOL_SPANS:
         assert len({e.args_fingerprint for e in same}) == 1 and len({e.args_fingerprint for e in varied}) == 6
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c.name not in matrix.NO_CALL_IDS],
+                         ids=[c.name for c in COMBOS if c.name not in matrix.NO_CALL_IDS])
+def test_recovered_call_ids_serve_approvals_audit_joins_and_unconfirmed_action(recordings, combo: Combo):
+    """The healthy run (get_order call_ok_0, search_kb, get_order call_ok_2, send_email call_ok_3) with
+    what the call ids are for: send_email is high risk, and so is the audited mail.send it causes;
+    an approval covers call_ok_3 by its id; every get_order must leave an audit record, and the one of
+    call_ok_0 names the call by its id alone (as a tool writing its call id into a SQL comment does),
+    while call_ok_2 leaves none. Where the stack put the id elsewhere than on the tool span, only the
+    recovered id lets these match: exactly one alert, unconfirmed_action for call_ok_2."""
+    doc = yaml.safe_load(POLICY.read_text())
+    doc["high_risk"] = {"tools": ["send_email"], "audit": [{"action": "mail.send"}]}
+    doc.setdefault("detectors", {})["unconfirmed_action"] = {"tools": ["get_order"]}
+    policy = parse_policy(doc)
+    ingest = IngestStage({"otlp": decode_otlp, "native": decode_native})
+    spans = ingest.process([RawRecord("otlp", 0, i, v) for i, v in enumerate(recordings[combo].records["healthy"])])
+    tools = sorted((e for evs in spans.by_trace.values() for e in evs
+                    if e.kind is EventKind.TOOL_CALL and not is_index_copy(e)), key=lambda e: e.ts)
+    assert [e.tool_name for e in tools] == ["get_order", "search_kb", "get_order", "send_email"]
+    first, mail = tools[0], tools[3]
+    tenant = matrix.tenant(combo)
+
+    def at(ev: Event, shift_s: float = 0.0) -> float:
+        return (ev.ts.timestamp() - ev.duration_ms / 2000) + shift_s  # inside the span
+
+    native = [
+        {"kind": "approval", "ts": at(mail, -30), "agent_id": "ops-agent", "tenant": tenant,
+         "approver": "oncall@example.com", "decision": "granted", "covers_tool_call_id": "call_ok_3"},
+        {"kind": "audit", "ts": at(mail), "principal": "svc-mail", "action": "mail.send", "tenant": tenant,
+         "resource": "customer@example.com", "outcome": "allow", "trace_id": mail.trace_id, "span_id": mail.span_id},
+        {"kind": "audit", "ts": at(first), "principal": "svc-orders", "action": "orders.read", "tenant": tenant,
+         "resource": "A-2001", "outcome": "allow", "tool_call_id": "call_ok_0"},
+    ]
+    audits = ingest.process([RawRecord("native", 0, 0, orjson.dumps(native))])
+    assert not spans.dead and not audits.dead
+    correlate, detect = CorrelateStage(policy), DetectStage(policy)
+    events = [e for r in (spans, audits) for evs in r.by_trace.values() for e in evs]
+    attributed = correlate.process_local(events) + correlate.finish_local()
+    alerts = detect.process(sorted(attributed + [e for evs in audits.by_agent.values() for e in evs],
+                                   key=lambda e: e.ts)) + detect.finish()
+    joined = {e.action: e for e in attributed if e.kind is EventKind.AUDIT}
+    assert {a: (e.attributes.get("join"), e.agent_id, e.tool_call_id) for a, e in joined.items()} == {
+        "mail.send": ("matched", "ops-agent", "call_ok_3"), "orders.read": ("matched", "ops-agent", "call_ok_0")}
+    latest = {a.alert_id: a for a in alerts}.values()
+    assert [(a.detector, a.agent_id) for a in latest] == [("unconfirmed_action", "ops-agent")]
+    assert "call_ok_2" in next(iter(latest)).summary
 
 
 def _replay_cli(paths: list[Path]) -> list[Alert]:
