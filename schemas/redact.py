@@ -11,6 +11,8 @@ the rest, so a detection that matches a resource (``postgres://db/payroll``,
 * the password of a URL or DSN (``scheme://user:PASSWORD@host``);
 * ``password=``/``token=``/``secret=``/``api_key=`` ... parameters, in query
   strings, connection strings (``Password=...;``) and ``key: value`` text;
+* password literals of SQL statements (``ALTER ROLE r PASSWORD '...'``,
+  ``IDENTIFIED BY '...'``) and ``--password``/``--token`` command-line flags;
 * the whole value of an attribute whose *name* says it is a credential
   (``http.request.header.authorization``, ``...cookie``, ``...api_key``).
 
@@ -44,8 +46,9 @@ _DEFAULT_RULES: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("private_key", ("private key",),
      r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
      r"-----BEGIN \1PRIVATE KEY-----" + MASK + r"-----END \1PRIVATE KEY-----"),
+    # the separator may be URL-encoded (``?authorization=Bearer%20...``)
     ("auth_header", ("bearer", "basic", "token", "digest"),
-     r"(?i)\b(bearer|basic|token|digest)(\s+)[A-Za-z0-9._~+/=\-]{6,}", r"\1\2" + MASK),
+     r"(?i)\b(bearer|basic|token|digest)(\s+|%20|\+)[A-Za-z0-9._~+/=\-]{6,}", r"\1\2" + MASK),
     ("jwt", ("eyj",), r"\beyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*", MASK),
     ("openai_key", ("sk-",), r"\bsk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_\-]{16,}", MASK),
     ("aws_key", ("akia", "asia"), r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", MASK),
@@ -55,6 +58,15 @@ _DEFAULT_RULES: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("url_password", ("@",), r"(://[^\s:/@?#]*:)([^\s@/?#]+)(@)", r"\1" + MASK + r"\3"),
     ("secret_param", ("pass", "pwd", "secret", "token", "key", "credential"),
      r"(?i)(" + _SECRET_KEY + r"[\"']?\s*[=:]\s*[\"']?)([^\s&;,\"'}]+)", r"\1" + MASK),
+    # SQL sets passwords as literals, and audit logs (pgaudit, log_statement) keep the statement:
+    # ALTER ROLE r PASSWORD '...', CREATE USER u IDENTIFIED [WITH plugin] BY '...', PASSWORD('...');
+    # an unterminated literal (a cut log line) is masked to the end
+    ("sql_password", ("password", "identified"),
+     r"(?i)(\b(?:password|identified(?:\s+with\s+\w+)?\s+by)(?:\s+|\s*\(\s*))(?:'(?:[^']|'')*(?:'|$)|\"(?:[^\"]|\"\")*(?:\"|$))",
+     r"\1'" + MASK + "'"),
+    # command lines: --password VALUE, --token VALUE (the = form is secret_param's)
+    ("flag_secret", ("--",),
+     r"(?i)(--(?:password|passwd|token|secret|api-key|access-token)\s+)([^\s-][^\s]*)", r"\1" + MASK),
 )
 
 _SECRET_NAME = re.compile(

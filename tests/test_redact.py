@@ -31,6 +31,15 @@ CASES = [
      "b3BlbnNzaC1rZXktdjEAAAA", "BEGIN OPENSSH PRIVATE KEY"),
     ('{"user": "bob", "password": "correct-horse"}', "correct-horse", '"user": "bob"'),
     ("export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCY", "export"),
+    ("https://svc.example/x?secret=Sh0wMeNot&x=1", "Sh0wMeNot", "&x=1"),
+    ("https://svc.example/cb?authorization=Bearer%20opaqueTok3nValue", "opaqueTok3nValue", "https://svc.example/cb"),
+    # SQL password literals, as pgaudit and log_statement keep them
+    ("ALTER ROLE app WITH LOGIN PASSWORD 'Rol3Passw0rd' VALID UNTIL 'infinity'", "Rol3Passw0rd", "VALID UNTIL"),
+    ("ALTER ROLE app PASSWORD 'it''s Rol3Passw0rd'", "Rol3Passw0rd", "ALTER ROLE app PASSWORD"),
+    ("CREATE USER bob IDENTIFIED WITH sha256_password BY 'Us3rPassw0rd'", "Us3rPassw0rd", "CREATE USER bob"),
+    ("SET PASSWORD FOR bob = PASSWORD('Us3rPassw0rd')", "Us3rPassw0rd", "SET PASSWORD FOR bob"),
+    ("ALTER ROLE app PASSWORD 'cut off Rol3Passw0rd", "Rol3Passw0rd", "ALTER ROLE app"),
+    ("mysql -h db --password Cl1Passw0rd -e 'select 1'", "Cl1Passw0rd", "-e 'select 1'"),
 ]
 
 
@@ -49,6 +58,9 @@ def test_each_kind_of_secret_is_masked_and_the_rest_kept(text: str, secret: str,
     "gen_ai.usage.input_tokens=512 max_tokens=1024",
     "s3://finance-reports/2026/q1.csv",
     "kubectl delete deployment agent-b -n prod",
+    "SELECT user, password_last_changed FROM mysql.user",
+    "ALTER ROLE app PASSWORD NULL",
+    "ls --tokens-file x -- y",
 ])
 def test_ordinary_text_is_untouched(text: str):
     assert DEFAULT.text(text) == text
@@ -121,3 +133,30 @@ def test_policy_redaction_patterns_apply_at_ingest_and_on_hot_reload(tmp_path):
     os.utime(policy, (later, later))
     pipeline._check_policy()
     assert pipeline.ingest.redactor.text("employee EMP-123456") == f"employee {MASK}"
+
+
+def test_log_lines_mask_credentials_in_messages_fields_and_tracebacks():
+    import logging
+
+    from streams.logs import JsonFormatter, MaskingFormatter
+
+    try:
+        raise ConnectionError("POST https://hooks.example/in?token=HookTok3n failed")
+    except ConnectionError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("agentwatch.test", logging.WARNING, __file__, 1,
+                               "cannot reach %s", ("http://u:Pw0rdX@ch.internal:8123",), exc_info)
+    record.endpoint = "https://am:AmSecret9@am.internal:9093"  # an extra={...} field
+    for formatter in (JsonFormatter(), MaskingFormatter("%(message)s %(endpoint)s")):
+        line = formatter.format(record)
+        for secret in ("Pw0rdX", "AmSecret9", "HookTok3n"):
+            assert secret not in line, line
+        assert "u:****@ch.internal" in line
+
+
+def test_health_shows_the_dsn_masked(tmp_path):
+    from streams.query_api import health
+
+    s = load_settings(home=tmp_path, clickhouse_dsn="https://analyst:Pw0rdX@ch.internal:8443/")
+    assert health(s)["dsn"] == "https://analyst:****@ch.internal:8443/"
+
