@@ -52,7 +52,7 @@ from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
-from agentwatch_client.errors import BrokerError, ConfigError, SignatureError
+from agentwatch_client.errors import BrokerError, ConfigError, LastLibraryError, SignatureError
 from agentwatch_client.wire import (
     agent_key,
     DEFAULT_CLOCK_SKEW_S,
@@ -164,16 +164,22 @@ class AgentClient:
             self.control_topic, bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", **self.kafka_options,
         )
+        # aiokafka tells why it could not connect (authentication, certificate) only in its log
+        caught = LastLibraryError()
+        logging.getLogger("aiokafka").addHandler(caught)
         try:
             await self._producer.start()
             await self._consumer.start()
             await self._assign_control_partitions()
         except (KafkaError, OSError) as exc:
             await self._close_clients()
-            raise BrokerError(f"agentwatch client: Kafka unreachable at {self.bootstrap}: {exc}") from None
+            why = " ".join((caught.message or str(exc)).split())[:400]
+            raise BrokerError(f"agentwatch client: Kafka unreachable at {self.bootstrap}: {why}") from None
         except BaseException:
             await self._close_clients()
             raise
+        finally:
+            logging.getLogger("aiokafka").removeHandler(caught)
         self._tasks = [
             asyncio.create_task(self._control_loop(), name=f"agentwatch-control-{self.agent_id}"),
             asyncio.create_task(self._flush_loop(), name=f"agentwatch-flush-{self.agent_id}"),

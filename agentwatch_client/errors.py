@@ -7,6 +7,8 @@ client; ``schemas.errors`` re-exports them and adds the server's own errors, so
 
 from __future__ import annotations
 
+import logging
+
 
 class AgentwatchError(Exception):
     """Base of every error agentwatch raises on purpose."""
@@ -29,3 +31,15 @@ class BrokerError(AgentwatchError):
 
 class SignatureError(AgentwatchError):
     """A kill-switch command failed verification (forged, unsigned, expired, replayed)."""
+
+
+class LastLibraryError(logging.Handler):
+    """Keeps the last error a library logged (aiokafka says why bootstrapping failed, such
+    as bad credentials or an untrusted certificate, only in its log) for a one-line error."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()

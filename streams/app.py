@@ -129,6 +129,8 @@ class Pipeline:
             store="memory://",
             autodiscover=False,
             topic_partitions=s.partitions,
+            # topics faust declares itself (its assignor's leader topic) replicate like ours
+            topic_replication_factor=s.kafka_replication_factor,
             topic_allow_declare=True,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,

@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+from agentwatch_client.errors import LastLibraryError
 from schemas.errors import BrokerError
 from streams.settings import Settings
 
@@ -167,22 +168,10 @@ async def ensure_topics(
         await _close(admin)
 
 
-class _LastError(logging.Handler):
-    """Keeps aiokafka's connection errors (why bootstrapping failed: bad credentials, an
-    untrusted certificate) instead of printing them, for one BrokerError line."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.message = ""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.message = record.getMessage()
-
-
 async def _start(admin: AIOKafkaAdminClient, bootstrap: str, timeout_s: float) -> None:
     """Start an admin client; a BrokerError saying why on one line if it cannot connect."""
     aiokafka_log = logging.getLogger("aiokafka")
-    caught = _LastError()
+    caught = LastLibraryError()
     aiokafka_log.addHandler(caught)
     propagate, aiokafka_log.propagate = aiokafka_log.propagate, False
     try:

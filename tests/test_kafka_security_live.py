@@ -42,7 +42,9 @@ def make_pki(d: Path, name: str = "ca") -> dict[str, Path]:
     d.mkdir(parents=True, exist_ok=True)
     _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
          "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    # the broker is named by its address only: "localhost" (which resolves to it) is not its name,
+    # so a client that checks host names refuses it there
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     for who in ("broker", "client"):
         _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout", f"{who}.key",
              "-out", f"{who}.csr", cwd=d)
@@ -84,6 +86,70 @@ def _env(secure: str, pki: dict[str, Path], **over: str) -> dict[str, str]:
         "AGENTWATCH_KAFKA_SSL_KEYFILE": str(pki["client_key"]),
     }
     return {**env, **over}
+
+
+def _settings(secure: str, pki: dict[str, Path], **over: object):
+    return load_settings(**{**{k.removeprefix("AGENTWATCH_").lower(): v for k, v in _env(secure, pki).items()},
+                            **over})
+
+
+def test_every_sasl_mechanism_mutual_tls_and_host_name_verification(secure_broker):
+    """PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 each carry records through the SASL_SSL listener;
+    without a client certificate the broker refuses the client (mutual TLS), and a name the
+    broker's certificate does not carry is refused unless host name checking is turned off."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from schemas.control import generate_keypair
+    from schemas.errors import BrokerError
+    from streams.kafka import ensure_topics, missing_topics
+
+    _, secure, pki = secure_broker
+
+    async def round_trip(options: dict, topic: str) -> bytes:
+        await ensure_topics(secure, [topic], 1, security=options)
+        producer = AIOKafkaProducer(bootstrap_servers=secure, **options)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, topic.encode())
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=secure, auto_offset_reset="earliest", **options)
+        await consumer.start()
+        try:
+            return (await asyncio.wait_for(consumer.getone(), 60)).value
+        finally:
+            await consumer.stop()
+
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        options = kafka_options(_settings(secure, pki, kafka_sasl_mechanism=mechanism))
+        assert options["sasl_mechanism"] == mechanism
+        topic = f"sasl-{mechanism.lower()}"
+        assert asyncio.run(round_trip(options, topic)) == topic.encode()
+
+    no_client_cert = kafka_options(_settings(secure, pki, kafka_ssl_certfile=None, kafka_ssl_keyfile=None))
+    with pytest.raises(BrokerError) as refused:
+        asyncio.run(missing_topics(secure, ["x"], security=no_client_cert, timeout_s=15))
+    assert "\n" not in str(refused.value)
+
+    by_name = secure.replace("127.0.0.1", "localhost")
+    with pytest.raises(BrokerError, match="(?i)hostname|certificate") as mismatch:
+        asyncio.run(missing_topics(by_name, ["x"], security=kafka_options(_settings(secure, pki)), timeout_s=15))
+    assert "\n" not in str(mismatch.value)
+    # the agent client too says why it cannot connect, on one line
+    other_ca = pki["ca"].parent / "other.crt"
+    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=other",
+         "-keyout", "other.key", "-out", other_ca.name, cwd=other_ca.parent)
+    for over, why in (({"kafka_sasl_password": "not-the-password"}, "authentication"),
+                      ({"kafka_ssl_cafile": other_ca}, "certificate")):
+        client = AgentClient("agent-refused", secure, public_keys=generate_keypair()[1],
+                             kafka_options=kafka_options(_settings(secure, pki, **over)))
+        with pytest.raises(BrokerError) as failed:
+            asyncio.run(client.start())
+        message = str(failed.value)
+        assert why in message.lower() and "\n" not in message and "not-the-password" not in message, message
+
+    unchecked = kafka_options(_settings(secure, pki, kafka_ssl_check_hostname=False))
+    assert asyncio.run(missing_topics(by_name, ["sasl-plain", "x"], security=unchecked, timeout_s=30)) == ["x"]
 
 
 def test_worker_and_agent_client_detect_through_sasl_ssl(secure_broker, tmp_path: Path):
@@ -170,3 +236,13 @@ def test_created_topics_take_the_configured_replication_and_min_insync_replicas(
     # one broker cannot hold three replicas: a one-line error naming the setting's value
     with pytest.raises(BrokerError, match="replication factor 3"):
         asyncio.run(ensure_topics(secure, ["rf-topic"], 1, security=options, replication_factor=3))
+
+
+def test_faust_declares_its_own_topics_with_the_configured_replication_factor(tmp_path):
+    from streams.app import Pipeline
+    from streams.policy_file import load_policy
+
+    s = load_settings(home=tmp_path, clickhouse_dsn=f"chdb://{tmp_path}/ch", web_port=6998,
+                      kafka_replication_factor=3)
+    pipeline = Pipeline(s, load_policy(None), "127.0.0.1:9", {}, None)  # nothing connects until it runs
+    assert pipeline.app.conf.topic_replication_factor == 3
