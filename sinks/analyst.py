@@ -47,11 +47,12 @@ separate connection) when its client goes away.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -78,9 +79,10 @@ class AnalystLimits:
     max_execution_time_s: float = 30.0
     max_result_rows: int = 100_000
     max_result_bytes: int = 64 * 1024 * 1024
+    max_threads: int = 0  # 0: ClickHouse's default (every core)
 
     def settings(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_execution_time": self.max_execution_time_s,
             "max_result_rows": self.max_result_rows,
             "max_result_bytes": self.max_result_bytes,
@@ -88,6 +90,18 @@ class AnalystLimits:
             "output_format_json_quote_64bit_integers": 0,
             "date_time_output_format": "iso",
         }
+        if self.max_threads > 0:
+            out["max_threads"] = self.max_threads
+        return out
+
+
+def embedded_threads() -> int:
+    """An analyst query's share of this machine with the embedded store: half the cores.
+
+    The embedded store runs in the worker's process, and ClickHouse gives a query every core
+    by default: a long count would leave the pipeline's stages, on the same machine, waiting
+    for CPU. (readonly=1 keeps the query from raising it.)"""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 class _Connection(Protocol):
@@ -165,6 +179,8 @@ class AnalystEngine:
         scheme = urlsplit(dsn).scheme.lower() if "://" in dsn else dsn.partition(":")[0]
         if scheme == "chdb":
             path = _chdb_path(dsn)
+            if self.limits.max_threads == 0:
+                self.limits = replace(self.limits, max_threads=embedded_threads())
             self._open: Callable[[dict[str, Any] | None], _Connection] = lambda s: _ChdbConnection(path, s)
         elif scheme in ("http", "https"):
             self._open = lambda s: _ServerConnection(dsn, s)

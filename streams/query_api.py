@@ -56,7 +56,8 @@ def query_token(settings: Settings) -> str:
 
 
 def limits(settings: Settings) -> AnalystLimits:
-    return AnalystLimits(settings.query_max_seconds, settings.query_max_rows, settings.query_max_bytes)
+    return AnalystLimits(settings.query_max_seconds, settings.query_max_rows, settings.query_max_bytes,
+                         settings.query_max_threads)
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str]:

@@ -162,6 +162,9 @@ class Settings(ControlSettings):
     query_max_seconds: float = Field(30.0, gt=0, description="an analyst query is stopped after this long")
     query_max_rows: int = Field(100_000, ge=1, description="most rows an analyst query may return")
     query_max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="most bytes an analyst query may return")
+    query_max_threads: int = Field(0, ge=0, description="threads an analyst query may use; 0 = half of this "
+                                   "machine's cores (at least 1) with the embedded store, so the pipeline keeps "
+                                   "the rest; the server's own default with a ClickHouse server")
     log_level: str = Field("warning", description="debug, info, warning or error")
     log_format: str = Field("json", description="json (one object per line) or text")
 
