@@ -43,6 +43,13 @@ EXAMPLES = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+# instrumentation scopes schemas/decoders/otel_profiles.py reads differently from the conventions
+PROFILE_SCOPES = ("openinference.instrumentation.langchain", "openinference.instrumentation.smolagents",
+                  "openinference.instrumentation.crewai", "openinference.instrumentation.openai_agents",
+                  "openinference.instrumentation", "opentelemetry.instrumentation.langchain",
+                  "opentelemetry.instrumentation.crewai")
+
+
 def _json_seeds() -> list[Any]:
     seeds: list[Any] = []
     audit = FIXTURES / "audit"
@@ -52,6 +59,16 @@ def _json_seeds() -> list[Any]:
         seeds.append(json.loads(line))
     for line in (FIXTURES / "otel" / "retry_loop_genai.jsonl").read_text().splitlines()[:2]:
         seeds.append(json.loads(line))
+    # spans read through each instrumentation profile (chosen by scope name): these parse
+    # JSON carried in attribute strings (tool arguments, offered tool calls)
+    for scope in PROFILE_SCOPES:
+        fixture = "retry_loop_openinference.jsonl" if scope.startswith("openinference") else \
+            "retry_loop_openllmetry.jsonl"
+        doc = json.loads((FIXTURES / "otel" / fixture).read_text().splitlines()[0])
+        for rs in doc["resourceSpans"]:
+            for ss in rs["scopeSpans"]:
+                ss["scope"]["name"] = scope
+        seeds.append(doc)
     seeds.append([{"kind": "tool_call", "agent_id": "a", "ts": "2026-01-15T11:00:00Z", "tool_name": "t",
                    "arguments": {"x": 1}, "outcome": "ok", "attributes": {"k": "v"}}])
     return seeds
@@ -87,7 +104,8 @@ def mutated_json(draw: st.DrawFn) -> bytes:
         if isinstance(parent, dict) and draw(st.booleans()):
             del parent[key]
         else:
-            parent[key] = draw(json_values)
+            # an arbitrary value, or arbitrary JSON inside a string (as attribute values carry it)
+            parent[key] = draw(json_values | json_values.map(json.dumps))
     return _dumps(doc)
 
 

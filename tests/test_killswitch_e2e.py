@@ -10,6 +10,7 @@ acknowledges escalates (killswitch_unacknowledged).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -213,14 +214,21 @@ def test_forged_ack_does_not_silence_the_escalation_and_the_genuine_ack_clears_i
     worker.produce(worker.settings.topic_acks, [
         ack(forged_cmd).to_json(),                      # unsigned
         ack(forged_cmd).signed(mallory).to_json(),      # signed, by the wrong key
-        ack(genuine_cmd).signed(signing).to_json(),   # the agent's own
+        ack(genuine_cmd).signed(mallory).to_json(),     # a forgery first: it must not block the genuine ack
+        ack(genuine_cmd).signed(signing).to_json(),     # the agent's own
     ], key=b"signing-agent")
     alerts = worker.wait_alerts(lambda a: any(x.detector == "killswitch_unacknowledged"
                                               and x.labels.get("command_id") == forged_cmd.command_id for x in a),
                                 timeout=60)
     escalated = {a.labels.get("command_id") for a in alerts if a.detector == "killswitch_unacknowledged"}
     assert forged_cmd.command_id in escalated, worker.log_tail()
-    assert worker.metric("agentwatch_forged_acks_total") >= 2
+    deadline = time.monotonic() + 30
+    while worker.metric("agentwatch_forged_acks_total") < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker.metric("agentwatch_forged_acks_total") >= 3
+    # recorded as forged, with the command it claimed to acknowledge
+    forged_lines = [line for line in worker.log_path.read_text().splitlines() if "forged acknowledgement" in line]
+    assert {forged_cmd.command_id, genuine_cmd.command_id} <= {json.loads(line)["command_id"] for line in forged_lines}
     time.sleep(ACK_DEADLINE_S + 2)
     alerts = worker.wait_alerts(lambda a: False, timeout=5)
     escalated = {a.labels.get("command_id") for a in alerts if a.detector == "killswitch_unacknowledged"}
