@@ -9,6 +9,7 @@ detected as planted.
 from __future__ import annotations
 
 import io
+import re
 from contextlib import redirect_stdout
 
 import pytest
@@ -38,4 +39,7 @@ def test_bench_prints_every_row_and_the_planted_incidents_fire(kafka_bootstrap: 
     assert "detection latency" in table and "kill switch" in table
     # the wait for an agent span exported after its tool calls is reported apart from detection
     assert "agent span exported later" in table
+    # what redacting secrets at ingest costs per event (issue 8)
+    assert re.search(r"secret redaction at ingest: [0-9.]+ us per event without secrets, [0-9.]+ us per event "
+                     r"carrying one", table), table
     assert code == 0
