@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,3 +173,41 @@ def test_client_imports_inside_an_app_with_its_own_schemas_module(fresh_venv: Pa
                             "print((pathlib.Path(agentwatch_client.__file__).parent / 'py.typed').exists())"],
                            cwd=app, capture_output=True, text=True, check=True, env=env)
     assert typed.stdout.strip() == "True"
+
+
+def test_the_documented_examples_call_the_real_api() -> None:
+    """docs/client.md's examples compile, import what the package exports, and call the client's
+    methods and constructors with arguments they accept (a renamed argument breaks the doc, here)."""
+    import ast
+    import inspect
+
+    import agentwatch_client
+    from agentwatch_client import AgentClient, SyncAgentClient
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "client.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    signatures = {"AgentClient": inspect.signature(AgentClient),
+                  "SyncAgentClient": inspect.signature(SyncAgentClient),
+                  **{name: inspect.signature(getattr(AgentClient, name))
+                     for name in ("record_tool_call", "record_llm_call", "emit", "allowed", "flush")}}
+    sync_client_kwargs = set(inspect.signature(AgentClient).parameters)  # SyncAgentClient passes **kwargs on
+    checked = 0
+    for block in blocks:
+        tree = ast.parse(block)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "agentwatch_client":
+                assert all(hasattr(agentwatch_client, a.name) for a in node.names), [a.name for a in node.names]
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if name not in signatures:
+                continue
+            keywords = {k.arg for k in node.keywords if k.arg}
+            params = signatures[name].parameters
+            accepted = set(params) | (sync_client_kwargs if name == "SyncAgentClient" else set())
+            assert keywords <= accepted, (name, keywords - accepted)
+            positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                          and p.name != "self"]
+            assert len(node.args) <= len(positional), (name, len(node.args))
+            checked += 1
+    assert checked >= 6, checked
