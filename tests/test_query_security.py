@@ -123,6 +123,13 @@ def _tables(w: LiveWorker) -> set[str]:
     return {r[0] for r in run_query(w.settings, "SELECT name FROM system.tables WHERE database = 'agentwatch'").rows}
 
 
+def _contents(w: LiveWorker) -> tuple:
+    """What the data tables hold (distinct ids: stable while merges drop replaced rows)."""
+    sql = ("SELECT (SELECT uniqExact(event_id) FROM agentwatch.events), "
+           "(SELECT uniqExact(alert_id) FROM agentwatch.alerts)")
+    return tuple(run_query(w.settings, sql).rows[0])
+
+
 def _databases(w: LiveWorker) -> set[str]:
     return {r[0] for r in run_query(w.settings, "SELECT name FROM system.databases").rows}
 
@@ -171,13 +178,14 @@ def long_query(worker: LiveWorker) -> LongQuery:
 
 def _detected_during(worker: LiveWorker, q: LongQuery, agent: str) -> float:
     """Send a retry loop of ``agent``; the seconds into the long query when its alert was out
-    and its events stored, asserting the query was still running then."""
+    and it and its events were stored, asserting the query was still running then."""
     worker.produce(worker.settings.topic_events_in, [native_retry(agent)])
     alerts = worker.wait_alerts(lambda a: any(x.agent_id == agent for x in a), timeout=60)
     assert any(a.agent_id == agent for a in alerts), worker.log_tail()
-    rows = worker.wait_rows(f"SELECT count() FROM agentwatch.events WHERE agent_id = '{agent}'",
-                            lambda r: r[0][0] >= 6, timeout=30)
-    assert rows[0][0] >= 6
+    rows = worker.wait_rows(f"SELECT (SELECT count() FROM agentwatch.events WHERE agent_id = '{agent}'), "
+                            f"(SELECT count() FROM agentwatch.alerts WHERE agent_id = '{agent}')",
+                            lambda r: r[0][0] >= 6 and r[0][1] >= 1, timeout=30)
+    assert rows[0][0] >= 6 and rows[0][1] >= 1, rows
     at = time.monotonic() - q.started
     assert q.thread.is_alive(), f"the long query ended before {agent} was detected ({at:.0f} s): {q.result}"
     return at
@@ -200,6 +208,8 @@ def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_pro
     secret = key.read_text().strip()
     before = _tables(worker)
     assert {"events", "alerts", "dlq"} <= before
+    held = _contents(worker)
+    assert held[0] >= 6, held  # the long query's first retry loop is stored
     token = query_token(worker.settings)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     for sql in attacks(key, tmp_path, http_probe.url):
@@ -212,6 +222,7 @@ def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_pro
             run_query(worker.settings, sql)
         _refused_one_line(str(exc.value))
     assert _tables(worker) == before
+    assert _contents(worker) == held
     assert not {"probe_rw"} & _databases(worker)
     assert list(tmp_path.iterdir()) == []
     assert http_probe.requests == []
