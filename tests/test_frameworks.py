@@ -100,10 +100,8 @@ def test_agent_tools_arguments_call_ids_and_tokens(recordings, combo: Combo):
         if combo.name not in matrix.NO_TOKENS:
             want_in = sum(usage(n)[0] for n in range(len(turns) + 1))
             want_out = sum(usage(n)[1] for n in range(len(turns) + 1))
-            llm = [e for e in events if e.kind is EventKind.LLM_CALL]
-            counted = llm or [e for e in events if e.kind is EventKind.AGENT and e.input_tokens]  # smolagents
-            assert (sum(e.input_tokens for e in counted), sum(e.output_tokens for e in counted)) == (
-                want_in, want_out), where
+            llm = [e for e in events if e.kind is EventKind.LLM_CALL]  # what token budgets and spikes count
+            assert (sum(e.input_tokens for e in llm), sum(e.output_tokens for e in llm)) == (want_in, want_out), where
     same = [e for e in _attributed(rec.records["same_call"]) if e.tool_name == "get_order"]
     varied = [e for e in _attributed(rec.records["varied"]) if e.tool_name == "get_order"]
     if combo.name not in matrix.NO_TOOL_SPANS:
@@ -127,7 +125,8 @@ def test_recovered_call_ids_serve_approvals_audit_joins_and_unconfirmed_action(r
     spans = ingest.process([RawRecord("otlp", 0, i, v) for i, v in enumerate(recordings[combo].records["healthy"])])
     tools = sorted((e for evs in spans.by_trace.values() for e in evs
                     if e.kind is EventKind.TOOL_CALL and not is_index_copy(e)), key=lambda e: e.ts)
-    assert [e.tool_name for e in tools] == ["get_order", "search_kb", "get_order", "send_email"]
+    # the healthy run's calls (smolagents' then ends with final_answer)
+    assert [e.tool_name for e in tools][:4] == ["get_order", "search_kb", "get_order", "send_email"]
     first, mail = tools[0], tools[3]
     tenant = matrix.tenant(combo)
 

@@ -3,9 +3,11 @@
 smolagents requires an agent name that is a Python identifier, so this agent is
 ``ops_agent`` (docs/frameworks/smolagents.md). OpenLLMetry has no smolagents
 instrumentation. Run in the smolagents virtualenv:
-``python gen_smolagents.py openinference OUT``. The model is a custom
-``smolagents.models.Model`` answering with the scenario's tool calls, then the
-``final_answer`` tool call every smolagents run ends with.
+``python gen_smolagents.py openinference OUT``. The model is smolagents' own
+``InferenceClientModel`` (OpenInference traces the model classes smolagents
+exports, not a user's ``Model`` subclass) on a scripted client standing in for
+huggingface_hub's ``InferenceClient``: it answers with the scenario's tool calls,
+then the ``final_answer`` tool call every smolagents run ends with.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 import harness
 from harness import Call, final_answer, main, usage
-from smolagents import ToolCallingAgent, tool
-from smolagents.models import ChatMessage, ChatMessageToolCall, ChatMessageToolCallFunction, MessageRole, Model
-from smolagents.monitoring import LogLevel, TokenUsage
+from huggingface_hub import ChatCompletionOutput
+from smolagents import InferenceClientModel, ToolCallingAgent, tool
+from smolagents.monitoring import LogLevel
 
 AGENT_NAME = "ops_agent"
 
@@ -65,27 +67,40 @@ def refund_payment(order_id: str, amount: float) -> str:
     return harness.refund_payment(order_id, amount)
 
 
-class ScriptedModel(Model):
+class ScriptedClient:
+    """Stands in for huggingface_hub's InferenceClient: answers chat_completion with the
+    scenario's tool calls (then the final_answer call), in the client's own output types."""
+
     def __init__(self, turns: list[list[Call]]) -> None:
-        super().__init__(model_id="fake-ops-model")
         self.turns = turns
         self.n = 0
 
-    def generate(self, messages: list[Any], stop_sequences: Any = None, response_format: Any = None,
-                 tools_to_call_from: Any = None, **kwargs: Any) -> ChatMessage:
+    def chat_completion(self, **kwargs: Any) -> ChatCompletionOutput:
         n, self.n = self.n, self.n + 1
         inp, outp = usage(n)
         if n < len(self.turns):
             calls = [(c.tool, c.args, c.call_id) for c in self.turns[n]]
         else:
             calls = [("final_answer", {"answer": final_answer()}, f"call_final_{n}")]
-        tool_calls = [
-            ChatMessageToolCall(id=call_id, type="function",
-                                function=ChatMessageToolCallFunction(name=name, arguments=json.dumps(args)))
-            for name, args, call_id in calls
-        ]
-        return ChatMessage(role=MessageRole.ASSISTANT, content="", tool_calls=tool_calls,
-                           token_usage=TokenUsage(input_tokens=inp, output_tokens=outp))
+        return ChatCompletionOutput.parse_obj_as_instance({
+            "id": f"resp_{n}", "created": 0, "model": "fake-ops-model", "system_fingerprint": "",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "",
+                "tool_calls": [{"id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": json.dumps(args)}}
+                               for name, args, call_id in calls]}}],
+            "usage": {"prompt_tokens": inp, "completion_tokens": outp, "total_tokens": inp + outp}})
+
+
+class ScriptedModel(InferenceClientModel):
+    """smolagents' InferenceClientModel (which OpenInference traces) on a scripted client."""
+
+    def __init__(self, turns: list[list[Call]]) -> None:
+        self._turns = turns
+        super().__init__(model_id="fake-ops-model", token="unused")
+
+    def create_client(self) -> ScriptedClient:
+        return ScriptedClient(self._turns)
 
 
 def run(scenario: str, turns: list[list[Call]]) -> None:

@@ -39,8 +39,7 @@ EXPECTED: dict[str, set[tuple[str, str]]] = {
 # What the instrumentations do not record at all (measured; see docs/frameworks), by combination.
 # OpenLLMetry's CrewAI instrumentation wraps the crew, the task, the agent and LLM.call, no tool.
 NO_TOOL_SPANS = {"crewai-openllmetry"}
-# smolagents' OpenInference spans hold no call id (a custom Model makes no LLM span)
-NO_CALL_IDS = {"smolagents-openinference", "crewai-openllmetry"}
+NO_CALL_IDS = {"crewai-openllmetry"}
 # CrewAI's call ids are only in a completed task's output messages: none in the run CrewAI stops
 NO_CALL_IDS_IN = {("crewai", "same_call")}
 # CrewAI records no per-call token usage on a span (OpenLLMetry only as a text summary)
