@@ -200,16 +200,19 @@ def _open_server(dsn: str) -> ClickHouseStore:
 
 def server_client(dsn: str, **options: Any) -> Client:
     """A clickhouse-connect HTTP client, or a one-line StoreError saying why there is none."""
-    driver_log = logging.getLogger("clickhouse_connect")
-    level = driver_log.level
-    # the driver logs its own warning with a traceback before raising: the error below says it in one line
-    driver_log.setLevel(logging.ERROR)
+    # the driver logs its own warning with a traceback before raising, and urllib3 one for the retry
+    # of a refused connection: the error below says it in one line
+    loggers = [logging.getLogger(name) for name in ("clickhouse_connect", "urllib3.connectionpool")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         return clickhouse_connect.get_client(dsn=dsn, **options)
     except Exception as exc:  # connection refused, auth, TLS ...
         raise StoreUnavailable(f"cannot connect to ClickHouse at {_redact(dsn)}: {_connect_problem(exc)}") from None
     finally:
-        driver_log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def _connect_problem(exc: BaseException) -> str:

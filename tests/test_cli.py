@@ -108,6 +108,30 @@ def test_unreachable_clickhouse_is_one_line(tmp_path: Path) -> None:
     assert "hunter2" not in out.stderr  # the password never shows
 
 
+def test_unreachable_clickhouse_logs_nothing_else_once_logging_is_on(capfd: pytest.CaptureFixture[str]) -> None:
+    """The worker sets up logging before it opens the store: then the driver's and urllib3's
+    warnings about the refused connection (a retry, a traceback) printed lines besides the error."""
+    import logging
+
+    from sinks.clickhouse import StoreUnavailable, open_store
+    from streams.logs import setup_logging
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    setup_logging("info")
+    try:
+        with pytest.raises(StoreUnavailable, match="cannot connect to ClickHouse"):
+            open_store(f"http://u:hunter2@127.0.0.1:{port}")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    captured = capfd.readouterr()
+    assert captured.err == "" and "hunter2" not in captured.out, captured.err
+
+
 BROKER_DEFAULT_PARTITIONS = 4  # num.partitions of the local broker (deploy/broker.py)
 
 
