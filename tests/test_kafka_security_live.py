@@ -4,9 +4,12 @@ The test makes its own CA and certificates with openssl/keytool, starts the
 project's broker with a SASL_SSL listener that requires client certificates
 (mutual TLS) and knows a SCRAM user, and runs the worker and the agent client
 through it with SCRAM-SHA-512, TLS verified against the CA (host name
-included): a retry loop the client reports is detected. A wrong password and
-a certificate the client does not trust each end ``agentwatch worker`` with a
-one-line error.
+included): a retry loop the client reports is detected, and a halt issued with
+``agentwatch killswitch issue`` through the same listener is obeyed and
+acknowledged by the client and stored by the worker. A wrong password and a
+certificate the client does not trust each end ``agentwatch worker`` and the
+agent client's start with a one-line error; every SASL mechanism, the mTLS
+requirement and host name verification are checked on the same broker.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,12 +181,26 @@ def test_worker_and_agent_client_detect_through_sasl_ssl(secure_broker, tmp_path
                                             error_type="Timeout")
                     await asyncio.sleep(0.1)
                 await client.flush()
+                alerts = await asyncio.to_thread(
+                    w.wait_alerts, lambda a: any(x.agent_id == "agent-sasl" for x in a), timeout=120)
+                assert any(a.agent_id == "agent-sasl" and a.detector == "retry_loop" for a in alerts), w.log_tail()
+                # the kill switch through the same listener: `agentwatch killswitch issue` publishes
+                # a signed halt, the client obeys it and acknowledges, the worker stores it
+                issued = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "streams.cli", "killswitch", "issue", "agent:agent-sasl",
+                                     "--reason", "sasl test"],
+                    cwd=REPO, env=w.env, text=True, capture_output=True, timeout=120)
+                assert issued.returncode == 0, issued.stderr
+                deadline = time.monotonic() + 60
+                while not (client.halted and client.acks) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                assert client.halted and client.acks[-1].status.value == "obeyed", client.acks
             finally:
                 await client.stop()
 
         asyncio.run(agent())
-        alerts = w.wait_alerts(lambda a: any(x.agent_id == "agent-sasl" for x in a), timeout=120)
-        assert any(a.agent_id == "agent-sasl" and a.detector == "retry_loop" for a in alerts), w.log_tail()
+        w.wait_rows("SELECT count() FROM agentwatch.killswitches WHERE target_value = 'agent-sasl'",
+                    lambda r: r[0][0] >= 1, timeout=60)
 
 
 def _worker_fails(env: dict[str, str], home: Path) -> str:
