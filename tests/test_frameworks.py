@@ -172,6 +172,8 @@ def test_replay_gives_every_scenario_exactly_its_alerts(recordings):
 
 @pytest.mark.kafka
 def test_live_worker_gives_every_scenario_exactly_its_alerts(recordings, kafka_bootstrap, tmp_path):
+    """A worker on the real broker: every scenario's alerts, and every tool call stored with its agent and the
+    call id recovered (by the correlate stage, keyed by trace) from wherever its stack recorded it."""
     recs = list(recordings.values())
     want = matrix.expected_verdicts(recs)
     expected_alerts = sum(len(v) for k, v in want.items() if not k[1].endswith(":agents"))
@@ -188,6 +190,13 @@ def test_live_worker_gives_every_scenario_exactly_its_alerts(recordings, kafka_b
             return time.monotonic() - settled >= 15 and len(alerts) >= expected_alerts
 
         alerts = w.wait_alerts(done, timeout=180)
+        # every tool call stored under ops-agent with the call id its stack recorded, wherever it did
+        want_ids = matrix.expected_call_ids(recs)
+        stored = w.wait_rows(
+            "SELECT tenant, agent_id, tool_call_id, count() FROM agentwatch.events FINAL WHERE kind = 'tool_call' "
+            "AND tool_name != 'final_answer' GROUP BY tenant, agent_id, tool_call_id",
+            lambda rows: sum(n for *_, n in rows) >= want_ids.total(), timeout=120)
     assert matrix.verdicts(alerts, recs) == want
     assert Counter(a.detector for a in alerts) == Counter(
         d for k, v in want.items() if not k[1].endswith(":agents") for d, _ in v)
+    assert Counter({tuple(key): n for *key, n in stored}) == want_ids

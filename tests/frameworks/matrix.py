@@ -11,6 +11,7 @@ Records are written as OTLP/JSON lines, as the Collector's file exporter does.
 from __future__ import annotations
 
 import base64
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,4 +142,18 @@ def expected_verdicts(recordings: Iterable[Recording]) -> dict[tuple[str, str], 
             out[(r.combo.name, s)] = set(want)
             if want:
                 out[(r.combo.name, s + ":agents")] = {("agent", agent_id(r.combo))}
+    return out
+
+
+def expected_call_ids(recordings: Iterable[Recording]) -> Counter[tuple[str, str, str]]:
+    """(tenant, agent, tool call id) -> how many tool calls the store must hold: the id as the
+    model made the call, "" where the stack records none (final_answer calls left out)."""
+    out: Counter[tuple[str, str, str]] = Counter()
+    for r in recordings:
+        if r.combo.name in NO_TOOL_SPANS:
+            continue
+        for s in SCENARIO_NAMES:
+            no_id = r.combo.name in NO_CALL_IDS or (r.combo.framework, s) in NO_CALL_IDS_IN
+            for c in calls(r.combo, s):
+                out[(tenant(r.combo), agent_id(r.combo), "" if no_id else c.call_id)] += 1
     return out
