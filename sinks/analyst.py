@@ -264,6 +264,8 @@ def _run_error(exc: BaseException) -> StoreError:
     message = _clean(exc)
     if "(READONLY)" in message or "ACCESS_DENIED" in message or "readonly mode" in message:
         return QueryRefused("refused: read-only (" + message + ")")
+    if "TOO_MANY_ROWS_OR_BYTES" in message:
+        return StoreError("query stopped: its result is larger than the analyst limits (" + message + ")")
     if "TIMEOUT_EXCEEDED" in message:
         return StoreError("query stopped: it ran longer than the analyst time limit (" + message + ")")
     if "QUERY_WAS_CANCELLED" in message:

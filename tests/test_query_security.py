@@ -338,6 +338,14 @@ def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_
         "        run_query(load_settings(), sql); out.append(None)\n"
         "    except Exception as exc:\n"
         "        out.append(str(exc))\n"
+        "bounds = []\n"  # the result bounds: rows, then bytes
+        "for over, sql in (({'query_max_rows': 1000}, 'SELECT number FROM numbers(2000)'),\n"
+        "                  ({'query_max_bytes': 10000}, 'SELECT repeat(toString(number), 1000) FROM numbers(100)')):\n"
+        "    try:\n"
+        "        run_query(load_settings(**over), sql); bounds.append(None)\n"
+        "    except Exception as exc:\n"
+        "        bounds.append(str(exc))\n"
+        "out.append(bounds)\n"
         "out.append(run_query(load_settings(), \"SELECT name FROM system.tables WHERE database = 'agentwatch' "
         "ORDER BY name\").rows)\n"
         "print(json.dumps(out))\n"
@@ -346,10 +354,14 @@ def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=worker.env, input=json.dumps(payloads),
                           text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    *errors, tables = json.loads(done.stdout)
+    *errors, bounds, tables = json.loads(done.stdout)
     for sql, err in zip(payloads, errors):
         assert err is not None, f"accepted: {sql}"
         _refused_one_line(err)
+    # more rows or bytes than the analyst limits: stopped by ClickHouse, one line
+    for err, what in zip(bounds, ("rows", "bytes")):
+        assert err is not None and "\n" not in err and "larger than the analyst limits" in err, err
+        assert f"max {what}" in err, err
     assert {"events", "alerts", "dlq"} <= {t[0] for t in tables}
     one = _agentwatch(worker.env, "query", "CREATE DATABASE probe_rw")
     assert one.returncode == 2 and len(one.stderr.strip().splitlines()) == 1, one
