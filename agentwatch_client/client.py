@@ -70,6 +70,8 @@ from agentwatch_client.wire import (
 )
 
 log = logging.getLogger("agentwatch.client")
+# how long stop() waits for the background loops; they notice the stop within one poll (0.2 s)
+_STOP_TIMEOUT_S = 5.0
 
 Callback = Callable[[KillSwitchCommand], Awaitable[None] | None]
 
@@ -139,6 +141,7 @@ class AgentClient:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._started_ms = 0
         self._seen: set[str] = set()
         self._halts: dict[str, KillSwitchCommand] = {}  # in force, by command id
@@ -155,6 +158,7 @@ class AgentClient:
         command published from then on will be seen.
         """
         self._started_ms = int(time.time() * 1000)
+        self._stopping = False
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
                                           **self.kafka_options)
         # no consumer group: aiokafka then assigns this consumer every partition of the topic,
@@ -187,14 +191,21 @@ class AgentClient:
 
     async def stop(self) -> None:
         """Publish what is buffered, then disconnect."""
-        for task in self._tasks:
+        # The loops also watch this flag: a cancel that lands in the same turn of the event loop
+        # as the end of the wait it interrupts is swallowed by Python 3.11's asyncio.wait_for, and
+        # awaiting the task then hung forever. asyncio.wait also lets a cancel of stop() itself
+        # through, where catching CancelledError around each task swallowed it.
+        self._stopping = True
+        self._wake.set()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # the loops log their own failures
-                pass
-        self._tasks = []
+        if tasks:
+            await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("agentwatch client: background task failed", extra={"task": task.get_name(),
+                                                                             "error": str(task.exception())})
         try:
             await self.flush()
         except BrokerError as exc:
@@ -320,10 +331,11 @@ class AgentClient:
             self.published_events += len(batch)
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.batch_interval_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.batch_interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
             try:
@@ -355,7 +367,7 @@ class AgentClient:
 
     async def _control_loop(self) -> None:
         assert self._consumer is not None
-        while True:
+        while not self._stopping:
             try:
                 batches = await self._consumer.getmany(timeout_ms=200, max_records=500)
             except KafkaError as exc:

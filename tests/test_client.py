@@ -269,3 +269,25 @@ def test_the_sync_client_records_and_obeys_from_plain_threads(kafka_bootstrap: s
     events = [e for v in raw for e in decode_native(v).events if e.kind in (EventKind.TOOL_CALL, EventKind.LLM_CALL)]
     assert sorted(e.tool_call_id for e in events if e.kind is EventKind.TOOL_CALL) == [f"sync-{i}" for i in range(4)]
     assert {e.agent_id for e in events} == {"sync-bot"}
+
+
+async def test_stop_returns_when_called_as_a_full_batch_wakes_the_sender(kafka_bootstrap: str,
+                                                                          topics: Topics) -> None:
+    # The event that fills a batch wakes the sender; stop() called in the same turn of the event
+    # loop cancels the sender just as its wait ends. Python 3.11's asyncio.wait_for swallowed that
+    # cancel and stop() then waited for the sender forever (seen as a hung test teardown).
+    for round_ in range(3):
+        a = _client(kafka_bootstrap, topics, f"stopper-{round_}", batch_max=1)
+        await a.client.start()
+        await asyncio.sleep(0.3)  # the sender is now waiting for a full batch or its interval
+
+        async def emit_then_stop(client: AgentClient = a.client, n: int = round_) -> None:
+            client.record_tool_call("search_docs", {"q": "stop", "round": n})  # wakes the sender
+            await client.stop()  # runs up to its first wait in this same turn of the loop
+
+        stopping = asyncio.create_task(emit_then_stop())
+        done, _ = await asyncio.wait({stopping}, timeout=15)
+        if not done:
+            stopping.cancel()
+        assert done, "stop() did not return"
+        assert a.client.published_events == 1
