@@ -160,9 +160,10 @@ class Settings(ControlSettings):
         "127.0.0.1, [::1] and the bind address: the Host header is checked against DNS rebinding",
     )
     query_max_seconds: float = Field(30.0, gt=0, description="an analyst query is stopped after this long")
-    # at least 1000: the statement's parse tree (EXPLAIN AST, one row per node) is read under the same limit
+    # at least 1000 rows and 64 KiB: the statement's parse tree (EXPLAIN AST, one row per node) is read
+    # under the same limits
     query_max_rows: int = Field(100_000, ge=1000, description="most rows an analyst query may return")
-    query_max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="most bytes an analyst query may return")
+    query_max_bytes: int = Field(64 * 1024 * 1024, ge=65536, description="most bytes an analyst query may return")
     query_max_threads: int = Field(0, ge=0, description="threads an analyst query may use; 0 = half of this "
                                    "machine's cores (at least 1) with the embedded store, so the pipeline keeps "
                                    "the rest; the server's own default with a ClickHouse server")

@@ -200,6 +200,11 @@ def test_keys_and_token_are_private(worker: LiveWorker):
     assert stat.S_IMODE(keys.stat().st_mode) == 0o700
     for f in ("control_ed25519.key", "query_token"):
         assert stat.S_IMODE((keys / f).stat().st_mode) == 0o600
+    # generated once by the worker; `agentwatch query-token` prints that one, and it is what /query takes
+    printed = _agentwatch(worker.env, "query-token")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == (keys / "query_token").read_text().strip() == query_token(worker.settings)
+    assert len(printed.stdout.strip()) >= 32
 
 
 def test_every_attack_is_refused_through_the_worker(worker: LiveWorker, http_probe: Recorder, tmp_path: Path):
@@ -340,7 +345,7 @@ def test_without_a_worker_the_command_is_read_only_too(worker: LiveWorker, http_
         "        out.append(str(exc))\n"
         "bounds = []\n"  # the result bounds: rows, then bytes
         "for over, sql in (({'query_max_rows': 1000}, 'SELECT number FROM numbers(2000)'),\n"
-        "                  ({'query_max_bytes': 10000}, 'SELECT repeat(toString(number), 1000) FROM numbers(100)')):\n"
+        "                  ({'query_max_bytes': 65536}, 'SELECT repeat(toString(number), 1000) FROM numbers(1000)')):\n"
         "    try:\n"
         "        run_query(load_settings(**over), sql); bounds.append(None)\n"
         "    except Exception as exc:\n"
