@@ -41,8 +41,15 @@ _ATTR_MAX = 256  # attribute values kept on an event are truncated: they are joi
 # --- attribute conventions ---------------------------------------------------
 
 _GENAI_LLM_OPS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
-_GENAI_AGENT_OPS = {"invoke_agent": "invoke", "create_agent": "spawn"}
-_OPENINFERENCE_KINDS = {"LLM": EventKind.LLM_CALL, "EMBEDDING": EventKind.LLM_CALL, "TOOL": EventKind.TOOL_CALL}
+# enum members as module globals: looking a member up on its Enum class costs several
+# times a global's lookup on CPython 3.11, and these are read for every span
+_SPAN, _LLM_CALL, _TOOL_CALL, _AGENT = EventKind.SPAN, EventKind.LLM_CALL, EventKind.TOOL_CALL, EventKind.AGENT
+_BY_ATTRIBUTE, _BY_SPAN_NAME, _BY_ANCESTOR = IdentitySource.ATTRIBUTE, IdentitySource.SPAN_NAME, IdentitySource.ANCESTOR
+# _classify's answers: (kind, agent lifecycle)
+_AS_SPAN, _AS_LLM_CALL, _AS_TOOL_CALL = (_SPAN, ""), (_LLM_CALL, ""), (_TOOL_CALL, "")
+_AS_AGENT_INVOKE = (_AGENT, "invoke")
+_GENAI_AGENT_OPS = {"invoke_agent": _AS_AGENT_INVOKE, "create_agent": (_AGENT, "spawn")}
+_OPENINFERENCE_KINDS = {"LLM": _AS_LLM_CALL, "EMBEDDING": _AS_LLM_CALL, "TOOL": _AS_TOOL_CALL}
 _AGENT_ID_KEYS = ("gen_ai.agent.id",)  # used only where the instrumentation's profile says it is stable
 _AGENT_NAME_KEYS = ("gen_ai.agent.name", "agent.name")
 _TENANT_KEYS = ("tenant", "agentwatch.tenant", "tenant.id")
@@ -134,42 +141,25 @@ class _Resource:
 
     tenant: str
     kept: dict[str, str]
-    # validated once; each span's event is a copy updated with values this module
-    # typed itself. Validating every span instead would cost a quarter of the decode.
-    template: Event
+    # a template Event validated once; each span's event is a copy of its fields updated
+    # with values this module typed itself. Validating every span instead would cost a
+    # quarter of the decode.
+    fields: dict[str, Any]
+    # the template's fields_set plus the fields every span's event sets (_SPAN_SETS)
+    fields_set: set[str]
 
 
 _new_event = Event.__new__
 _set = object.__setattr__
 
 
-def _event_from(template: Event, update: dict[str, Any]) -> Event:
-    """``template.model_copy(update=update)`` without pydantic's generic copy machinery.
-
-    Same result (a shallow copy of the template's fields with ``update`` applied,
-    fields_set extended, no validation: the values were typed by this module), at
-    a fraction of the cost; it runs once per span.
-    """
-    e = _new_event(Event)
-    d = template.__dict__.copy()
-    d.update(update)
-    fields_set = template.__pydantic_fields_set__.copy()
-    fields_set.update(update)
-    _set(e, "__dict__", d)
-    _set(e, "__pydantic_extra__", None)
-    _set(e, "__pydantic_fields_set__", fields_set)
-    _set(e, "__pydantic_private__", None)
-    return e
+# the fields _span_event sets on every span's event; the others only when the span has them
+_SPAN_SETS = frozenset({"event_id", "kind", "ts", "tenant", "trace_id", "span_id", "parent_span_id", "name",
+                        "is_agent_span", "attributes", "correlation", "outcome"})
+_fromtimestamp = datetime.fromtimestamp
 
 
 _blake2b = hashlib.blake2b
-
-
-def _span_event_id(trace_id: str, span_id: str) -> str:
-    # stable_id("span", trace_id, span_id), spelled out: the ids are ASCII hex already
-    return _blake2b(b"span\x1f" + trace_id.encode() + b"\x1f" + span_id.encode() + b"\x1f", digest_size=16).hexdigest()
-
-
 _FINGERPRINTS: dict[str, str] = {}
 _FINGERPRINTS_MAX = 8192
 
@@ -262,7 +252,8 @@ def _resource(attrs: dict[str, Any], origin: str, source: str) -> _Resource:
         fallback_agent_id=resource_agent_id(attrs),
         agent_version=next((_as_text(attrs[k]) for k in _RESOURCE_VERSION_KEYS if attrs.get(k)), ""),
     )
-    return _Resource(tenant=str(roles.get("tenant") or ""), kept=kept, template=template)
+    return _Resource(tenant=str(roles.get("tenant") or ""), kept=kept, fields=template.__dict__,
+                     fields_set=template.__pydantic_fields_set__ | _SPAN_SETS)
 
 
 def _classify(attrs: dict[str, Any]) -> tuple[EventKind, str]:
@@ -270,44 +261,72 @@ def _classify(attrs: dict[str, Any]) -> tuple[EventKind, str]:
     op = attrs.get("gen_ai.operation.name")
     if op is not None:
         if op in _GENAI_LLM_OPS:
-            return EventKind.LLM_CALL, ""
+            return _AS_LLM_CALL
         if op == "execute_tool":
-            return EventKind.TOOL_CALL, ""
+            return _AS_TOOL_CALL
         if op in _GENAI_AGENT_OPS:
-            return EventKind.AGENT, _GENAI_AGENT_OPS[op]
-        return EventKind.SPAN, ""
+            return _GENAI_AGENT_OPS[op]
+        return _AS_SPAN
     oi = attrs.get("openinference.span.kind")
     if oi is not None:
         oi = str(oi).upper()
         if oi == "AGENT":
-            return EventKind.AGENT, "invoke"
-        return _OPENINFERENCE_KINDS.get(oi, EventKind.SPAN), ""
+            return _AS_AGENT_INVOKE
+        return _OPENINFERENCE_KINDS.get(oi, _AS_SPAN)
     tl = attrs.get("traceloop.span.kind")
     if tl == "tool":
-        return EventKind.TOOL_CALL, ""
+        return _AS_TOOL_CALL
     if tl == "agent":
-        return EventKind.AGENT, "invoke"
+        return _AS_AGENT_INVOKE
     if tl is None and ("llm.request.type" in attrs or "gen_ai.system" in attrs):
-        return EventKind.LLM_CALL, ""
-    return EventKind.SPAN, ""
+        return _AS_LLM_CALL
+    return _AS_SPAN
+
+
+# attribute keys of a span (in order) -> what _roles reads of them: the keys to keep, and for
+# each role its candidate keys by rank. Spans of one instrumentation repeat a handful of key
+# sets, so the per-key lookups run once per key set instead of once per span.
+_Plan = tuple[tuple[str, ...], tuple[tuple[str, tuple[str, ...]], ...]]
+_PLANS: dict[tuple[str, ...], _Plan] = {}
+_PLANS_MAX = 4096
+
+
+def _plan(keys: tuple[str, ...]) -> _Plan:
+    keep: list[str] = []
+    by_role: dict[str, list[tuple[int, str]]] = {}
+    for k in keys:
+        role = _ROLES.get(k)
+        if role is not None:
+            by_role.setdefault(role[0], []).append((role[1], k))
+        elif k in _KEEP_KEYS or k.startswith(_KEEP_PREFIXES):
+            keep.append(k)
+    # a stable sort: keys of equal rank stay in attribute order, as the single pass took them
+    plan = (tuple(keep), tuple((name, tuple(k for _, k in sorted(c, key=lambda rk: rk[0])))
+                               for name, c in by_role.items()))
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()  # hostile input with ever new key sets: refills from what is current
+    _PLANS[keys] = plan
+    return plan
 
 
 def _roles(attrs: dict[str, Any], kept: dict[str, str]) -> dict[str, Any]:
-    """One pass over a span's attributes: the best-ranked value of each role, and
-    the attributes worth keeping (added to ``kept``). Cheaper than probing every
-    key of every convention on every span."""
-    found: dict[str, tuple[int, Any]] = {}
-    for k, v in attrs.items():
-        role = _ROLES.get(k)
-        if role is not None:
+    """The best-ranked value of each role among a span's attributes (an empty value
+    counts as absent), and the attributes worth keeping (added to ``kept``)."""
+    keys = tuple(attrs)
+    plan = _PLANS.get(keys)
+    if plan is None:
+        plan = _plan(keys)
+    keep, by_role = plan
+    for k in keep:
+        kept[k] = _as_text(attrs[k])
+    roles: dict[str, Any] = {}
+    for name, candidates in by_role:
+        for k in candidates:
+            v = attrs[k]
             if v is not None and v != "":
-                name, rank = role
-                prev = found.get(name)
-                if prev is None or rank < prev[0]:
-                    found[name] = (rank, v)
-        elif k in _KEEP_KEYS or k.startswith(_KEEP_PREFIXES):
-            kept[k] = _as_text(v)
-    return {name: v for name, (_, v) in found.items()}
+                roles[name] = v
+                break
+    return roles
 
 
 def _tool_name(span: _Span, roles: dict[str, Any]) -> str:
@@ -345,76 +364,107 @@ def _tool_args(span: _Span, roles: dict[str, Any]) -> Any:
 
 
 def _span_event(span: _Span, res: _Resource) -> Event:
+    """The span's event: a copy of the resource's template with the span's fields.
+
+    Written for speed (it runs once per span): the event's ``__dict__`` is filled
+    in place and its fields_set extended by hand, with the values this module
+    typed itself, so the result is what ``template.model_copy(update=...)`` gives
+    without pydantic's generic copy and without validation.
+    """
     attrs = span.attrs
     kind, lifecycle = _classify(attrs)
-    kept = dict(res.kept)
+    kept = res.kept.copy()
     roles = _roles(attrs, kept)
-    end_ns = span.end_ns or span.start_ns
-    kw: dict[str, Any] = {
-        "event_id": _span_event_id(span.trace_id, span.span_id),
-        "kind": kind,
-        "ts": datetime.fromtimestamp(end_ns / 1e9, tz=UTC),
-        "tenant": str(roles.get("tenant") or res.tenant or "default"),
-        "trace_id": span.trace_id,
-        "span_id": span.span_id,
-        "parent_span_id": span.parent_span_id,
-        "name": span.name,
-        "is_agent_span": kind is EventKind.AGENT,
-        "attributes": kept,
-        "correlation": {},  # a copy is shallow: never share the template's dict
-    }
-    if span.start_ns and span.end_ns >= span.start_ns:
-        kw["duration_ms"] = (span.end_ns - span.start_ns) / 1e6
+    trace_id, span_id, start_ns, end_ns = span.trace_id, span.span_id, span.start_ns, span.end_ns
+    d = res.fields.copy()
+    fields_set = res.fields_set.copy()
+    # stable_id("span", trace_id, span_id), spelled out: the ids are ASCII hex already
+    d["event_id"] = _blake2b(b"span\x1f" + trace_id.encode() + b"\x1f" + span_id.encode() + b"\x1f",
+                             digest_size=16).hexdigest()
+    d["kind"] = kind
+    d["ts"] = _fromtimestamp((end_ns or start_ns) / 1e9, UTC)
+    tenant = roles.get("tenant") or res.tenant or "default"
+    d["tenant"] = tenant if tenant.__class__ is str else str(tenant)
+    d["trace_id"] = trace_id
+    d["span_id"] = span_id
+    d["parent_span_id"] = span.parent_span_id
+    d["name"] = span.name
+    d["is_agent_span"] = kind is _AGENT
+    d["attributes"] = kept
+    d["correlation"] = {}  # a copy is shallow: never share the template's dict
+    if start_ns and end_ns >= start_ns:
+        d["duration_ms"] = (end_ns - start_ns) / 1e6
+        fields_set.add("duration_ms")
 
-    if "version" in roles:
-        kw["agent_version"] = _as_text(roles["version"])
+    if roles:
+        if "version" in roles:
+            d["agent_version"] = _as_text(roles["version"])
+            fields_set.add("agent_version")
     agent, identity = _agent_attribute(span, roles, kind)
     if agent:
-        kw["agent_id"] = agent
-        kw["identity"] = identity
+        d["agent_id"] = agent
+        d["identity"] = identity
+        fields_set.add("agent_id")
+        fields_set.add("identity")
 
     error_type = attrs.get("error.type")
     if span.status_code == _STATUS_ERROR or error_type is not None:
-        kw["outcome"] = "error"
-        kw["error_type"] = str(error_type or span.read_exception_type(span.events) or span.status_message or "error")
+        d["outcome"] = "error"
+        d["error_type"] = str(error_type or span.read_exception_type(span.events) or span.status_message or "error")
+        fields_set.add("error_type")
     else:
-        kw["outcome"] = "ok"
+        d["outcome"] = "ok"
 
-    if kind is EventKind.TOOL_CALL:
-        kw["tool_name"] = _tool_name(span, roles)
+    if kind is _TOOL_CALL:
+        d["tool_name"] = _tool_name(span, roles)
+        fields_set.add("tool_name")
         args = _tool_args(span, roles)
         if args is not None and args != "":
-            kw["args_fingerprint"] = _fingerprint(args)
+            d["args_fingerprint"] = _fingerprint(args)
+            fields_set.add("args_fingerprint")
         call_id = roles.get("call_id") or span.profile.tool_call_id(attrs)
         if call_id:
-            kw["tool_call_id"] = str(call_id)
-    elif kind is EventKind.AGENT:
-        kw["lifecycle"] = lifecycle
+            d["tool_call_id"] = str(call_id)
+            fields_set.add("tool_call_id")
+    elif kind is _AGENT:
+        d["lifecycle"] = lifecycle
+        fields_set.add("lifecycle")
         if lifecycle == "spawn" and agent:
-            kw["target_agent_id"] = agent  # create_agent names the agent it creates
+            d["target_agent_id"] = agent  # create_agent names the agent it creates
+            fields_set.add("target_agent_id")
 
     # usage and model are read on every kind: frameworks also put them on agent
     # and chain spans, and a token budget must not miss them.
-    if "input_tokens" in roles:
-        kw["input_tokens"] = _as_int(roles["input_tokens"])
-    if "output_tokens" in roles:
-        kw["output_tokens"] = _as_int(roles["output_tokens"])
-    if "model" in roles:
-        kw["model"] = str(roles["model"])
-    if "cost" in roles:
-        try:
-            kw["cost_usd"] = float(roles["cost"])
-        except (TypeError, ValueError):
-            pass
-    if "conversation" in roles:
-        kept[_CONVERSATION_ATTR] = _as_text(roles["conversation"])
+    if roles:
+        if "input_tokens" in roles:
+            d["input_tokens"] = _as_int(roles["input_tokens"])
+            fields_set.add("input_tokens")
+        if "output_tokens" in roles:
+            d["output_tokens"] = _as_int(roles["output_tokens"])
+            fields_set.add("output_tokens")
+        if "model" in roles:
+            d["model"] = str(roles["model"])
+            fields_set.add("model")
+        if "cost" in roles:
+            try:
+                d["cost_usd"] = float(roles["cost"])
+                fields_set.add("cost_usd")
+            except (TypeError, ValueError):
+                pass
+        if "conversation" in roles:
+            kept[_CONVERSATION_ATTR] = _as_text(roles["conversation"])
     if 2 <= span.kind <= 5:  # server/client/producer/consumer: tells a downstream call from internal work
         kept["span.kind"] = _SPAN_KIND_NAMES[span.kind]
-    if kind is not EventKind.TOOL_CALL and not attrs.keys().isdisjoint(_MAY_OFFER_CALLS):
+    if kind is not _TOOL_CALL and not attrs.keys().isdisjoint(_MAY_OFFER_CALLS):
         offers = offered_calls(attrs)
         if offers:  # tool calls a model or chain span records: the call ids of tool spans that lack one
             kept[OFFERED_CALLS_ATTR] = orjson.dumps(offers).decode()
-    return _event_from(res.template, kw)
+    e = _new_event(Event)
+    _set(e, "__dict__", d)
+    _set(e, "__pydantic_extra__", None)
+    _set(e, "__pydantic_fields_set__", fields_set)
+    _set(e, "__pydantic_private__", None)
+    return e
 
 
 def _resolve_in_record(events: list[Event]) -> None:
@@ -428,32 +478,37 @@ def _resolve_in_record(events: list[Event]) -> None:
     happened to batch its trace. Which span-named agent span is outermost is
     left to the resolver: it needs the whole chain.
     """
-    by_span = {(e.trace_id, e.span_id): e for e in events}
-    for e in events:
-        if e.agent_id and e.identity is not IdentitySource.SPAN_NAME:
+    # read through the events' __dict__: an attribute of a pydantic model goes through
+    # its __getattr__ hook, several times a dict lookup, and this runs for every span
+    rows = [e.__dict__ for e in events]
+    if not any(r["is_agent_span"] for r in rows):
+        return
+    by_span = {(r["trace_id"], r["span_id"]): r for r in rows}
+    for e, d in zip(events, rows):
+        if d["agent_id"] and d["identity"] is not _BY_SPAN_NAME:
             continue
-        parent = by_span.get((e.trace_id, e.parent_span_id))
+        parent = by_span.get((d["trace_id"], d["parent_span_id"]))
         hops = 0
         while parent is not None and hops < len(events):  # hops bound guards against id cycles
-            if parent.is_agent_span and parent.identity is IdentitySource.ATTRIBUTE:
+            if parent["is_agent_span"] and parent["identity"] is _BY_ATTRIBUTE:
                 # what pydantic's __setattr__ does without validate_assignment, minus its dispatch
-                d, fields_set = e.__dict__, e.__pydantic_fields_set__
-                d["agent_id"] = parent.agent_id
-                d["identity"] = IdentitySource.ANCESTOR
+                fields_set = e.__pydantic_fields_set__
+                d["agent_id"] = parent["agent_id"]
+                d["identity"] = _BY_ANCESTOR
                 fields_set.update(("agent_id", "identity"))
-                if parent.agent_version:  # the version of the agent the span works for
-                    d["agent_version"] = parent.agent_version
+                if parent["agent_version"]:  # the version of the agent the span works for
+                    d["agent_version"] = parent["agent_version"]
                     fields_set.add("agent_version")
-                if e.tenant == "default":
-                    d["tenant"] = parent.tenant
+                if d["tenant"] == "default":
+                    d["tenant"] = parent["tenant"]
                     fields_set.add("tenant")
                 break
-            parent = by_span.get((parent.trace_id, parent.parent_span_id))
+            parent = by_span.get((parent["trace_id"], parent["parent_span_id"]))
             hops += 1
 
 
 def _finish(result: DecodeResult) -> DecodeResult:
-    if any(e.is_agent_span for e in result.events):
+    if result.events:
         _resolve_in_record(result.events)
     return result
 
@@ -478,8 +533,8 @@ def _proto_attrs(kvs: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kv in kvs:
         v = kv.value
-        # most attributes are strings: skip the generic path
-        out[kv.key] = v.string_value if v.WhichOneof("value") == "string_value" else _proto_value(v)
+        text = v.string_value  # most attributes are strings: a non-empty one needs no WhichOneof
+        out[kv.key] = text if text else _proto_value(v)
     return out
 
 
@@ -490,6 +545,11 @@ def _proto_exception_type(events: Any) -> str:
                 if kv.key == "exception.type":
                     return str(_proto_value(kv.value) or "")
     return ""
+
+
+def _proto_span_exception_type(span: Any) -> str:
+    # a span's events are read only for a failed span without error.type
+    return _proto_exception_type(span.events)
 
 
 def _proto_single(rs: Any, ss: Any, span: Any) -> bytes:
@@ -532,6 +592,7 @@ def decode_otlp_proto(payload: bytes, *, origin: str = "") -> DecodeResult:
         return result
     # spans of one trace share their trace id and parents: convert each id once per record
     hexed: dict[bytes, str] = {}
+    append = result.events.append
     for ri, rs in enumerate(req.resource_spans):
         res = _resource(_proto_attrs(rs.resource.attributes), origin, SOURCE_PROTO)
         for si, ss in enumerate(rs.scope_spans):
@@ -556,22 +617,10 @@ def decode_otlp_proto(payload: bytes, *, origin: str = "") -> DecodeResult:
                 if parent_hex is None:
                     parent_hex = hexed[parent_id] = parent_id.hex()
                 status = sp.status
-                span = _Span(
-                    trace_id=trace_hex,
-                    span_id=span_id.hex(),
-                    parent_span_id=parent_hex,
-                    name=sp.name,
-                    kind=sp.kind,
-                    start_ns=start_ns,
-                    end_ns=end_ns,
-                    status_code=status.code,
-                    status_message=status.message,
-                    attrs=_proto_attrs(sp.attributes),
-                    events=sp.events,
-                    read_exception_type=_proto_exception_type,
-                    profile=profile,
-                )
-                result.events.append(_span_event(span, res))
+                # positional: the dataclass's keyword parsing would cost more than the rest of this loop
+                span = _Span(trace_hex, span_id.hex(), parent_hex, sp.name, sp.kind, start_ns, end_ns, status.code,
+                             status.message, _proto_attrs(sp.attributes), sp, _proto_span_exception_type, profile)
+                append(_span_event(span, res))
     return _finish(result)
 
 
@@ -722,20 +771,21 @@ def _json_span(sp: dict[str, Any], profile: Profile) -> _Span:
     end_ns = _json_int64(sp.get("endTimeUnixNano") or sp.get("end_time_unix_nano"), "endTimeUnixNano")
     if not start_ns and not end_ns:
         raise _Bad("missing endTimeUnixNano and startTimeUnixNano")
+    # positional: the dataclass's keyword parsing costs more than most of these fields' reading
     return _Span(
-        trace_id=_json_id(sp.get("traceId") or sp.get("trace_id"), 16, "traceId", required=True),
-        span_id=_json_id(sp.get("spanId") or sp.get("span_id"), 8, "spanId", required=True),
-        parent_span_id=_json_id(sp.get("parentSpanId") or sp.get("parent_span_id"), 8, "parentSpanId", required=False),
-        name=str(sp.get("name") or ""),
-        kind=_json_span_kind(sp.get("kind")),
-        start_ns=start_ns,
-        end_ns=end_ns,
-        status_code=_json_status_code(status.get("code")),
-        status_message=str(status.get("message") or ""),
-        attrs=_json_attrs(sp.get("attributes")),
-        events=sp.get("events"),
-        read_exception_type=_json_exception_type,
-        profile=profile,
+        _json_id(sp.get("traceId") or sp.get("trace_id"), 16, "traceId", required=True),
+        _json_id(sp.get("spanId") or sp.get("span_id"), 8, "spanId", required=True),
+        _json_id(sp.get("parentSpanId") or sp.get("parent_span_id"), 8, "parentSpanId", required=False),
+        str(sp.get("name") or ""),
+        _json_span_kind(sp.get("kind")),
+        start_ns,
+        end_ns,
+        _json_status_code(status.get("code")),
+        str(status.get("message") or ""),
+        _json_attrs(sp.get("attributes")),
+        sp.get("events"),
+        _json_exception_type,
+        profile,
     )
 
 
