@@ -84,6 +84,14 @@ def attacks(key: Path, out: Path, url: str) -> list[str]:
         "SELECT * FROM executable('id', 'TSV', 'x String')",
         f"SELECT * FROM mysql('127.0.0.1:{port}', 'd', 't', 'u', 'p')",
         f"SELECT * FROM postgresql('127.0.0.1:{port}', 'd', 't', 'u', 'p')",
+        f"SELECT * FROM sqlite('{key}', 't')",
+        f"SELECT * FROM iceberg('{url}/bucket/table/')",
+        f"SELECT * FROM deltaLake('{url}/bucket/table/')",
+        f"SELECT * FROM gcs('{url}/bucket/g.csv', 'LineAsString')",
+        f"SELECT * FROM hdfs('hdfs://127.0.0.1:{port}/h', 'TSV', 'x String')",
+        # chDB's Python() table function reads objects of the worker's own process
+        "SELECT * FROM Python('settings')",
+        "select * from python('os')",
         # settings
         "SELECT 1 SETTINGS readonly=0",
         "SELECT getSetting('readonly') SETTINGS readonly = 0, max_execution_time = 1000",
