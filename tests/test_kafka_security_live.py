@@ -156,9 +156,28 @@ def test_every_sasl_mechanism_mutual_tls_and_host_name_verification(secure_broke
     assert asyncio.run(missing_topics(by_name, ["sasl-plain", "x"], security=unchecked, timeout_s=30)) == ["x"]
 
 
+def topic_config(bootstrap: str, topic: str, name: str) -> tuple[str, bool]:
+    """A topic's config value, and whether it was set on the topic (not a broker default)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    async def go() -> tuple[str, bool]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            (resp,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        finally:
+            await admin.close()
+        # (name, value, read_only, config_source, ...): source 1 is DYNAMIC_TOPIC_CONFIG
+        entry = next(e for e in resp.resources[0][4] if e[0] == name)
+        return entry[1], entry[3] == 1
+
+    return asyncio.run(go())
+
+
 def test_worker_and_agent_client_detect_through_sasl_ssl(secure_broker, tmp_path: Path):
     plain, secure, pki = secure_broker
-    env = _env(secure, pki)
+    env = {**_env(secure, pki), "AGENTWATCH_KAFKA_MIN_INSYNC_REPLICAS": "1"}
     # the LiveWorker's own produce/consume helpers use the PLAINTEXT listener; the worker
     # itself (topics, faust, state rebuild) only knows the SASL_SSL one
     with LiveWorker(plain, tmp_path, env=env) as w:
@@ -201,6 +220,8 @@ def test_worker_and_agent_client_detect_through_sasl_ssl(secure_broker, tmp_path
         asyncio.run(agent())
         w.wait_rows("SELECT count() FROM agentwatch.killswitches WHERE target_value = 'agent-sasl'",
                     lambda r: r[0][0] >= 1, timeout=60)
+        # the worker created its topics with the configured min.insync.replicas (set on the topic)
+        assert topic_config(plain, w.settings.topic_alerts, "min.insync.replicas") == ("1", True)
 
 
 def _worker_fails(env: dict[str, str], home: Path) -> str:
@@ -228,9 +249,6 @@ def test_untrusted_broker_certificate_is_a_one_line_error(secure_broker, tmp_pat
 
 
 def test_created_topics_take_the_configured_replication_and_min_insync_replicas(secure_broker):
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
     from schemas.errors import BrokerError
     from streams.kafka import ensure_topics
 
@@ -239,18 +257,9 @@ def test_created_topics_take_the_configured_replication_and_min_insync_replicas(
                              kafka_min_insync_replicas=2)
     options = kafka_options(settings)
 
-    async def go() -> str:
-        await ensure_topics(secure, ["isr-topic"], 1, security=options, replication_factor=1,
-                            min_insync_replicas=settings.kafka_min_insync_replicas)
-        admin = AIOKafkaAdminClient(bootstrap_servers=plain)
-        await admin.start()
-        try:
-            (resp,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "isr-topic")])
-        finally:
-            await admin.close()
-        return {name: value for name, value, *_ in resp.resources[0][4]}["min.insync.replicas"]
-
-    assert asyncio.run(go()) == "2"
+    asyncio.run(ensure_topics(secure, ["isr-topic"], 1, security=options, replication_factor=1,
+                              min_insync_replicas=settings.kafka_min_insync_replicas))
+    assert topic_config(plain, "isr-topic", "min.insync.replicas")[0] == "2"
     # one broker cannot hold three replicas: a one-line error naming the setting's value
     with pytest.raises(BrokerError, match="replication factor 3"):
         asyncio.run(ensure_topics(secure, ["rf-topic"], 1, security=options, replication_factor=3))
