@@ -170,7 +170,7 @@ class Pipeline:
                                   header_identity=s.header_identity, redactor=policy.redaction.redactor())
         # partition-scoped state (streams/state.py): one stage object per input partition
         state = dict(bootstrap=bootstrap, state_topic=s.topic_state, snapshot_s=s.state_snapshot_s,
-                     security=kafka_options(s))
+                     security=kafka_options(s), group=s.app_id)
         self.correlates = PartitionedState(
             "correlate", s.topic_by_trace, make=lambda: CorrelateStage(self.policy),
             restore=lambda data: CorrelateStage.restore(self.policy, data), replay=_replay_correlate, **state)
@@ -805,12 +805,11 @@ class Pipeline:
             done = progress.positions.get((tp.topic, tp.partition), -1) + 1
             if done == 0:
                 # nothing finished here since this worker started: the committed offset
-                # is where it stands (a restarted worker is not behind by all history)
-                try:
-                    committed = await consumer.committed(tp)
-                except Exception:
-                    committed = None
-                done = committed or 0
+                # is where it stands (a restarted worker is not behind by all history), as
+                # faust read it at the assignment (its consumer has no committed(): asked for
+                # it, this said 0, and the idle clock of a restarted worker with nothing
+                # waiting held for IDLE_UNKNOWN_HOLD_S)
+                done = consumer._committed_offset.get(tp) or 0
                 # never committed: the group starts at the log's start (earliest), which
                 # for the bookkeeping of what waits is as good as offset 0
                 progress.committed[(tp.topic, tp.partition)] = done
@@ -1014,13 +1013,17 @@ class Pipeline:
 
 
 def _replay_correlate(stage: CorrelateStage, events: list[Event]) -> None:
-    """Input already processed before a restart, through restored state: outputs discarded."""
-    stage.process(events)
+    """Input already processed before a restart, through restored state: outputs discarded.
+
+    Replayed as of now, as a restored snapshot's clock resumes (stages._resume_clock): a
+    watermark whose newest event came without a processing time never runs idle, and a
+    restore that replayed the last input before a quiet spell fired no timer until new traffic."""
+    stage.process(events, wall=_now())
     stage.take_rekeyed()  # they went round the trace-keyed topic then and are in the replay too
 
 
 def _replay_detect(stage: DetectStage, events: list[Event]) -> None:
-    stage.process(events)
+    stage.process(events, wall=_now())
     stage.engine.resolved.clear()
 
 

@@ -9,9 +9,13 @@ next input message the snapshot does not include), at most every
 it is durable whenever the offsets after it are.
 
 When a partition is assigned (start, rebalance), its state is restored from the
-latest snapshot and the input between the snapshot's offset and the first
-message the stage now takes is replayed through it with its outputs discarded
-(they were made durable before that input was committed). A snapshot ahead of
+latest snapshot and the input between the snapshot's offset and the group's
+committed offset is replayed through it at once, with its outputs discarded
+(they were made durable before that input was committed): the restored state is
+the state at the committed offset, so its timers fire with no new traffic. (Left
+to the partition's next batch, input committed after the last snapshot stayed
+out of the state until new traffic came: an escalation timer armed by it never
+fired after a crash.) A snapshot ahead of
 the committed offset (the worker died between snapshot and commit) makes the
 stage skip the messages the snapshot already includes. Restore time is the
 snapshot's size plus at most ``state_snapshot_s`` of input, not an hour of
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.events import Event
 from schemas.internal_wire import events_from_wire
@@ -98,6 +103,19 @@ def _keep(found: dict[str, Snapshot], keys: set[str], record: object) -> None:
         log.error("state snapshot without a valid offset header; ignored", extra={"key": key})
         return
     found[key] = Snapshot(offset, record.value)  # type: ignore[attr-defined]
+
+
+async def read_committed(bootstrap: str, group: str, topic: str, partitions: set[int], *,
+                         security: Mapping[str, Any] | None = None) -> dict[int, int]:
+    """The consumer group's committed offset of each of ``partitions`` (absent: never committed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **(security or {}))
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(
+            group, partitions=[TopicPartition(topic, p) for p in sorted(partitions)])
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta is not None and meta.offset >= 0}
 
 
 async def read_events(bootstrap: str, topic: str, partition: int, start: int, end: int, *,
@@ -171,12 +189,14 @@ class PartitionedState:
 
     ``make()`` builds an empty state, ``restore(bytes)`` one from a snapshot, and
     ``replay(state, events)`` feeds it input whose outputs are discarded.
+    ``group`` is the consumer group that commits the input: a restored partition
+    is caught up to its committed offset (without it, only at its next batch).
     """
 
     def __init__(self, stage: str, topic: str, *, make: object, restore: object, replay: object,
                  bootstrap: str, state_topic: str, snapshot_s: float,
-                 security: Mapping[str, Any] | None = None) -> None:
-        self.stage, self.topic = stage, topic
+                 security: Mapping[str, Any] | None = None, group: str | None = None) -> None:
+        self.stage, self.topic, self.group = stage, topic, group
         self._make, self._restore, self._replay = make, restore, replay
         self.bootstrap, self.state_topic, self.snapshot_s = bootstrap, state_topic, snapshot_s
         self.security = dict(security or {})
@@ -212,6 +232,13 @@ class PartitionedState:
             self.states[p] = state if state is not None else self._make()  # type: ignore[operator]
             self.next_offset[p] = snap.offset if state is not None and snap is not None else 0
             self._snapshot_at[p] = float("-inf")  # its first checkpoint writes a snapshot
+        if self.group is not None:
+            # the state at the committed offset: the input committed after the snapshot, at once
+            committed = await read_committed(self.bootstrap, self.group, self.topic, set(missing),
+                                             security=self.security)
+            for p in missing:
+                if p in committed:
+                    await self.catch_up(p, committed[p])
         self.last_restore = (size, time.perf_counter() - started)
         log.info("partition state restored", extra={"stage": self.stage, "partitions": missing, "bytes": size,
                                                     "seconds": round(self.last_restore[1], 3)})
