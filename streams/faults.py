@@ -10,7 +10,9 @@ finds nothing. The points:
 * ``ingest``, ``correlate``, ``detect``: the stage raises at the start of a batch
   (before any state changed), as a bug triggered by that batch would;
 * ``producer``: delivering a batch's outputs to Kafka fails (transient);
-* ``store``: a ClickHouse flush fails (transient).
+* ``store``: a ClickHouse flush fails (transient);
+* ``periodic_commit`` (no count): faust's periodic offset commit never runs, as
+  for a worker killed before its timer fires; only each batch's checkpoint commits.
 """
 
 from __future__ import annotations
@@ -55,3 +57,8 @@ def hit(point: str) -> None:
     if _calls[point] in wanted:
         cls = InjectedStoreFault if point == "store" else InjectedFault
         raise cls(f"injected fault at {point} call {_calls[point]}")
+
+
+def active(point: str) -> bool:
+    """Whether ``point`` is configured at all (for faults that are a mode, not a call)."""
+    return point in _plan
