@@ -234,8 +234,13 @@ class PartitionedState:
             self._snapshot_at[p] = float("-inf")  # its first checkpoint writes a snapshot
         if self.group is not None:
             # the state at the committed offset: the input committed after the snapshot, at once
-            committed = await read_committed(self.bootstrap, self.group, self.topic, set(missing),
-                                             security=self.security)
+            try:
+                committed = await read_committed(self.bootstrap, self.group, self.topic, set(missing),
+                                                 security=self.security)
+            except Exception as exc:  # KafkaError, timeout: the partition's next batch catches up instead
+                log.error("reading the committed offsets failed; restored partitions catch up at their next batch",
+                          extra={"stage": self.stage, "error": repr(exc)[:300]})
+                committed = {}
             for p in missing:
                 if p in committed:
                     await self.catch_up(p, committed[p])
