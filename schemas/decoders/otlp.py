@@ -617,9 +617,13 @@ def decode_otlp_proto(payload: bytes, *, origin: str = "") -> DecodeResult:
                 if parent_hex is None:
                     parent_hex = hexed[parent_id] = parent_id.hex()
                 status = sp.status
+                code = status.code
+                attrs = _proto_attrs(sp.attributes)
+                # the status message is read only where _span_event uses it: for an error
+                message = status.message if code == _STATUS_ERROR or "error.type" in attrs else ""
                 # positional: the dataclass's keyword parsing would cost more than the rest of this loop
-                span = _Span(trace_hex, span_id.hex(), parent_hex, sp.name, sp.kind, start_ns, end_ns, status.code,
-                             status.message, _proto_attrs(sp.attributes), sp, _proto_span_exception_type, profile)
+                span = _Span(trace_hex, span_id.hex(), parent_hex, sp.name, sp.kind, start_ns, end_ns, code,
+                             message, attrs, sp, _proto_span_exception_type, profile)
                 append(_span_event(span, res))
     return _finish(result)
 
