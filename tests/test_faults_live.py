@@ -227,8 +227,8 @@ def test_sigkill_at_three_random_points_with_poison_records(kafka_bootstrap, tmp
     rng = random.Random(7)
     load = workload(seed=1)
     policy = short_lateness_policy(tmp_path)
-    # faust's periodic commit off: every incarnation is killed before its timer would have
-    # fired, so what it re-reads after a restart is what the checkpoints left uncommitted
+    # faust's periodic commit off, as for incarnations killed before its timer fires: what a
+    # restart re-reads is what the batches' checkpoints left uncommitted
     w = LiveWorker(kafka_bootstrap, tmp_path, policy=policy, env={"AGENTWATCH_FAULTS": "periodic_commit"}).start()
     try:
         kill_after = sorted(rng.sample(range(1, CHUNKS), 3))
