@@ -161,7 +161,10 @@ def _run_and_check(w: LiveWorker, am: AlertmanagerServer, webhook: Recorder) -> 
     alerts = w.wait_alerts(fired, timeout=120)
     assert fired(alerts), w.log_tail()
     for a in alerts:
-        if a.agent_id in want:
+        # the resource-matching detection, on redacted text; other alerts (the pgaudit line's
+        # unattributed ALTER ROLE, once its join wait ends) may or may not have come by now, and
+        # every stored alert is searched for the secrets below
+        if a.agent_id in want and a.detector == "disallowed_access":
             assert "payroll" in a.summary and "****" in a.summary, a.summary
 
     # every table, every row
