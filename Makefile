@@ -47,7 +47,7 @@ frameworks: $(BIN)/agentwatch
 	$(BIN)/python -m tests.frameworks.venvs
 
 test: system-deps $(BIN)/agentwatch frameworks
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n 2 --dist loadfile
 
 bench: system-deps $(BIN)/agentwatch
 	$(BIN)/agentwatch bench $(BENCH_ARGS)
