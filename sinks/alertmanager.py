@@ -12,11 +12,13 @@ in a few minutes instead of firing forever or depending on the receiver's
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
 
@@ -45,6 +47,21 @@ def _label_name(key: str) -> str:
 
 
 
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its user and password, and those as a basic auth header value (None
+    without a user)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    netloc = parts.hostname or ""
+    if ":" in netloc:  # an IPv6 address
+        netloc = f"[{netloc}]"
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    credential = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return urlunsplit(parts._replace(netloc=netloc)), "Basic " + base64.b64encode(credential).decode()
+
+
 def runbook_url(base_url: str, detector: str) -> str:
     """The detector's page: ``<base>/<detector>.md`` (docs/runbooks/ in the repository)."""
     return f"{base_url.rstrip('/')}/{detector}.md"
@@ -65,12 +82,16 @@ class AlertmanagerOutput:
         name: str = "alertmanager",
     ) -> None:
         self.name = name
+        # credentials in the URL (http://user:password@host:9093, as docker-compose.yml sets
+        # it) become a basic auth header, so no error message or log line carries them
+        url, auth = _split_credentials(url)
         self.url = url.rstrip("/")
         self._endpoint = f"{self.url}/api/v2/alerts"
         self._runbook_base_url = runbook_base_url
         self._resend_interval_s = resend_interval_s
         self._generator_url = generator_url
-        self._http = HttpPoster(name, timeout_s=timeout_s, retry_client_errors=False)
+        headers = {"Authorization": auth} if auth is not None else None
+        self._http = HttpPoster(name, timeout_s=timeout_s, headers=headers, retry_client_errors=False)
         self._active: dict[str, Alert] = {}
         # resolved while Alertmanager was unreachable: alert -> endsAt, re-posted by the resend loop
         self._resolving: dict[str, tuple[Alert, datetime]] = {}
