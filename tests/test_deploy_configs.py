@@ -8,12 +8,17 @@ Kubernetes manifests against the Kubernetes OpenAPI schemas (kubernetes-validate
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import fnmatch
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -327,6 +332,221 @@ def test_no_port_is_published_beyond_this_machine(compose: dict[str, Any]) -> No
     # the UIs that are published ask for credentials
     grafana = compose["services"]["grafana"]["environment"]
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "?" in grafana["GF_SECURITY_ADMIN_PASSWORD"]
+
+
+# --- nothing the compose stack publishes answers without a credential -----------------------------
+
+def _required(value: str, variable: str) -> bool:
+    """``${VAR:?...}``: compose refuses to start without the variable, never an empty credential."""
+    return f"${{{variable}:?" in value
+
+
+def _secret_file(compose: dict[str, Any], service: str, path: str) -> str:
+    """The file under deploy/secrets/ (not committed) that ``path`` mounts into ``service``."""
+    name = path.removeprefix("/run/secrets/")
+    assert path.startswith("/run/secrets/") and name in compose["services"][service]["secrets"], (service, path)
+    source = compose["secrets"][name]
+    return str(source.get("file", ""))
+
+
+def _web_config_file(compose: dict[str, Any], service: str) -> str:
+    flags = dict(a.removeprefix("--").split("=", 1) for a in compose["services"][service]["command"] if "=" in a)
+    return _secret_file(compose, service, flags["web.config.file"])
+
+
+def _kafka_is_sasl_only(compose: dict[str, Any]) -> str:
+    env = compose["services"]["kafka"]["environment"]
+    protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    listeners = dict(re.findall(r"(\w+)://([^:,]*):\d+", env["KAFKA_LISTENERS"]))
+    for name in re.findall(r"(\w+)://", env["KAFKA_ADVERTISED_LISTENERS"]):  # every listener clients use
+        assert protocols[name].startswith("SASL_"), name
+        assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "PLAIN"
+        jaas = env[f"KAFKA_LISTENER_NAME_{name}_PLAIN_SASL_JAAS_CONFIG"]
+        assert "PlainLoginModule required" in jaas and _required(jaas, "KAFKA_PASSWORD"), name
+        assert re.findall(r'user_(\w+)="', jaas) == ["agentwatch"], name  # the one account
+    for name, protocol in protocols.items():  # a listener without SASL is on the container's loopback
+        assert protocol.startswith("SASL_") or listeners[name] == "localhost", name
+    return "SASL PLAIN on every listener clients use"
+
+
+def _collector_asks_a_bearer_token(compose: dict[str, Any]) -> str:
+    cfg = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    assert "bearertokenauth" in cfg["service"]["extensions"]
+    assert cfg["extensions"]["bearertokenauth"] == {"token": "${env:OTLP_TOKEN}"}
+    assert _required(compose["services"]["otel-collector"]["environment"]["OTLP_TOKEN"], "OTLP_TOKEN")
+    for name, protocol in cfg["receivers"]["otlp"]["protocols"].items():
+        assert protocol["auth"] == {"authenticator": "bearertokenauth"}, name
+    return "bearertokenauth on both OTLP receivers"
+
+
+def _clickhouse_asks_a_password(compose: dict[str, Any]) -> str:
+    env = compose["services"]["clickhouse"]["environment"]
+    assert _required(env["CLICKHOUSE_PASSWORD"], "CLICKHOUSE_PASSWORD") and env["CLICKHOUSE_USER"] != "default"
+    return "password of the agentwatch user"
+
+
+def _web_basic_auth(service: str) -> Any:
+    def check(compose: dict[str, Any]) -> str:
+        assert _web_config_file(compose, service) == "./deploy/secrets/web-config.yml", service
+        return "basic auth (--web.config.file)"
+
+    return check
+
+
+def _grafana_asks_a_password(compose: dict[str, Any]) -> str:
+    env = compose["services"]["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert _required(env["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
+    return "admin password, no anonymous access"
+
+
+# service -> the check that its published ports ask for a credential (and which)
+AUTHENTICATED = {
+    "kafka": _kafka_is_sasl_only,
+    "otel-collector": _collector_asks_a_bearer_token,
+    "clickhouse": _clickhouse_asks_a_password,
+    "prometheus": _web_basic_auth("prometheus"),
+    "alertmanager": _web_basic_auth("alertmanager"),
+    "grafana": _grafana_asks_a_password,
+}
+
+
+def test_every_published_port_asks_for_a_credential(compose: dict[str, Any]) -> None:
+    published = {name for name, svc in compose["services"].items() if svc.get("ports")}
+    unauthenticated = published - set(AUTHENTICATED)
+    assert not unauthenticated, f"published without a credential: {unauthenticated}"
+    mechanisms = {name: AUTHENTICATED[name](compose) for name in published}
+    assert set(mechanisms) == set(AUTHENTICATED)  # a service dropped from ports: drop it here too
+    # the worker's /metrics and /healthz take no credential: reachable on the compose network only
+    assert "ports" not in compose["services"]["worker"] and compose["services"]["worker"]["expose"] == ["6066"]
+    # the Collector's health_check extension is not published either
+    assert all(":13133" not in p for p in compose["services"]["otel-collector"]["ports"])
+
+
+def test_every_kafka_client_of_the_stack_uses_the_sasl_identity(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    identity = {k: v for k, v in services["worker"]["environment"].items() if k.startswith("AGENTWATCH_KAFKA_")}
+    assert identity["AGENTWATCH_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+    assert _required(identity["AGENTWATCH_KAFKA_SASL_PASSWORD"], "KAFKA_PASSWORD")
+    # the worker reads them as its settings (the variables are its own)
+    from streams.kafka_security import kafka_options
+    from streams.settings import Settings
+
+    for key, value in identity.items():
+        monkeypatch.setenv(key, value)
+    options = kafka_options(Settings())
+    assert options["security_protocol"] == "SASL_PLAINTEXT" and options["sasl_mechanism"] == "PLAIN"
+    assert options["sasl_plain_username"] == "agentwatch"
+    # the broker's account is that user
+    jaas = services["kafka"]["environment"]["KAFKA_LISTENER_NAME_INTERNAL_PLAIN_SASL_JAAS_CONFIG"]
+    assert f'user_{identity["AGENTWATCH_KAFKA_SASL_USERNAME"]}=' in jaas
+    # kafka-init, the broker's healthcheck and the Collector get the same variables
+    for name in ("kafka", "kafka-init", "otel-collector"):
+        env = services[name]["environment"]
+        assert {k: env.get(k) for k in identity} == identity, name
+    wrapper = "/etc/agentwatch/with-sasl-client.sh"
+    assert services["kafka-init"]["entrypoint"][:2] == ["/bin/sh", wrapper]
+    assert "--command-config /tmp/client.properties" in services["kafka-init"]["command"][0]
+    assert services["kafka"]["healthcheck"]["test"][1:3] == ["sh", wrapper]
+    assert "/tmp/client.properties" in services["kafka"]["healthcheck"]["test"]
+    script = (DEPLOY / "kafka" / "with-sasl-client.sh").read_text()
+    assert set(re.findall(r"\$(AGENTWATCH_KAFKA_\w+)", script)) == set(identity)
+    assert run("sh", "-n", str(DEPLOY / "kafka" / "with-sasl-client.sh")).returncode == 0
+    # the Collector's kafka exporter: auth.sasl with the documented keys, from those variables
+    sasl = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())["exporters"]["kafka"]["auth"]["sasl"]
+    assert set(sasl) <= {"username", "password", "mechanism", "version", "aws_msk"}
+    assert sasl == {"mechanism": "${env:AGENTWATCH_KAFKA_SASL_MECHANISM}",
+                    "username": "${env:AGENTWATCH_KAFKA_SASL_USERNAME}",
+                    "password": "${env:AGENTWATCH_KAFKA_SASL_PASSWORD}"}
+
+
+def test_every_client_of_prometheus_and_alertmanager_sends_the_credential(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    from deploy.web_config import USER
+
+    # worker -> Alertmanager: the URL's user and password (aiohttp sends them as basic auth)
+    am = urlsplit(services["worker"]["environment"]["AGENTWATCH_ALERTMANAGER_URL"].replace(
+        "${MONITORING_PASSWORD:?set MONITORING_PASSWORD}", "x"))
+    assert am.username == USER and am.password == "x"
+    # Prometheus -> Alertmanager: basic_auth with the compose secret made from MONITORING_PASSWORD
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    for am_config in prom["alerting"]["alertmanagers"]:
+        auth = am_config["basic_auth"]
+        assert auth["username"] == USER
+        _secret_file(compose, "prometheus", auth["password_file"])
+        assert compose["secrets"][auth["password_file"].removeprefix("/run/secrets/")] == {
+            "environment": "MONITORING_PASSWORD"}
+    # Grafana -> Prometheus
+    ds = {d["type"]: d for d in yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "clickhouse.yaml").read_text())["datasources"]}
+    assert ds["prometheus"]["basicAuth"] is True and ds["prometheus"]["basicAuthUser"] == USER
+    assert ds["prometheus"]["secureJsonData"]["basicAuthPassword"] == "$MONITORING_PASSWORD"
+    assert _required(services["grafana"]["environment"]["MONITORING_PASSWORD"], "MONITORING_PASSWORD")
+    # the example env file names every credential compose requires, with no real value
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    example = dict(line.split("=", 1) for line in (DEPLOY / "compose.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert set(example) == required and set(example.values()) == {"change-me"}
+
+
+def test_the_web_config_is_accepted_by_promtool_and_enforced_by_alertmanager(tmp_path: Path) -> None:
+    """The file deploy/web_config.py writes: promtool accepts it, and the real Alertmanager run
+    with it refuses requests without the password and with a wrong one (silences included)."""
+    from deploy.web_config import USER, write
+    from tests.alertmanager_server import free_port, require_alertmanager
+
+    path = write(tmp_path, "s3cret-Pw")
+    out = run(tool("promtool"), "check", "web-config", str(path))
+    assert out.returncode == 0 and "SUCCESS" in out.stdout + out.stderr, out.stdout + out.stderr
+    binary = require_alertmanager()
+    port = free_port()
+    log = (tmp_path / "am.log").open("wb")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={DEPLOY / 'alertmanager' / 'alertmanager.yml'}", f"--storage.path={tmp_path / 'am'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", f"--web.config.file={path}",
+         "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def status(password: str | None) -> int | None:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v2/silences")
+        if password is not None:
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return None
+
+    try:
+        deadline = time.monotonic() + 30
+        while status("s3cret-Pw") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "am.log").read_text()
+            time.sleep(0.1)
+        assert status(None) == 401 and status("wrong") == 401
+        # the worker's Alertmanager output, with the credential in its URL as docker-compose.yml sets it
+        from sinks.alertmanager import AlertmanagerOutput
+        from sinks.delivery import DeliveryError
+        from tests.test_alert_outputs import make_alert
+
+        async def deliver(password: str) -> None:
+            am = AlertmanagerOutput(f"http://{USER}:{password}@127.0.0.1:{port}")
+            try:
+                await am.send([make_alert()])
+            finally:
+                await am.close()
+
+        asyncio.run(deliver("s3cret-Pw"))
+        with pytest.raises(DeliveryError, match="401") as refused:
+            asyncio.run(deliver("wrong-Pw"))
+        assert "wrong-Pw" not in str(refused.value)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
 
 
 def test_long_running_services_restart_and_the_worker_has_a_healthcheck(compose: dict[str, Any]) -> None:
