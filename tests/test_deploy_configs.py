@@ -462,6 +462,80 @@ def test_every_kafka_client_of_the_stack_uses_the_sasl_identity(
                     "password": "${env:AGENTWATCH_KAFKA_SASL_PASSWORD}"}
 
 
+def _image_properties(env: dict[str, Any], *, password: str, ports: dict[str, int], data: Path) -> str:
+    """server.properties as the apache/kafka image writes it from its environment (KAFKA_A_B ->
+    a.b, ``__`` -> ``_``, ``___`` -> ``-``), with compose's password filled in, the container's
+    ports moved to free loopback ports and the service name ``kafka`` to 127.0.0.1."""
+    lines = []
+    for key, value in env.items():
+        if not key.startswith("KAFKA_"):
+            continue
+        value = re.sub(r"\$\{KAFKA_PASSWORD:\?[^}]*\}", password, str(value))
+        for container_port, port in ports.items():
+            value = re.sub(rf":{container_port}\b", f":{port}", value)
+        value = value.replace("kafka:", "127.0.0.1:").replace("://:", "://127.0.0.1:")
+        if key == "KAFKA_LOG_DIRS":
+            value = str(data)
+        name = key.removeprefix("KAFKA_").lower().replace("___", "-").replace("__", "\0").replace("_", ".")
+        lines.append(f"{name.replace(chr(0), '_')}={value}")
+    return "\n".join(lines) + "\ngroup.initial.rebalance.delay.ms=0\noffsets.topic.num.partitions=1\n"
+
+
+def test_the_compose_broker_accepts_only_the_stacks_sasl_identity(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real broker run with docker-compose.yml's kafka settings: the worker's Kafka options
+    (from the worker's compose environment) work on both listeners; a wrong password and a
+    PLAINTEXT client are refused."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from deploy import broker
+    from streams.kafka_security import kafka_options
+    from streams.settings import Settings
+    from tests.alertmanager_server import free_port
+
+    password = "Compose0Test9Pw"
+    ports = {"29092": free_port(), "9092": free_port(), "9093": free_port()}
+    props = tmp_path / "server.properties"
+    props.write_text(_image_properties(compose["services"]["kafka"]["environment"], password=password, ports=ports,
+                                       data=tmp_path / "data"))
+    java, classpath = broker._find_java(), f"{broker.ensure_jars()}/*"  # noqa: SLF001 - the project's launcher
+    log4j, log = f"-Dlog4j2.configurationFile={broker._LOG4J}", tmp_path / "broker.log"  # noqa: SLF001
+    broker._format_storage(java, classpath, log4j, props, log)  # noqa: SLF001
+    for key, value in compose["services"]["worker"]["environment"].items():
+        if key.startswith("AGENTWATCH_KAFKA_"):
+            monkeypatch.setenv(key, password if key == "AGENTWATCH_KAFKA_SASL_PASSWORD" else value)
+    worker = kafka_options(Settings())
+
+    async def create_topic(bootstrap: str, options: dict[str, Any]) -> str:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **options)
+        try:
+            await admin.start()
+            await admin.create_topics([NewTopic(f"t{time.monotonic_ns()}", 1, 1)])
+            return "ok"
+        except Exception as exc:  # noqa: BLE001 - the refusal is the result
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            await admin.close()
+
+    internal, external = f"127.0.0.1:{ports['29092']}", f"127.0.0.1:{ports['9092']}"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([java, *broker._JVM_OPTS, log4j, "-cp", classpath, "kafka.Kafka", str(props)],  # noqa: SLF001
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while (result := asyncio.run(create_topic(internal, worker))) != "ok":
+            assert proc.poll() is None and time.monotonic() < deadline, (result, log.read_text()[-3000:])
+            time.sleep(1)
+        assert asyncio.run(create_topic(external, worker)) == "ok"
+        assert asyncio.run(create_topic(external, {**worker, "sasl_plain_password": "wrong"})) != "ok"
+        assert asyncio.run(create_topic(external, {})) != "ok"  # PLAINTEXT
+        assert asyncio.run(create_topic(internal, {})) != "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_every_client_of_prometheus_and_alertmanager_sends_the_credential(compose: dict[str, Any]) -> None:
     services = compose["services"]
     from deploy.web_config import USER
