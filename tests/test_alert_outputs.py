@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from schemas.alerts import Alert, Evidence, Mode, Severity, alert_id_for
 from schemas.errors import ConfigError
-from sinks.alertmanager import AlertmanagerOutput
+from sinks.alertmanager import AlertmanagerOutput, _split_credentials
 from sinks.delivery import DEFAULT_ROUTES, OVERFLOW_DETECTOR, RetryPolicy, Router, parse_routes
 from sinks.webhook import WebhookOutput
 from tests.alertmanager_server import AlertmanagerServer, free_port
@@ -397,3 +398,12 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
         assert len(set(delays)) > 1
     with pytest.raises(ConfigError):
         RetryPolicy(initial_backoff_s=0)
+
+
+def test_credentials_in_the_alertmanager_url_become_a_header_and_leave_the_url() -> None:
+    """http://user:password@host (docker-compose.yml) -> basic auth; no error names the password."""
+    assert _split_credentials("http://am:9093") == ("http://am:9093", None)
+    url, header = _split_credentials("http://agentwatch:p%40ss:w@[::1]:9093/prefix")
+    assert url == "http://[::1]:9093/prefix"
+    assert header == "Basic " + base64.b64encode(b"agentwatch:p@ss:w").decode()
+    assert AlertmanagerOutput("http://u:secret@am:9093/").url == "http://am:9093"
