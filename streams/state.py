@@ -60,6 +60,11 @@ STATE_TOPIC_CONFIG = {
 }
 
 
+def max_snapshot_bytes() -> int:
+    """The largest snapshot written; a larger one is skipped (logged) and its partition restored by replay."""
+    return STATE_MAX_MESSAGE_BYTES - _RECORD_HEADROOM
+
+
 def state_key(stage: str, topic: str, partition: int) -> str:
     return f"{stage}/{topic}/{partition}"
 
@@ -284,7 +289,7 @@ class PartitionedState:
             if force or now - self._snapshot_at.get(p, 0.0) >= self._every.get(p, self.snapshot_s):
                 started = time.perf_counter()
                 data = self.states[p].snapshot()  # type: ignore[attr-defined]
-                if len(data) <= STATE_MAX_MESSAGE_BYTES - _RECORD_HEADROOM:
+                if len(data) <= max_snapshot_bytes():
                     out.append((self.key(p), self.next_offset.get(p, 0), data))
                 else:
                     # one message per snapshot: a state this large (a join holding its whole

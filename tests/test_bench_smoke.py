@@ -27,7 +27,8 @@ def test_bench_prints_every_row_and_the_planted_incidents_fire(kafka_bootstrap: 
     settings = Settings(bootstrap=kafka_bootstrap, home=tmp_path)
     out = io.StringIO()
     with redirect_stdout(out):
-        code = run_bench(settings, events=2000, per_message=100, duration_s=2.0, peer_names=(), state_agents=200)
+        code = run_bench(settings, events=2000, per_message=100, duration_s=2.0, peer_names=(), state_agents=200,
+                         restore_agents=(100, 400))
     table = out.getvalue()
     print(table)
     for row in ROWS:
@@ -37,6 +38,11 @@ def test_bench_prints_every_row_and_the_planted_incidents_fire(kafka_bootstrap: 
         line = next(ln for ln in table.splitlines() if ln.strip().startswith(detector))
         assert line.rstrip().endswith("ok"), line
     assert "detection latency" in table and "kill switch" in table
+    # restore against state size: read back from the broker and rebuilt, more agents more bytes
+    restore = [ln.split("|") for ln in table.splitlines() if re.match(r"\| (100|400) \| ", ln)]
+    assert [int(r[1]) for r in restore] == [100, 400], table
+    assert int(restore[1][3].replace(",", "")) > 3 * int(restore[0][3].replace(",", "")) > 0
+    assert all(r[4].strip().endswith("ms") and r[5].strip().endswith("ms") for r in restore), restore
     # the wait for an agent span exported after its tool calls is reported apart from detection
     assert "agent span exported later" in table
     # what redacting secrets at ingest costs per event (issue 8)

@@ -8,30 +8,24 @@ See docs/benchmarks.md for what each row measures.
 from __future__ import annotations
 
 import asyncio
-import gc
-import random
 import statistics
 import subprocess
 import sys
 import time
-import tracemalloc
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from aiokafka import AIOKafkaProducer
 
-from detectors.engine import DetectionEngine
-from detectors.policy import parse_policy
-from schemas.decoders.otlp import decode_otlp
 from schemas.errors import AgentwatchError
-from schemas.events import Event
 from streams.bench import peers
 from streams.bench.pipeline import PipelineResult, run_pipeline
-from streams.bench.workload import NS, POLICY, Message, TraceWriter, Workload, input_end_ns, llm, make_workload, tool
+from streams.bench.state import RESTORE_AGENTS, RestoreRow, fleet_events, restore_times, state_per_agent
+from streams.bench.workload import Message, Workload, input_end_ns, make_workload
 from streams.settings import Settings
+from streams.state import STATE_MAX_MESSAGE_BYTES
 
 PEERS = ("faust", "quix")
 
@@ -73,46 +67,12 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def state_per_agent(agents: int = 2000) -> tuple[float, float]:
-    """Bytes the detectors allocate per active agent (tracemalloc), while its windows are open and after
-    they close. The events are decoded before tracing starts, so the events the windows hold are not in
-    the figure, only the state that refers to them."""
-    engine = DetectionEngine(parse_policy(yaml.safe_load(POLICY)))
-    t0 = (time.time_ns() // (60 * NS)) * 60 * NS - 3600 * NS
-    events = _fleet_events(agents, t0)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        engine.process(events)
-        gc.collect()
-        open_windows = tracemalloc.get_traced_memory()[0] - base
-        engine.advance(t0 / NS + 7200)
-        gc.collect()
-        closed = tracemalloc.get_traced_memory()[0] - base
-    finally:
-        tracemalloc.stop()
-    return open_windows / agents, closed / agents
-
-
-def _fleet_events(agents: int, t0_ns: int) -> list[Event]:
-    """One trace (6 tool calls, 3 LLM calls) of each of ``agents`` agents, decoded."""
-    rng = random.Random(3)
-    events: list[Event] = []
-    for a in range(agents):
-        w = TraceWriter(rng)
-        w.trace(f"mem-agent-{a:05d}", t0_ns + a * 1_000_000,
-                [tool("search_docs", f'{{"q": {a}, "c": {c}}}') for c in range(6)] + [llm(20)] * 3)
-        events += decode_otlp(w.take().value).events
-    return events
-
-
 def redaction_cost(agents: int = 500) -> tuple[float, float]:
     """Microseconds the ingest redaction adds per decoded event: the bench's events, and the
     same with an API key in a URL attribute."""
     from schemas.redact import DEFAULT
 
-    events = _fleet_events(agents, time.time_ns())
+    events = fleet_events(agents, time.time_ns())
     out = []
     for secret in (False, True):
         batch = [e.model_copy(deep=True) for e in events]
@@ -131,7 +91,7 @@ def _verdict(ok: bool) -> str:
 
 
 def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[float, float],
-           redaction_us: tuple[float, float]) -> bool:
+           redaction_us: tuple[float, float], restores: Sequence[RestoreRow] = ()) -> bool:
     """Print the table and the checks; True when every planted incident was detected as expected."""
     out = sys.stdout
     rate = {r.name: wl.spans / r.seconds for r in rows if r.seconds}
@@ -200,6 +160,20 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
 
     print(f"  secret redaction at ingest: {redaction_us[0]:.1f} us per event without secrets, "
           f"{redaction_us[1]:.1f} us per event carrying one", file=out)
+    if restores:
+        print("\nstate restore against its size (correlate + detect snapshots of one partition, one trace per agent "
+              "in open windows):", file=out)
+        print("| agents | events in state | snapshot bytes | read from Kafka | rebuild | total | per agent |", file=out)
+        print("|---:|---:|---:|---:|---:|---:|---:|", file=out)
+        for r in restores:
+            if r.read_s is None or r.rebuild_s is None:
+                print(f"| {r.agents:,} | {r.events:,} | {r.correlate_bytes + r.detect_bytes:,} | over the "
+                      f"{STATE_MAX_MESSAGE_BYTES >> 20} MiB snapshot limit: restored by replay | | | |", file=out)
+                continue
+            total = r.read_s + r.rebuild_s
+            print(f"| {r.agents:,} | {r.events:,} | {r.correlate_bytes + r.detect_bytes:,} | {r.read_s * 1000:,.0f} ms "
+                  f"| {r.rebuild_s * 1000:,.0f} ms | {total * 1000:,.0f} ms | {total / r.agents * 1e6:,.0f} us |",
+                  file=out)
 
     print("\ntargets (issue 10):", file=out)
     d = rate.get("raw consume + OTLP decode")
@@ -229,7 +203,8 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
 
 
 def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: float = 20.0,
-              peer_names: tuple[str, ...] = PEERS, peer_timeout_s: float = 1800.0, state_agents: int = 2000) -> int:
+              peer_names: tuple[str, ...] = PEERS, peer_timeout_s: float = 1800.0, state_agents: int = 2000,
+              restore_agents: tuple[int, ...] = RESTORE_AGENTS) -> int:
     from deploy import broker
     from streams.kafka import ensure_topics
     from streams.kafka_security import kafka_options
@@ -284,9 +259,11 @@ def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: 
                 rows.append(Row(label, None, note=f"failed: {exc}"))
                 continue
             rows.append(Row(label, r.seconds, r.loops))
+        print("restoring stage state of growing fleets...", file=sys.stderr)
+        restores = asyncio.run(restore_times(bootstrap, security, restore_agents))
     finally:
         if started:
             broker.down(settings.broker_dir)
     state = state_per_agent(state_agents)
-    ok = report(wl, rows, pipe, state, redaction_cost())
+    ok = report(wl, rows, pipe, state, redaction_cost(), restores)
     return 0 if ok else 1
