@@ -5,7 +5,6 @@ size. Restore is proportional to the state, not to the traffic that built it."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import random
 import time
@@ -116,8 +115,3 @@ async def restore_times(bootstrap: str, security: Mapping[str, Any] | None = Non
     finally:
         await producer.stop()
     return rows
-
-
-def restore_times_sync(bootstrap: str, security: Mapping[str, Any] | None = None,
-                       sizes: tuple[int, ...] = RESTORE_AGENTS) -> list[RestoreRow]:
-    return asyncio.run(restore_times(bootstrap, security, sizes))
