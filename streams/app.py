@@ -36,7 +36,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
@@ -102,6 +102,20 @@ class Roles:
 
 
 STORE_GROUP_SUFFIX = "-store"
+# stages that write the store: their batches are acked at a checkpoint (``Pipeline._checkpoint``)
+# rather than one by one, so one insert and one commit serve every batch since the last
+CHECKPOINTED = ("detect", "dlq", "store_events", "store_alerts", "store_killswitches", "store_canary")
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    """Messages a checkpointed stage finished whose store rows (and state snapshot) are
+    not durable yet: acked and committed at the stage's next checkpoint."""
+
+    stage: str
+    lock: asyncio.Lock
+    held: list[tuple[Any, EventT]] = field(default_factory=list)  # (stream, event) to ack
+    last: float = field(default_factory=time.monotonic)
 
 
 def _now() -> float:
@@ -222,6 +236,9 @@ class Pipeline:
         # one alert's updates are made and enqueued under this lock (detect batches
         # and ticks both update alerts), so the topic receives them in order
         self._alert_order = asyncio.Lock()
+        # detect batches and ticks both change the engines and the alert sink: one lock for both
+        self._checkpoints = {name: _Checkpoint(name, self._alert_order if name == "detect" else asyncio.Lock())
+                             for name in self.progress if name in CHECKPOINTED}
         self.crashed: BaseException | None = None
         # called once the worker is ready (see when_ready)
         self._on_ready: list[Callable[[], None]] | None = []
@@ -313,6 +330,10 @@ class Pipeline:
                       name="store_alerts")(self._fail_fast(self._store_alerts_agent))
             app.agent(self.control_topic, name="store_killswitches")(self._fail_fast(self._store_commands_agent))
             app.agent(self.canary_topic, name="store_canary")(self._fail_fast(self._store_canary_agent))
+        if self._checkpoints:
+            # stages with no new input still make what they hold durable (and detect state, whose
+            # timers fired, snapshotted) within about checkpoint_s
+            app.timer(interval=s.checkpoint_s / 2)(self._guarded_checkpoints)
         app.timer(interval=5.0)(self._measure_lag)
         app.on_before_shutdown.connect(self._on_before_shutdown)
         app.page("/metrics")(_view(get=self._metrics_view))
@@ -354,7 +375,20 @@ class Pipeline:
         tick.__name__ = "_tick"
         await self._fail_fast(tick)(None)
 
+    async def _guarded_checkpoints(self) -> None:
+        async def checkpoints(_: Any) -> None:
+            await self._checkpoint_all(due_only=True)
+
+        checkpoints.__name__ = "_checkpoints"
+        await self._fail_fast(checkpoints)(None)
+
     async def _on_before_shutdown(self, app: Any, **kwargs: Any) -> None:
+        # what the checkpointed stages finished is made durable and committed, so the next
+        # worker does not do it again (the worker's watchdog bounds this, as any shutdown step)
+        try:
+            await self._checkpoint_all(due_only=False)
+        except Exception as exc:  # the next worker re-reads from the last commit: nothing lost
+            log.error("final checkpoint failed", extra={"error": repr(exc)[:300]})
         await self._drain_outputs()
 
     def _stop_worker(self) -> None:
@@ -363,32 +397,98 @@ class Pipeline:
     # -- checkpointed batches ----------------------------------------------------------------
 
     async def _batches(self, stage: str, stream: Any) -> AsyncIterator[list[EventT]]:
-        """Batches of one stage, each acked only after the caller's body finished.
+        """Batches of one stage, each acked only once everything it produced is durable.
 
         ``noack_take`` hands out events unacked (faust's ``take_events`` acks in a
-        ``finally``, so a batch that raised would be committed). The body makes
-        every output of the batch durable (internal topics, alerts, commands,
-        store rows); only when it returns are the batch's messages acked and
-        committed (``_commit``), so the committed offset never passes an input
-        whose outputs could be lost, and a crash re-reads only the batches in
-        hand. A body that raises leaves the batch unacked and the stage crashes
-        the worker (``_fail_fast``): the restarted worker takes the batch again.
+        ``finally``, so a batch that raised would be committed). The body sends
+        every Kafka output of the batch (internal topics, alerts, commands) and
+        waits for the broker's acknowledgement. A stage that writes no store is
+        then acked and committed at once (``_commit``). A stage that writes the
+        store (``CHECKPOINTED``) keeps the batch's messages until its next
+        checkpoint (``_checkpoint``): store rows flushed, then the state snapshot,
+        then acks and the commit, at most every ``checkpoint_s``, so one insert
+        and one commit serve many batches and alerts never wait for the store.
+        Either way the committed offset never passes an input whose outputs
+        could be lost, and a crash re-reads only what came after the last
+        checkpoint. A body that raises leaves the batch unacked and the stage
+        crashes the worker (``_fail_fast``): the restarted worker takes it again.
         """
         progress = self.progress[stage]
+        cp = self._checkpoints.get(stage)
         async for batch in stream.noack_take(self.settings.batch_max_messages,
                                              within=self.settings.batch_within_s):
             started = time.perf_counter()
             progress.begin(batch)
             self._batch_events = 0
             yield batch
-            if stage == "ingest":
+            if cp is not None:
+                cp.held += [(stream, e) for e in batch]
+            elif stage == "ingest":
                 await self._ack_ingested(stream, batch)
             else:
                 for e in batch:
                     await stream.ack(e)
-            await self._commit(batch)
+            if cp is None:
+                await self._commit(batch)
             progress.done(batch, self._batch_events)
+            if cp is not None and self._checkpoint_due(cp):
+                async with cp.lock:
+                    await self._checkpoint(stage)
             self.metrics.stage_batch_seconds.labels(stage).observe(time.perf_counter() - started)
+
+    def _sinks_of(self, stage: str) -> list[tuple[Any, str]]:
+        """The store sinks a checkpointed stage flushes at its checkpoints."""
+        sinks = {
+            "detect": [(self.event_sink, "events"), (self.alert_sink, "alerts"),
+                       (self.version_metrics_sink, "version_metrics"), (self.canary_sink, "canary_verdicts")],
+            "dlq": [(self.dlq_sink, "dlq")],
+            "store_events": [(self.event_sink, "events")],
+            "store_alerts": [(self.alert_sink, "alerts")],
+            "store_killswitches": [(self.killswitch_sink, "killswitches")],
+            "store_canary": [(self.canary_sink, "canary_verdicts")],
+        }[stage]
+        return [(sink, table) for sink, table in sinks if sink is not None]
+
+    def _checkpoint_due(self, cp: "_Checkpoint") -> bool:
+        sinks = self._sinks_of(cp.stage)
+        if not cp.held and not any(sink.pending for sink, _ in sinks):
+            return False
+        return (time.monotonic() - cp.last >= self.settings.checkpoint_s
+                or any(sink.should_flush for sink, _ in sinks))
+
+    async def _checkpoint(self, stage: str, *, final: set[int] | None = None) -> None:
+        """Make a checkpointed stage's work durable, in Quix Streams' order: store rows
+        flushed, then the state snapshot (detect; it says which input it reflects, so it
+        may only be written once that input's outputs are durable), then the held
+        messages acked and committed. Called under the stage's lock. A store that keeps
+        failing keeps this running (retries with backoff), and ``/healthz`` says so.
+        ``final``: detect partitions being revoked, snapshotted whatever their interval."""
+        cp = self._checkpoints[stage]
+        progress = self.progress[stage]
+        progress.checkpoint_since = time.monotonic()
+        try:
+            for sink, table in self._sinks_of(stage):
+                await self._flush(sink, table)
+            if stage == "detect":
+                if final:
+                    snaps = self._snapshots(self.detects, force=True, partitions=final)
+                else:
+                    snaps = self._snapshots(self.detects)
+                await self._deliver(snaps)
+            held, cp.held = cp.held, []
+            for stream, e in held:
+                await stream.ack(e)
+            if held:
+                await self._commit([e for _, e in held])
+        finally:
+            progress.checkpoint_since = None
+        cp.last = time.monotonic()
+
+    async def _checkpoint_all(self, *, due_only: bool) -> None:
+        for stage, cp in self._checkpoints.items():
+            if stage in self.progress and (not due_only or self._checkpoint_due(cp)):
+                async with cp.lock:
+                    await self._checkpoint(stage)
 
     async def _commit(self, batch: list[EventT]) -> None:
         """The checkpoint's last step: commit what the batch acked before taking the next one.
@@ -555,8 +655,7 @@ class Pipeline:
                     self.metrics.late_events.labels("detect").inc(engine.watermark.late_events - late_before)
                     if self.event_sink is not None:  # split: the store process stores them
                         self.event_sink.extend(events)
-                await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead]
-                                           + self._snapshots(self.detects))
+                await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead])
 
     def _engines(self) -> list[Any]:
         return [st.engine for st in self.detects.states.values()]  # type: ignore[attr-defined]
@@ -599,13 +698,17 @@ class Pipeline:
         async with self._ingest_lock:  # records being assembled there: their new owner reads them again
             self.ingest.forget(gone)
             self._held = [(s, e) for s, e in self._held if (e.message.topic, e.message.partition) not in gone]
-        for states, lock in ((self.correlates, self._correlate_lock), (self.detects, self._alert_order)):
-            parts = {tp.partition for tp in revoked if tp.topic == states.topic}
-            if not parts:
-                continue
-            async with lock:
-                await self._deliver(self._snapshots(states, force=True, partitions=parts))
-                states.drop(parts)
+        parts = {tp.partition for tp in revoked if tp.topic == self.correlates.topic}
+        if parts:
+            async with self._correlate_lock:
+                await self._deliver(self._snapshots(self.correlates, force=True, partitions=parts))
+                self.correlates.drop(parts)
+        parts = {tp.partition for tp in revoked if tp.topic == self.detects.topic}
+        if parts and "detect" in self._checkpoints:
+            # the revoked partitions' rows and alerts durable before their final snapshot
+            async with self._alert_order:
+                await self._checkpoint("detect", final=parts)
+                self.detects.drop(parts)
 
     async def _dlq_agent(self, stream: Any) -> None:
         assert self.dlq_sink is not None
@@ -626,7 +729,6 @@ class Pipeline:
                     )
                 )
             self._batch_events = len(batch)
-            await self._flush(self.dlq_sink, "dlq")
 
     async def _control_agent(self, stream: Any) -> None:
         """Every command on the control topic (ours and people's), once per group: verified,
@@ -678,7 +780,6 @@ class Pipeline:
                               extra={"partition": e.message.partition, "offset": e.message.offset})
             self._batch_events = len(events)
             self.event_sink.extend(events)
-            await self._flush(self.event_sink, "events")
 
     async def _store_alerts_agent(self, stream: Any) -> None:
         await self._store_models("store_alerts", stream, self.alert_sink, "alerts", Alert)
@@ -702,7 +803,6 @@ class Pipeline:
                         m.offset), "store")])
             self._batch_events = len(rows)
             sink.extend(rows)
-            await self._flush(sink, table)
 
     async def _store_commands_agent(self, stream: Any) -> None:
         assert self.killswitch_sink is not None
@@ -712,7 +812,6 @@ class Pipeline:
                 if cmd is not None:
                     self.killswitch_sink.add(cmd)
             self._batch_events = len(batch)
-            await self._flush(self.killswitch_sink, "killswitches")
 
     def _check_policy(self) -> None:
         """Hot reload: a changed policy file takes effect; a bad one keeps the last good policy."""
@@ -782,7 +881,7 @@ class Pipeline:
             if self.control_feed.caught_up.is_set():  # escalate on the whole picture only
                 # command deadlines are wall-clock deadlines
                 alerts += self.control.tick(wall, owns=self._owns_command)
-            await self._publish_alerts(alerts, self._snapshots(self.detects))
+            await self._publish_alerts(alerts, [])
         self.metrics.open_alerts.set(sum(len(e.open_alerts) for e in self._engines()))
 
     def _idle_clock_cap(self) -> float:
@@ -903,7 +1002,8 @@ class Pipeline:
         return outs
 
     async def _publish_alerts(self, alerts: list[Alert], extra: list[Out]) -> None:
-        """Store rows, then the alerts and commands in the order they were made.
+        """The alerts and commands, in the order they were made; their store rows at the
+        stage's next checkpoint (on-call never waits for the store).
 
         Called under ``_alert_order``: updates of one alert reach the topic in the
         order the engine produced them (Kafka keeps the order of one producer's
@@ -924,13 +1024,8 @@ class Pipeline:
             log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,
                                                      "alert_id": cmd.alert_id})
         outs += self._canary_outputs()
-        if self.alert_sink is not None and self.event_sink is not None:  # split: the store process stores
+        if self.alert_sink is not None:  # split: the store process stores them
             self.alert_sink.extend(alerts)
-            await self._flush(self.event_sink, "events")
-            await self._flush(self.alert_sink, "alerts")
-        if self.version_metrics_sink is not None and self.canary_sink is not None:
-            await self._flush(self.version_metrics_sink, "version_metrics")
-            await self._flush(self.canary_sink, "canary_verdicts")
         await self._deliver(outs)
         if self.router is not None:
             for a in alerts:

@@ -1,7 +1,9 @@
 """Where each stage is: what it finished, what it holds, how far behind it is.
 
-Positions are recorded when a batch is *done* (its outputs durable, its offsets
-acked), never when it is taken, so lag counts everything not yet safe. Lag is
+Positions are recorded when a batch is *done* (its Kafka outputs durable; a
+stage that writes the store acks it at its next checkpoint, within
+``checkpoint_s``), never when it is taken, so lag counts everything not yet
+processed. Lag is
 reported two ways, because a message count alone hides a backlog when one
 internal message carries hundreds of events:
 
@@ -40,6 +42,8 @@ class StageProgress:
     done_ts: dict[tuple[str, int], float] = field(default_factory=dict)
     # committed offset per input partition where nothing was finished since start
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    # monotonic time the running checkpoint began (store flush, snapshot, commit), None when none runs
+    checkpoint_since: float | None = None
 
     def begin(self, batch: list[Any]) -> None:
         self.busy_since = time.monotonic()
@@ -94,6 +98,9 @@ class StageProgress:
         now = time.monotonic()
         if self.busy_since is not None and now - self.busy_since > stall_s:
             return f"{self.name}: one batch in hand for {now - self.busy_since:.0f}s (outputs not durable)"
+        if self.checkpoint_since is not None and now - self.checkpoint_since > stall_s:
+            return (f"{self.name}: finished batches in hand for {now - self.checkpoint_since:.0f}s, "
+                    "their checkpoint failing (store rows or state snapshot not durable)")
         if self.busy_since is None and self.messages_behind() > 0 and now - self.last_done > stall_s:
             return (f"{self.name}: {self.messages_behind()} messages waiting and no batch finished "
                     f"for {now - self.last_done:.0f}s")

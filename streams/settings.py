@@ -73,7 +73,15 @@ class Settings(ControlSettings):
     )
 
     batch_max_messages: int = Field(500, ge=1, description="Kafka messages taken per processing batch")
-    batch_within_s: float = Field(0.25, gt=0, description="longest wait to fill a batch")
+    batch_within_s: float = Field(
+        0.05, gt=0,
+        description="longest wait to fill a batch: each stage adds up to this much to detection latency",
+    )
+    checkpoint_s: float = Field(
+        1.0, gt=0,
+        description="how often a stage that writes the store makes its work durable: rows flushed in one "
+        "insert, state snapshotted, offsets committed (a crash re-reads at most this much of its input)",
+    )
     max_events_per_message: int = Field(
         500, ge=1, description="events packed into one message between stages (keeps messages well under 1 MB)"
     )
