@@ -615,8 +615,9 @@ class Pipeline:
         return out
 
     def _snapshots(self, states: PartitionedState, **kw: Any) -> list[Out]:
-        return [Out(self.state_topic, key.encode(), data, {OFFSET_HEADER: str(offset).encode()}, partition=0)
-                for key, offset, data in states.due(**kw)]
+        # in due()'s order: a chunked snapshot's chunks, its manifest, then tombstones (streams/state.py)
+        return [Out(self.state_topic, r.key, r.value, r.headers, partition=0)  # type: ignore[arg-type]
+                for r in states.due(**kw)]
 
     async def _correlate_agent(self, stream: Any) -> None:
         async for batch in self._batches("correlate", stream):

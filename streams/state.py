@@ -3,10 +3,36 @@
 Each stage holds one state object per input partition (its windows, timers,
 waiting spans, redelivery memory, watermark). At a checkpoint a stage writes
 the state of a partition it changed to a compacted topic (key
-``<stage>/<topic>/<partition>``, value the snapshot, header the offset of the
-next input message the snapshot does not include), at most every
+``<stage>/<topic>/<partition>``, header ``agentwatch.state.offset`` the offset
+of the next input message the snapshot does not include), at most every
 ``state_snapshot_s``; the snapshot is delivered before the batch is acked, so
 it is durable whenever the offsets after it are.
+
+A snapshot of up to ``STATE_CHUNK_BYTES`` is one message at that key (the
+format older workers wrote and still read). A larger one is written in chunks
+(a join holding its allowed lateness at a high rate: 110 MB for 16,000 agents
+with open traces in one partition), in this order on the topic's one partition:
+
+1. the chunks, key ``<stage>/<topic>/<partition>/<generation>/<index>``,
+   headers ``agentwatch.state.generation``, ``.chunk`` (index), ``.chunks``
+   (count) and ``.offset``; the generation (``<offset>-<12 random hex>``) is
+   new for every snapshot, so no two snapshots ever share a chunk key;
+2. the manifest, at the partition's own key: a small JSON document naming the
+   generation, the chunk count, the total size and its CRC-32, with the
+   headers ``.chunks`` (which marks it a manifest), ``.generation``, ``.offset``;
+3. tombstones for the chunks of the snapshot this one replaces.
+
+The manifest is the commit: it is written after its chunks, and compaction
+keeps the latest value of the partition's key, a manifest or a single-message
+snapshot alike. The chunks of a snapshot whose write was cut short have no
+manifest and are never read into a state; the previous manifest's chunks are
+still all there (other keys, tombstoned only after a newer manifest), so a
+restore uses the previous snapshot, whole. A smaller snapshot after a larger
+one leaves no higher chunk behind to be mixed in: chunks are read only under
+the generation a manifest names, and that generation's count. Chunks no
+snapshot uses (a cut-short write, a write cut between its manifest and its
+tombstones) are found by the next restore and tombstoned after the next
+snapshot.
 
 When a partition is assigned (start, rebalance), its state is restored from the
 latest snapshot and the input between the snapshot's offset and the group's
@@ -23,31 +49,48 @@ traffic. On revoke a final snapshot is written and the state dropped, so the
 old owner's timers stop and the new owner's continue.
 
 Snapshots are JSON (``detectors/state.py``): topics are hostile input, so no
-pickle; an unreadable snapshot is logged and the partition starts from the
-replay of its whole retained input instead.
+pickle; an unreadable snapshot, an incomplete or inconsistent generation of
+chunks is logged and ignored (the previous complete snapshot is used, else the
+partition starts from the replay of its whole retained input).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from schemas.errors import StateError
 from schemas.events import Event
 from schemas.internal_wire import events_from_wire
 
 log = logging.getLogger("agentwatch.state")
 
 OFFSET_HEADER = "agentwatch.state.offset"
+GENERATION_HEADER = "agentwatch.state.generation"
+CHUNK_HEADER = "agentwatch.state.chunk"
+CHUNKS_HEADER = "agentwatch.state.chunks"
+MANIFEST_FORMAT = "agentwatch.state.manifest"
 
+# The state topic's max.message.bytes, and the worker producer's request limit (streams/app.py).
+# Older workers wrote a snapshot as one message of up to this size: a topic may still hold them.
 STATE_MAX_MESSAGE_BYTES = 64 << 20
-_RECORD_HEADROOM = 64 << 10  # key, headers and batch framing around a snapshot's value
+_RECORD_HEADROOM = 64 << 10  # key, headers and batch framing around a value
+# Snapshots larger than this are chunked. 8 MiB less framing: a chunk is one message and one
+# produce request (acks=all) of the checkpoint writing it, so 110 MB is 14 round trips (1 MiB
+# chunks: 106; on loopback 1 to 64 MiB chunks wrote and read 110 MB in about the same time,
+# docs/benchmarks.md); a chunk fits brokers whose message limit stays near 10 MB; and up to
+# this size a snapshot stays one message, the format workers before chunking read.
+STATE_CHUNK_BYTES = (8 << 20) - _RECORD_HEADROOM
 # time between two snapshots of a partition >= this many times what the last one took
 SNAPSHOT_COST_RATIO = 20.0
 
@@ -60,54 +103,238 @@ STATE_TOPIC_CONFIG = {
 }
 
 
-def max_snapshot_bytes() -> int:
-    """The largest snapshot written; a larger one is skipped (logged) and its partition restored by replay."""
-    return STATE_MAX_MESSAGE_BYTES - _RECORD_HEADROOM
-
-
 def state_key(stage: str, topic: str, partition: int) -> str:
     return f"{stage}/{topic}/{partition}"
+
+
+def chunk_key(key: str, generation: str, index: int) -> str:
+    return f"{key}/{generation}/{index}"
+
+
+def _split_chunk_key(key: str) -> tuple[str, str, int] | None:
+    """(state key, generation, index) of a chunk's key; None for any other key."""
+    head, _, index = key.rpartition("/")
+    base, _, generation = head.rpartition("/")
+    if not (base and generation and index.isascii() and index.isdigit()) or index != str(int(index)):
+        return None  # a leading zero too: the key written for an index is exactly str(index)
+    return base, generation, int(index)
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord:
+    """One message for the state topic (its partition 0), ready to send."""
+
+    key: bytes
+    value: bytes | None  # None: a tombstone, compaction then forgets the key
+    headers: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The commit of a chunked snapshot: which generation of chunks makes it up."""
+
+    generation: str
+    offset: int
+    chunks: int
+    size: int  # bytes of the whole snapshot
+    crc32: int
+
+    def dumps(self) -> bytes:
+        return orjson.dumps({"format": MANIFEST_FORMAT, "version": 1, "generation": self.generation,
+                             "offset": self.offset, "chunks": self.chunks, "bytes": self.size,
+                             "crc32": self.crc32})
+
+    @classmethod
+    def loads(cls, value: bytes) -> Manifest:
+        """Raises StateError when ``value`` is not a manifest this version writes."""
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise StateError(f"state manifest: not JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("version") != 1:
+            raise StateError("state manifest: not an agentwatch state manifest of version 1")
+        generation = doc.get("generation")
+        numbers = [doc.get(k) for k in ("offset", "chunks", "bytes", "crc32")]
+        if not isinstance(generation, str) or not generation or "/" in generation:
+            raise StateError(f"state manifest: bad generation {generation!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers) or numbers[1] < 1:
+            raise StateError(f"state manifest: bad offset, chunks, bytes or crc32 {numbers!r}")
+        return cls(generation, *numbers)
+
+
+def snapshot_records(key: str, offset: int, data: bytes, *,
+                     chunk_bytes: int = STATE_CHUNK_BYTES) -> tuple[list[StateRecord], list[str]]:
+    """The messages writing ``data`` as the snapshot of ``key`` at input ``offset``, in the order
+    they must be sent, and the keys of the chunks it lives in (to tombstone once it is replaced)."""
+    off = str(offset).encode()
+    if len(data) <= chunk_bytes:
+        return [StateRecord(key.encode(), data, {OFFSET_HEADER: off})], []
+    generation = f"{offset}-{secrets.token_hex(6)}"
+    count = -(-len(data) // chunk_bytes)
+    common = {OFFSET_HEADER: off, GENERATION_HEADER: generation.encode(), CHUNKS_HEADER: str(count).encode()}
+    keys = [chunk_key(key, generation, i) for i in range(count)]
+    records = [StateRecord(k.encode(), data[i * chunk_bytes:(i + 1) * chunk_bytes],
+                           {**common, CHUNK_HEADER: str(i).encode()}) for i, k in enumerate(keys)]
+    manifest = Manifest(generation, offset, count, len(data), zlib.crc32(data))
+    records.append(StateRecord(key.encode(), manifest.dumps(), common))
+    return records, keys
+
+
+def tombstones(keys: Iterable[str]) -> list[StateRecord]:
+    return [StateRecord(k.encode(), None, {}) for k in keys]
 
 
 @dataclass(frozen=True)
 class Snapshot:
     offset: int  # next input offset not reflected in the state
     data: bytes
+    chunk_keys: tuple[str, ...] = ()  # the chunks it was assembled from (none: one message)
+
+
+@dataclass(frozen=True)
+class StateRead:
+    """What the state topic holds for the keys asked for."""
+
+    snapshots: dict[str, Snapshot]  # the latest complete snapshot of each key that has one
+    garbage: dict[str, list[str]]  # chunk keys no snapshot uses: tombstone them after the next write
+
+
+@dataclass
+class _Committed:
+    offset: int
+    parts: list[bytes]
+    chunk_keys: tuple[str, ...]
+
+
+@dataclass
+class _KeyState:
+    committed: _Committed | None = None
+    pending: dict[str, dict[int, bytes]] = field(default_factory=dict)  # generation -> chunks, no manifest yet
+    stale: set[str] = field(default_factory=set)  # chunks of replaced snapshots, not tombstoned yet
+
+    def replace(self, new: _Committed | None) -> None:
+        if self.committed is not None:
+            self.stale.update(self.committed.chunk_keys)
+        self.committed = new
+
+
+class SnapshotAssembler:
+    """Folds the state topic, read in order from its beginning, into the latest complete
+    snapshot of each key asked for. Any subsequence compaction leaves (the latest message
+    per key, tombstones or not) folds to the same snapshots."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = {k: _KeyState() for k in keys}
+
+    def add(self, key: str, value: bytes | None, headers: Mapping[str, bytes]) -> None:
+        st = self._keys.get(key)
+        if st is not None:
+            if value is None:  # a tombstone: state dropped
+                st.replace(None)
+            elif CHUNKS_HEADER in headers:
+                self._manifest(key, st, value)
+            else:
+                self._single(key, st, value, headers)
+            return
+        parsed = _split_chunk_key(key)
+        if parsed is not None and parsed[0] in self._keys:
+            self._chunk(key, self._keys[parsed[0]], *parsed[1:], value, headers)
+
+    def _single(self, key: str, st: _KeyState, value: bytes, headers: Mapping[str, bytes]) -> None:
+        try:
+            offset = int(headers[OFFSET_HEADER])
+        except (KeyError, ValueError):
+            log.error("state snapshot without a valid offset header; ignored", extra={"key": key})
+            return
+        st.replace(_Committed(offset, [value], ()))
+
+    def _chunk(self, key: str, st: _KeyState, generation: str, index: int, value: bytes | None,
+               headers: Mapping[str, bytes]) -> None:
+        chunks = st.pending.get(generation, {})
+        chunks.pop(index, None)
+        if value is None:  # the snapshot it belonged to was replaced
+            st.stale.discard(key)
+        elif headers.get(GENERATION_HEADER) != generation.encode() or headers.get(CHUNK_HEADER) != str(index).encode():
+            # its headers contradict its key: that generation stays incomplete, the chunk is garbage
+            log.error("state chunk whose headers do not match its key; its snapshot is ignored", extra={"key": key})
+            st.stale.add(key)
+        else:
+            st.pending.setdefault(generation, chunks)[index] = value
+        if not chunks:
+            st.pending.pop(generation, None)
+
+    def _manifest(self, key: str, st: _KeyState, value: bytes) -> None:
+        try:
+            m = Manifest.loads(value)
+            chunks = st.pending.get(m.generation, {})
+            parts = _complete(m, chunks)
+        except StateError as exc:
+            # keep the previous snapshot: its chunks are tombstoned only after a newer manifest
+            log.error("state snapshot manifest unusable; the previous snapshot is kept",
+                      extra={"key": key, "error": str(exc)[:300]})
+            return
+        del st.pending[m.generation]
+        st.replace(_Committed(m.offset, parts, tuple(chunk_key(key, m.generation, i) for i in range(m.chunks))))
+
+    def result(self) -> StateRead:
+        """The snapshots, each joined into one bytes object (once: a chunk is not copied again)."""
+        snapshots: dict[str, Snapshot] = {}
+        garbage: dict[str, list[str]] = {}
+        for key, st in self._keys.items():
+            live: set[str] = set()
+            if st.committed is not None:
+                c, st.committed = st.committed, None
+                data = c.parts[0] if len(c.parts) == 1 else b"".join(c.parts)
+                c.parts.clear()  # the chunks go as soon as they are joined
+                snapshots[key] = Snapshot(c.offset, data, c.chunk_keys)
+                live = set(c.chunk_keys)
+            orphans = {chunk_key(key, g, i) for g, chunks in st.pending.items() for i in chunks}
+            waste = sorted((st.stale | orphans) - live)
+            if waste:
+                garbage[key] = waste
+        return StateRead(snapshots, garbage)
+
+
+def _complete(m: Manifest, chunks: Mapping[int, bytes]) -> list[bytes]:
+    """The chunks of ``m`` in order; StateError unless exactly they are there, whole."""
+    # indices are distinct and >= 0: n of them, none above n - 1, are exactly 0 .. n - 1 (and a
+    # hostile count of a billion costs nothing)
+    if len(chunks) != m.chunks or max(chunks, default=-1) != m.chunks - 1:
+        raise StateError(f"generation {m.generation}: {len(chunks)} chunks up to index "
+                         f"{max(chunks, default=None)}, the manifest says {m.chunks}")
+    parts = [chunks[i] for i in range(m.chunks)]
+    size = sum(map(len, parts))
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    if size != m.size or crc != m.crc32:
+        raise StateError(f"generation {m.generation}: {size} bytes, crc32 {crc}; the manifest says "
+                         f"{m.size} bytes, crc32 {m.crc32}")
+    return parts
 
 
 async def read_snapshots(bootstrap: str, topic: str, keys: set[str], *, timeout_s: float = 60,
-                         security: Mapping[str, Any] | None = None) -> dict[str, Snapshot]:
-    """The latest snapshot of each of ``keys`` (the whole compacted topic is read)."""
+                         security: Mapping[str, Any] | None = None) -> StateRead:
+    """The latest complete snapshot of each of ``keys`` (the whole compacted topic is read)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 max_partition_fetch_bytes=64 << 20, fetch_max_bytes=128 << 20, **(security or {}))
     await consumer.start()
-    found: dict[str, Snapshot] = {}
+    assembler = SnapshotAssembler(keys)
+
+    def take(record: Any) -> None:
+        key = record.key.decode(errors="replace") if record.key else ""
+        assembler.add(key, record.value, dict(record.headers or ()))
+
     try:
         # snapshots are written to partition 0 (the topic is created with one)
         tps = [TopicPartition(topic, 0)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        await _drain(consumer, ends, timeout_s, lambda r: _keep(found, keys, r))
+        await _drain(consumer, ends, timeout_s, take)
     finally:
         await _stop(consumer)
-    return found
-
-
-def _keep(found: dict[str, Snapshot], keys: set[str], record: object) -> None:
-    key = record.key.decode(errors="replace") if record.key else ""  # type: ignore[attr-defined]
-    if key not in keys:
-        return
-    if record.value is None:  # type: ignore[attr-defined]  # a tombstone: state dropped
-        found.pop(key, None)
-        return
-    headers = dict(record.headers or ())  # type: ignore[attr-defined]
-    try:
-        offset = int(headers[OFFSET_HEADER])
-    except (KeyError, ValueError):
-        log.error("state snapshot without a valid offset header; ignored", extra={"key": key})
-        return
-    found[key] = Snapshot(offset, record.value)  # type: ignore[attr-defined]
+    return assembler.result()
 
 
 async def read_committed(bootstrap: str, group: str, topic: str, partitions: set[int], *,
@@ -200,8 +427,12 @@ class PartitionedState:
 
     def __init__(self, stage: str, topic: str, *, make: object, restore: object, replay: object,
                  bootstrap: str, state_topic: str, snapshot_s: float,
-                 security: Mapping[str, Any] | None = None, group: str | None = None) -> None:
+                 security: Mapping[str, Any] | None = None, group: str | None = None,
+                 chunk_bytes: int = STATE_CHUNK_BYTES) -> None:
+        if not 0 < chunk_bytes <= STATE_MAX_MESSAGE_BYTES - _RECORD_HEADROOM:
+            raise ValueError(f"chunk_bytes {chunk_bytes} is not within what the state topic accepts")
         self.stage, self.topic, self.group = stage, topic, group
+        self.chunk_bytes = chunk_bytes
         self._make, self._restore, self._replay = make, restore, replay
         self.bootstrap, self.state_topic, self.snapshot_s = bootstrap, state_topic, snapshot_s
         self.security = dict(security or {})
@@ -210,6 +441,9 @@ class PartitionedState:
         self._snapshot_at: dict[int, float] = {}
         self._every: dict[int, float] = {}  # seconds between a partition's snapshots
         self._dirty: set[int] = set()
+        # chunk keys to tombstone after the partition's next snapshot: those of the snapshot
+        # it replaces, and any a restore found unused (a write cut short)
+        self._superseded: dict[int, list[str]] = {}
         self.last_restore: tuple[int, float] = (0, 0.0)  # bytes, seconds (for metrics and the bench)
 
     def key(self, partition: int) -> str:
@@ -225,18 +459,15 @@ class PartitionedState:
                                      security=self.security)
         size = 0
         for p in missing:
-            snap = found.get(self.key(p))
-            state = None
-            if snap is not None:
-                try:
-                    state = self._restore(snap.data)  # type: ignore[operator]
-                    size += len(snap.data)
-                except Exception as exc:  # StateError: corrupt or foreign; rebuilt from the input instead
-                    log.error("state snapshot unreadable; replaying the partition's retained input",
-                              extra={"key": self.key(p), "error": str(exc)[:300]})
+            snap = found.snapshots.get(self.key(p))
+            state = self._rebuild(p, snap)
+            if state is not None and snap is not None:
+                size += len(snap.data)
             self.states[p] = state if state is not None else self._make()  # type: ignore[operator]
             self.next_offset[p] = snap.offset if state is not None and snap is not None else 0
             self._snapshot_at[p] = float("-inf")  # its first checkpoint writes a snapshot
+            self._superseded[p] = [*(snap.chunk_keys if snap is not None else ()),
+                                   *found.garbage.get(self.key(p), ())]
         if self.group is not None:
             # the state at the committed offset: the input committed after the snapshot, at once
             try:
@@ -253,6 +484,17 @@ class PartitionedState:
         log.info("partition state restored", extra={"stage": self.stage, "partitions": missing, "bytes": size,
                                                     "seconds": round(self.last_restore[1], 3)})
         return missing
+
+    def _rebuild(self, partition: int, snap: Snapshot | None) -> object | None:
+        """The state of ``snap``; None without a snapshot or when it is unreadable."""
+        if snap is None:
+            return None
+        try:
+            return self._restore(snap.data)  # type: ignore[operator]
+        except Exception as exc:  # StateError: corrupt or foreign; rebuilt from the input instead
+            log.error("state snapshot unreadable; replaying the partition's retained input",
+                      extra={"key": self.key(partition), "error": str(exc)[:300]})
+            return None
 
     async def catch_up(self, partition: int, first_offset: int) -> int:
         """Before input from ``first_offset`` is processed: replay what lies between the
@@ -277,10 +519,11 @@ class PartitionedState:
         """Timers fired: every held partition may have changed."""
         self._dirty.update(self.states)
 
-    def due(self, *, force: bool = False, partitions: set[int] | None = None) -> list[tuple[str, int, bytes]]:
-        """(key, next offset, snapshot) of dirty partitions whose interval passed (or all, forced)."""
+    def due(self, *, force: bool = False, partitions: set[int] | None = None) -> list[StateRecord]:
+        """The messages writing the snapshots of dirty partitions whose interval passed (or all,
+        forced), in the order they must be sent to the state topic's partition 0."""
         now = time.monotonic()
-        out = []
+        out: list[StateRecord] = []
         for p in sorted(self._dirty):
             if partitions is not None and p not in partitions:
                 continue
@@ -289,15 +532,11 @@ class PartitionedState:
             if force or now - self._snapshot_at.get(p, 0.0) >= self._every.get(p, self.snapshot_s):
                 started = time.perf_counter()
                 data = self.states[p].snapshot()  # type: ignore[attr-defined]
-                if len(data) <= max_snapshot_bytes():
-                    out.append((self.key(p), self.next_offset.get(p, 0), data))
-                else:
-                    # one message per snapshot: a state this large (a join holding its whole
-                    # lateness at a high rate) cannot be written. Crashing would repeat on every
-                    # restart; without it, a restore replays from the previous snapshot instead
-                    log.error("state snapshot larger than the state topic accepts; not written, a restore "
-                              "replays the input since the previous one",
-                              extra={"key": self.key(p), "bytes": len(data), "limit": STATE_MAX_MESSAGE_BYTES})
+                records, chunks = snapshot_records(self.key(p), self.next_offset.get(p, 0), data,
+                                                   chunk_bytes=self.chunk_bytes)
+                # the replaced snapshot's chunks go after the new one is whole (its manifest)
+                out += records + tombstones(self._superseded.get(p, ()))
+                self._superseded[p] = chunks
                 # A snapshot is the whole state: a join holding 15 minutes of spans took long
                 # enough that snapshotting it every few seconds starved the stage (latency grew
                 # with the state). Spacing snapshots by their own cost keeps them under
@@ -313,4 +552,6 @@ class PartitionedState:
             self.next_offset.pop(p, None)
             self._snapshot_at.pop(p, None)
             self._every.pop(p, None)
+            # the last snapshot's chunks are live: the next owner tombstones them after its own
+            self._superseded.pop(p, None)
             self._dirty.discard(p)

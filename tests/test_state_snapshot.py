@@ -206,24 +206,24 @@ def test_snapshots_are_spaced_by_what_they_cost(monkeypatch):
     assert 9 <= snapshots_over(20) <= 11  # cheap: every 2 s
     Slow.cost = 1.0
     assert 2 <= snapshots_over(60) <= 4  # 1 s each: every 20 s
-    assert [k for k, _, _ in ps.due(force=True)] == ["detect/t/0"]  # a revoke's final one still goes
+    assert [r.key for r in ps.due(force=True)] == [b"detect/t/0"]  # a revoke's final one still goes
 
 
-def test_snapshot_over_the_topic_limit_is_skipped_not_fatal(monkeypatch, caplog):
+def test_snapshot_over_a_chunk_is_written_in_chunks_not_skipped(caplog):
+    """Once skipped over the topic's 64 MiB message limit (the partition restored by replay);
+    now split over messages of ``chunk_bytes`` (tests/test_state_chunks.py has the rest)."""
     import streams.state as state_mod
 
     class Big:
         def snapshot(self) -> bytes:
             return b"x" * 2000
 
-    monkeypatch.setattr(state_mod, "STATE_MAX_MESSAGE_BYTES", 1000)
-    monkeypatch.setattr(state_mod, "_RECORD_HEADROOM", 0)
     ps = state_mod.PartitionedState("correlate", "t", make=Big, restore=None, replay=None, bootstrap="-",
-                                    state_topic="s", snapshot_s=0.0)
+                                    state_topic="s", snapshot_s=0.0, chunk_bytes=1000)
     ps.states[0] = Big()
     ps.advanced(0, 5)
-    assert ps.due(force=True) == []
-    assert "larger than the state topic accepts" in caplog.text
-    monkeypatch.setattr(state_mod, "STATE_MAX_MESSAGE_BYTES", 5000)
-    ps.advanced(0, 6)
-    assert [(k, o) for k, o, _ in ps.due(force=True)] == [("correlate/t/0", 6)]
+    records = ps.due(force=True)
+    assert [r.key.decode().count("/") for r in records] == [4, 4, 2]  # two chunks, then the manifest
+    assert [r.headers[state_mod.OFFSET_HEADER] for r in records] == [b"5"] * 3
+    assert b"".join(r.value for r in records[:2]) == b"x" * 2000  # type: ignore[misc]
+    assert caplog.text == ""
