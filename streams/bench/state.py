@@ -25,7 +25,8 @@ from schemas.decoders.otlp import decode_otlp
 from schemas.events import Event
 from streams.kafka import ensure_topics
 from streams.stages import CorrelateStage, DetectStage
-from streams.state import STATE_MAX_MESSAGE_BYTES, STATE_TOPIC_CONFIG, read_snapshots, snapshot_records, state_key
+from streams.state import (STATE_MAX_MESSAGE_BYTES, STATE_TOPIC_CONFIG, collector_paused, read_snapshots,
+                           snapshot_records, state_key)
 from streams.bench.workload import NS, POLICY, TraceWriter, llm, tool
 
 RESTORE_AGENTS = (1_000, 3_000, 9_000, 16_000, 30_000)
@@ -72,7 +73,7 @@ class RestoreRow:
     correlate_bytes: int
     detect_bytes: int
     read_s: float  # both snapshots read back from the compacted topic on the broker (chunks joined)
-    rebuild_s: float  # both stages rebuilt from them
+    rebuild_s: float  # both stages rebuilt from them, as a worker's restore does
     messages: int  # messages the two snapshots were written as (chunks and manifests)
 
 
@@ -108,8 +109,9 @@ async def restore_times(bootstrap: str, security: Mapping[str, Any] | None = Non
             found = (await read_snapshots(bootstrap, topic, set(snaps), security=security)).snapshots
             read_s = time.perf_counter() - t
             t = time.perf_counter()
-            # held until timed: a worker keeps what it restores, freeing it is not part of a restore
-            restored = CorrelateStage.restore(policy, found[ck].data), DetectStage.restore(policy, found[dk].data)
+            with collector_paused():
+                # held until timed: a worker keeps what it restores, freeing it is not part of a restore
+                restored = CorrelateStage.restore(policy, found[ck].data), DetectStage.restore(policy, found[dk].data)
             rebuild_s = time.perf_counter() - t
             del restored
             rows.append(RestoreRow(agents, len(events), len(snaps[ck]), len(snaps[dk]), read_s, rebuild_s,
