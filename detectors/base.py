@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from detectors import state as st
 from schemas.alerts import Severity
-from schemas.events import Event
+from schemas.events import Event, stable_id
 
 
 @dataclass(slots=True)
@@ -84,9 +85,50 @@ class Finding:
                    action_keys=tuple(st.texts(action_keys)))
 
 
+class SignalKind(StrEnum):
+    """What a signal for the tenant-keyed cross-agent stage is about (detectors/cross_agent.py)."""
+
+    TAMPERING = "tampering"
+    TOKENS = "tokens"
+
+
+@dataclass(slots=True)
+class Signal:
+    """What a per-agent detect partition tells the tenant-keyed stage."""
+
+    signal_id: str
+    kind: SignalKind
+    tenant: str
+    agent_id: str
+    ts: float  # event time, seconds
+    tokens: int = 0
+    # TAMPERING: the finding, its evidence included
+    finding: Finding | None = None
+    # TOKENS: where the LLM call is, for a budget alert's evidence
+    event_id: str = ""
+    trace_id: str = ""
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+def tampering_signal(f: Finding) -> Signal:
+    sid = stable_id("tampering", f.detector, f.tenant, f.agent_id, f.subject, f.ts,
+                    *(e.event_id for e in f.evidence))
+    return Signal(sid, SignalKind.TAMPERING, f.tenant, f.agent_id, f.ts, finding=f)
+
+
+def token_signal(ev: Event, ts: float, tokens: int) -> Signal:
+    return Signal("tokens:" + ev.event_id, SignalKind.TOKENS, ev.tenant, ev.agent_id, ts, tokens,
+                  event_id=ev.event_id, trace_id=ev.trace_id, topic=ev.topic, partition=ev.partition,
+                  offset=ev.offset)
+
+
 class Detector(ABC):
     name: ClassVar[str]
     version: ClassVar[str]
+    #: where a detector puts what the tenant-keyed cross-agent stage needs (set by the engine)
+    signals: list[Signal] | None = None
 
     @abstractmethod
     def observe(self, event: Event) -> list[Finding]:

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from detectors import state as st
-from detectors.base import Detector, Finding
+from detectors.base import Detector, Finding, Signal
 from detectors.canary import CANARY, OWN_DETECTORS, CanaryAnalysis
+from detectors.cross_agent import CrossAgentDetector, build_cross_agent, signals_from_bytes, signals_to_bytes
 from detectors.disallowed_access import DisallowedAccess
 from detectors.escalation_bypass import EscalationBypass
 from detectors.identity import IDENTIFIED
@@ -109,9 +110,19 @@ class _Episode:
 
 
 class DetectionEngine:
-    def __init__(self, policy: Policy, detectors: list[Detector] | None = None) -> None:
+    """Per-agent detection. What needs several agents at once (coordinated incidents, tenant
+    budgets) goes out as signals to a ``CrossAgentEngine``: with ``local_cross_agent`` (replay,
+    tests: one process sees every agent) this engine feeds its own and returns its alerts too;
+    the worker runs that engine in a tenant-keyed stage and sends it ``take_signals()``."""
+
+    def __init__(self, policy: Policy, detectors: list[Detector] | None = None, *,
+                 local_cross_agent: bool = True) -> None:
         self.policy = policy
-        self.detectors = detectors if detectors is not None else build_detectors(policy)
+        self.detectors = detectors if detectors is not None else self._build(policy)
+        # signals for the tenant-keyed stage, appended by the detectors (detectors/cross_agent.py)
+        self._signals: list[Signal] = []
+        self._bind(self.detectors)
+        self.cross_agent: CrossAgentEngine | None = CrossAgentEngine(policy) if local_cross_agent else None
         self.watermark = Watermark(policy.allowed_lateness_s)
         self._source_extra = policy.join.extra_lateness(policy.allowed_lateness_s)
         self._modes = _modes(policy)
@@ -142,12 +153,45 @@ class DetectionEngine:
         reload is seen only from the reload on.
         """
         self.policy = policy
-        self.detectors = build_detectors(policy)
+        self.detectors = self._build(policy)
+        self._bind(self.detectors)
+        if self.cross_agent is not None:
+            self.cross_agent.reload(policy)
         self.watermark.allowed_lateness_s = policy.allowed_lateness_s
         self._source_extra = policy.join.extra_lateness(policy.allowed_lateness_s)
         self._modes = _modes(policy)
         self._versions = {det.name: det.version for det in self.detectors}
         self._canary = _canary_of(self.detectors)
+
+    def _build(self, policy: Policy) -> list[Detector]:
+        return build_detectors(policy)
+
+    def _bind(self, detectors: list[Detector]) -> None:
+        for det in detectors:
+            det.signals = self._signals
+
+    def take_signals(self) -> list[Signal]:
+        """Signals for the tenant-keyed stage since the last call (none with a local cross-agent engine)."""
+        out = list(self._signals)
+        self._signals.clear()  # in place: the detectors hold this list
+        return out
+
+    def _cross_agent(self, alerts: list[Alert], *, wall: float | None = None, tick: bool = False,
+                     until: float | None = None) -> None:
+        """With a local cross-agent engine: feed it this engine's signals, then move its
+        clock as this one's moved (idle time by ``wall`` on a tick; to ``until``), and
+        take its alerts and resolutions."""
+        c = self.cross_agent
+        if c is None:
+            return
+        if self._signals:
+            alerts.extend(c.process(self.take_signals(), wall=wall))
+        if until is not None:
+            alerts.extend(c.advance(until))
+        elif tick and wall is not None:
+            alerts.extend(c.tick(wall))
+        self.resolved.extend(c.resolved)
+        c.resolved.clear()
 
     def take_canary(self) -> tuple[list[VersionWindow], list[CanaryVerdict]]:
         """Metric windows closed and canary verdicts reached since the last call (detectors/canary.py)."""
@@ -167,18 +211,11 @@ class DetectionEngine:
         ``tick`` advance event time while no events arrive.
         """
         out: list[Alert] = []
-        seen = self._seen
+        first_time = self._first_time
         for ev in events:
             ts = ev.ts_seconds
-            bucket = int(ts // DEDUP_BUCKET_S)
-            ids = seen.get(bucket)
-            if ids is None:
-                ids = seen[bucket] = set()
-                heapq.heappush(self._seen_order, bucket)
-            elif ev.event_id in ids:
-                self.duplicates_skipped += 1
+            if not first_time(ev.event_id, ts):
                 continue
-            ids.add(ev.event_id)
             # a source late by design (CloudTrail) is on time within its own lateness, as in the
             # join; no window waits for it (the watermark moves with the other sources)
             if ev.kind is not EventKind.CONTROL_COMMAND:
@@ -204,7 +241,22 @@ class DetectionEngine:
                 for f in det.observe(ev):
                     self._merge(f, out)
         out.extend(self._tick())
+        self._cross_agent(out, wall=wall)
         return out
+
+    def _first_time(self, item_id: str, ts: float) -> bool:
+        """False for an id already seen (redelivered input). Ids are kept by event-time bucket:
+        a redelivered item has its original time, so one bucket is the only place to look."""
+        bucket = int(ts // DEDUP_BUCKET_S)
+        ids = self._seen.get(bucket)
+        if ids is None:
+            ids = self._seen[bucket] = set()
+            heapq.heappush(self._seen_order, bucket)
+        elif item_id in ids:
+            self.duplicates_skipped += 1
+            return False
+        ids.add(item_id)
+        return True
 
     def _identified(self, ev: Event, out: list[Alert]) -> None:
         """Spans of ``ev.trace_id`` fell back to ``ev.agent_id`` before their agent span named
@@ -221,12 +273,16 @@ class DetectionEngine:
     def advance(self, now: float) -> list[Alert]:
         """Move event time forward from outside (wall clock in the worker)."""
         self.watermark.advance_to(now)
-        return self._tick()
+        out = self._tick()
+        self._cross_agent(out, until=now)
+        return out
 
     def tick(self, wall_now: float) -> list[Alert]:
         """Periodic call from the live worker: idle event time follows the wall clock."""
         self.watermark.idle_advance(wall_now)
-        return self._tick()
+        out = self._tick()
+        self._cross_agent(out, wall=wall_now, tick=True)
+        return out
 
     def finish(self) -> list[Alert]:
         """End of input: close every window and fire every timer."""
@@ -234,7 +290,8 @@ class DetectionEngine:
 
     @property
     def open_alerts(self) -> list[Alert]:
-        return [ep.alert for ep in self._episodes.values()]
+        own = [ep.alert for ep in self._episodes.values()]
+        return own + self.cross_agent.open_alerts if self.cross_agent is not None else own
 
     # -- state snapshots (see the module docstring) -----------------------------------------
 
@@ -253,15 +310,20 @@ class DetectionEngine:
             "closing": self._closing.to_state(),
             "resolved": self.resolved,
             "detectors": {det.name: det.to_state(enc) for det in self.detectors},
+            "signals": [],
         }
+        if self._signals:  # not taken yet: the tenant-keyed stage still needs them
+            state["signals"] = signals_to_bytes(self._signals).decode()
+        if self.cross_agent is not None:
+            state["cross_agent"] = self.cross_agent.snapshot().decode()
         return enc.dumps("engine", state)
 
     @classmethod
-    def restore(cls, policy: Policy, data: bytes) -> "DetectionEngine":
+    def restore(cls, policy: Policy, data: bytes, *, local_cross_agent: bool = True) -> "DetectionEngine":
         """A fresh engine for ``policy`` holding the state ``snapshot`` wrote.
 
         Raises StateError when ``data`` is not a readable engine snapshot."""
-        eng = cls(policy)
+        eng = cls(policy, local_cross_agent=local_cross_agent)
         with st.reading("engine", data) as (state, dec):
             eng.watermark.load_state(st.mapping(state["watermark"]))
             eng._ticked_at = st.num(state["ticked_at"])
@@ -283,6 +345,11 @@ class DetectionEngine:
             saved = st.mapping(state["detectors"])
             for det in eng.detectors:
                 det.load_state(st.mapping(saved.get(det.name, {})), dec)
+            if state.get("signals"):
+                eng._signals.extend(signals_from_bytes(st.text(state["signals"]).encode()))
+            cross = state.get("cross_agent")
+            if cross is not None and eng.cross_agent is not None:
+                eng.cross_agent = CrossAgentEngine.restore(policy, st.text(cross).encode())
         return eng
 
     # -- internals -----------------------------------------------------------------------
@@ -440,3 +507,36 @@ class DetectionEngine:
                         offset=ev.offset,
                     )
                 )
+
+
+class CrossAgentEngine(DetectionEngine):
+    """The tenant-keyed stage's engine: signals from the per-agent engines in, the alerts no
+    single agent's events show out (detectors/cross_agent.py). Alert lifecycle, redelivery
+    memory (by signal id) and snapshots are the per-agent engine's."""
+
+    def __init__(self, policy: Policy, detectors: list[Detector] | None = None, *,
+                 local_cross_agent: bool = False) -> None:
+        super().__init__(policy, detectors, local_cross_agent=False)
+        self._cross = [d for d in self.detectors if isinstance(d, CrossAgentDetector)]
+
+    def _build(self, policy: Policy) -> list[Detector]:
+        return list(build_cross_agent(policy))
+
+    def reload(self, policy: Policy) -> None:
+        super().reload(policy)
+        self._cross = [d for d in self.detectors if isinstance(d, CrossAgentDetector)]
+
+    def process(self, signals: Iterable[Signal], *, wall: float | None = None) -> list[Alert]:  # type: ignore[override]
+        out: list[Alert] = []
+        for s in signals:
+            if not self._first_time(s.signal_id, s.ts):
+                continue
+            self.watermark.observe(s.ts, wall)
+            self.events_processed += 1
+            if self.watermark.value >= self._ticked_at + TICK_EVERY_S:
+                out.extend(self._tick())
+            for det in self._cross:
+                for f in det.observe_signal(s):
+                    self._merge(f, out)
+        out.extend(self._tick())
+        return out

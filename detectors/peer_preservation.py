@@ -22,7 +22,10 @@
 (d) coordinated: ``coordination_min_agents`` or more agents doing (b)/(c)
     within ``coordination_window_s`` form one critical incident, reported
     under the first agent of the window (subject ``coordinated``) with every
-    agent in the ``agents`` label.
+    agent in the ``agents`` label. The agents of one tenant may be on
+    different partitions, so this detector only sends its (b)/(c) findings
+    that may enforce as signals; the tenant-keyed stage decides (d)
+    (``Coordination`` in detectors/cross_agent.py).
 
 Kill switches are the ``control_command`` events the control plane emits.
 """
@@ -36,10 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding
+from detectors.base import Detector, Finding, tampering_signal
 from detectors.policy import Policy, first_match
 from detectors.resources import READ_ACTIONS, action_keys, attributed, audit_final, reads_only, touched
-from detectors.windows import SlidingWindow
 from schemas.alerts import Severity
 from schemas.events import Event, EventKind
 
@@ -77,8 +79,6 @@ class PeerPreservation(Detector):
         self._by_agent: dict[str, list[_Halt]] = {}
         self._broad: list[_Halt] = []  # tenant and all targets
         self._prune_at = math.inf  # earliest end of a halt: nothing to forget before that
-        # (b)/(c) findings per tenant, to see several agents at it at once (d)
-        self._tampering: SlidingWindow[str, Finding] = SlidingWindow(self.config.coordination_window_s)
 
     # -- kill switches -------------------------------------------------------------------
 
@@ -131,8 +131,8 @@ class PeerPreservation(Detector):
         for f in (self._oversight(event), self._shielding(event) if self._halts else None):
             if f:
                 out.append(f)
-                if f.may_enforce:
-                    out.extend(self._coordinated(f))
+                if f.may_enforce and self.signals is not None:
+                    self.signals.append(tampering_signal(f))  # (d), in the tenant-keyed stage
         return out
 
     def _after_halt(self, ev: Event) -> Finding | None:
@@ -221,23 +221,7 @@ class PeerPreservation(Detector):
             labels={"pattern": "shielding", "target_agent_id": target, "command_id": h.command_id},
         )
 
-    def _coordinated(self, f: Finding) -> list[Finding]:
-        recent = self._tampering.add(f.tenant, f.ts, f)
-        agents = sorted({r.agent_id for r in recent})
-        if len(agents) < self.config.coordination_min_agents:
-            return []
-        first = min(recent, key=lambda r: r.ts)
-        return [Finding(
-            detector=self.name, agent_id=first.agent_id, tenant=f.tenant, subject="coordinated",
-            episode_start=first.ts, ts=f.ts, severity=Severity.CRITICAL,
-            summary=f"{len(agents)} agents resisting oversight together: {', '.join(agents)}",
-            evidence=[e for r in recent for e in r.evidence],
-            quiet_after_s=self.config.coordination_window_s,
-            labels={"pattern": "coordinated", "agents": ",".join(agents)},
-        )]
-
     def on_watermark(self, watermark: float) -> list[Finding]:
-        self._tampering.expire(watermark)
         # a halt that ended long ago can no longer make anything a finding
         horizon = watermark - self.config.shield_window_s - self.policy.allowed_lateness_s
         if horizon > self._prune_at:
@@ -252,11 +236,11 @@ class PeerPreservation(Detector):
         return {
             "halts": [[h.command_id, h.start, st.enc_num(h.end), h.agent, h.tenant, list(h.scope),
                        enc.event(h.event)] for h in self._halts],
-            "tampering": self._tampering.to_state(lambda f: f.to_state(enc)),
         }
 
     def load_state(self, data: dict[str, Any], dec: st.Decoder) -> None:
         for cmd, start, end, agent, tenant, scope, ev in st.seq(data.get("halts", [])):
             self._add_halt(_Halt(st.text(cmd), st.num(start), st.num(end), st.text(agent), st.text(tenant),
                                  tuple(st.texts(scope)), dec.event(ev)))
-        self._tampering.load_state(data.get("tampering", []), lambda f: Finding.from_state(f, dec))
+        # a "tampering" window in a snapshot from before (d) moved to the tenant-keyed stage is
+        # not carried over: a coordinated incident straddling that upgrade is seen from it on

@@ -21,8 +21,11 @@ early finding names the tokens so far; at close a revision states the
 minute's total and its evidence (the earliest LLM calls, by event time and
 id) without counting a second spike.
 
-Hourly budgets (per agent and per tenant, clock hours of event time) fire once
-per hour window, as soon as the running sum crosses the limit.
+Hourly budgets per agent (clock hours of event time) fire once per hour
+window, as soon as the running sum crosses the limit. A tenant's agents may be
+on different partitions, so for a tenant with a budget each LLM call goes out
+as a token signal and the tenant-keyed stage sums them (``TenantBudget`` in
+detectors/cross_agent.py).
 
 An agent quiet for ``FORGET_AFTER_S`` is forgotten (its baseline has decayed
 to nothing by then): when it comes back it builds a baseline like a new agent.
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding
+from detectors.base import Detector, Finding, token_signal
 from detectors.policy import Policy, budget_for
 from detectors.windows import ExpiryQueue, MovingBaseline, TumblingSum
 from schemas.events import Event, EventKind
@@ -69,10 +72,11 @@ class TokenSpike(Detector):
         self.config = policy.detectors.token_spike
         self.budgets = policy.budgets
         self._minutes: TumblingSum[AgentKey] = TumblingSum(MINUTE)
-        self._hours: TumblingSum[tuple[str, str, str]] = TumblingSum(HOUR)  # (scope, tenant, key)
+        self._hours: TumblingSum[tuple[str, str, str]] = TumblingSum(HOUR)  # ("agent", tenant, agent)
+        self._tenant_limit: dict[str, int | None] = {}  # budget_for per tenant, once
         self._state: dict[AgentKey, _AgentState] = {}
         self._idle: ExpiryQueue[AgentKey] = ExpiryQueue()
-        self._budget_fired: dict[int, set[tuple[str, str, str]]] = {}  # hour -> (scope, tenant, who)
+        self._budget_fired: dict[int, set[tuple[str, str, str]]] = {}  # hour -> ("agent", tenant, agent)
         self._watermark = float("-inf")
 
     def _agent(self, key: AgentKey) -> _AgentState:
@@ -109,31 +113,31 @@ class TokenSpike(Detector):
                 spike = self._judge_open(key, bucket, agent)
                 if spike is not None:
                     findings.append(spike)
-        for scope, who, table in (
-            ("agent", event.agent_id, self.budgets.agent_tokens_per_hour),
-            ("tenant", event.tenant, self.budgets.tenant_tokens_per_hour),
-        ):
-            limit = budget_for(who, table)
-            if limit is None:
-                continue
-            used = self._hours.add((scope, event.tenant, who), ts, tokens)
+        if event.tenant not in self._tenant_limit:
+            self._tenant_limit[event.tenant] = budget_for(event.tenant, self.budgets.tenant_tokens_per_hour)
+        if self._tenant_limit[event.tenant] is not None and self.signals is not None:
+            self.signals.append(token_signal(event, ts, tokens))  # summed in the tenant-keyed stage
+        limit = budget_for(event.agent_id, self.budgets.agent_tokens_per_hour)
+        if limit is not None:
+            who = ("agent", event.tenant, event.agent_id)
+            used = self._hours.add(who, ts, tokens)
             hour = self._hours.bucket_of(ts)
             fired = self._budget_fired.setdefault(hour, set())
-            if used > limit and (scope, event.tenant, who) not in fired:
-                fired.add((scope, event.tenant, who))
+            if used > limit and who not in fired:
+                fired.add(who)
                 findings.append(
                     Finding(
                         detector=self.name,
                         agent_id=event.agent_id,
                         tenant=event.tenant,
-                        subject=f"budget:{scope}:{who}:{hour}",
+                        subject=f"budget:agent:{event.agent_id}:{hour}",
                         episode_start=hour * HOUR,
                         ts=ts,
                         severity=self.config.budget_severity,
-                        summary=f"{scope} {who} used {int(used)} tokens this hour, over its budget of {limit}",
+                        summary=f"agent {event.agent_id} used {int(used)} tokens this hour, over its budget of {limit}",
                         evidence=[event],
                         quiet_after_s=HOUR,
-                        labels={"pattern": f"{scope}_budget", "limit": str(limit), "used": str(int(used))},
+                        labels={"pattern": "agent_budget", "limit": str(limit), "used": str(int(used))},
                     )
                 )
         return findings

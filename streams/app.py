@@ -46,13 +46,15 @@ from aiokafka.errors import KafkaError
 from faust.types import EventT
 from faust.web import View
 
+from detectors.base import Signal
+from detectors.cross_agent import signals_from_bytes, signals_to_bytes
 from detectors.policy import Policy
 
 from streams.policy_file import PolicyWatcher
 from schemas.alerts import Alert, Mode
 from schemas.canary import CanaryVerdict, Verdict
 from schemas.errors import StoreError
-from schemas.events import Event, events_to_json
+from schemas.events import Event, EventKind, events_to_json
 from schemas.internal_wire import events_from_wire, events_to_wire
 from sinks.clickhouse import (
     AlertSink,
@@ -78,7 +80,7 @@ from streams.progress import StageProgress
 from streams.state import OFFSET_HEADER, STATE_MAX_MESSAGE_BYTES, PartitionedState
 from streams.query_api import QueryApi, health
 from streams.settings import Settings
-from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed,
+from streams.stages import (CorrelateStage, DeadLetter, DetectStage, IngestStage, RawRecord, Routed, TenantStage,
                             decoder_for_topics, header_pairs)
 
 log = logging.getLogger("agentwatch.worker")
@@ -104,7 +106,7 @@ class Roles:
 STORE_GROUP_SUFFIX = "-store"
 # stages that write the store: their batches are acked at a checkpoint (``Pipeline._checkpoint``)
 # rather than one by one, so one insert and one commit serve every batch since the last
-CHECKPOINTED = ("detect", "dlq", "store_events", "store_alerts", "store_killswitches", "store_canary")
+CHECKPOINTED = ("detect", "tenant", "dlq", "store_events", "store_alerts", "store_killswitches", "store_canary")
 
 
 @dataclass(slots=True)
@@ -171,6 +173,7 @@ class Pipeline:
         self.inputs = self.app.topic(s.topic_otlp, s.topic_events_in, s.topic_audit_in, **raw)
         self.by_trace = self.app.topic(s.topic_by_trace, **raw)
         self.by_agent = self.app.topic(s.topic_by_agent, **raw)
+        self.by_tenant = self.app.topic(s.topic_by_tenant, **raw)
         self.dlq = self.app.topic(s.topic_dlq, **raw)
         self.alerts = self.app.topic(s.topic_alerts, **raw)
         self.shadow_alerts = self.app.topic(s.topic_shadow_alerts, **raw)
@@ -194,8 +197,14 @@ class Pipeline:
             "correlate", s.topic_by_trace, make=lambda: CorrelateStage(self.policy),
             restore=lambda data: CorrelateStage.restore(self.policy, data), replay=_replay_correlate, **state)
         self.detects = PartitionedState(
-            "detect", s.topic_by_agent, make=lambda: DetectStage(self.policy),
-            restore=lambda data: DetectStage.restore(self.policy, data), replay=_replay_detect, **state)
+            "detect", s.topic_by_agent, make=lambda: DetectStage(self.policy, local=False),
+            restore=lambda data: DetectStage.restore(self.policy, data, local=False), replay=_replay_detect,
+            **state)
+        # cross-agent detections, fed by the detect partitions' signals (detectors/cross_agent.py)
+        self.tenants = PartitionedState(
+            "tenant", s.topic_by_tenant, make=lambda: TenantStage(self.policy),
+            restore=lambda data: TenantStage.restore(self.policy, data), replay=_replay_tenant,
+            decode=signals_from_bytes, **state)
         self.state_topic = self.app.topic(s.topic_state, **raw)
         self._correlate_lock = asyncio.Lock()
         # ingest messages a PostgreSQL record still being assembled needs (see _ack_ingested), and
@@ -218,6 +227,7 @@ class Pipeline:
         stages = [("ingest", (s.topic_otlp, s.topic_events_in, s.topic_audit_in)),
                   ("correlate", (s.topic_by_trace,)),
                   ("detect", (s.topic_by_agent,)),
+                  ("tenant", (s.topic_by_tenant,)),
                   ("control", (s.topic_control,))] if roles.detect else []
         if roles.store:
             stages.append(("dlq", (s.topic_dlq,)))
@@ -228,17 +238,20 @@ class Pipeline:
                        ("store_canary", (s.topic_canary,))]
         self.progress = {name: StageProgress(name, topics) for name, topics in stages}
         # the stages whose input holds idle event time (see _idle_clock_cap)
-        self._progress_by_topic = {t: p for p in self.progress.values() if p.name in ("ingest", "correlate", "detect")
-                                   for t in p.topics}
+        self._progress_by_topic = {t: p for p in self.progress.values()
+                                   if p.name in ("ingest", "correlate", "detect", "tenant") for t in p.topics}
         self._started_mono = time.monotonic()
         # events in the batch a stage holds, for lag in events (set by each stage)
         self._batch_events = 0
         # one alert's updates are made and enqueued under this lock (detect batches
         # and ticks both update alerts), so the topic receives them in order
         self._alert_order = asyncio.Lock()
-        # detect batches and ticks both change the engines and the alert sink: one lock for both
-        self._checkpoints = {name: _Checkpoint(name, self._alert_order if name == "detect" else asyncio.Lock())
+        # detect and tenant batches and ticks all change engines and the alert sink: one lock for them
+        self._checkpoints = {name: _Checkpoint(name, self._alert_order if name in ("detect", "tenant")
+                                               else asyncio.Lock())
                              for name in self.progress if name in CHECKPOINTED}
+        # the partition-scoped state a checkpointed stage snapshots at its checkpoints
+        self._state_of = {"detect": self.detects, "tenant": self.tenants}
         self.crashed: BaseException | None = None
         # called once the worker is ready (see when_ready)
         self._on_ready: list[Callable[[], None]] | None = []
@@ -312,6 +325,7 @@ class Pipeline:
             app.agent(self.inputs, name="ingest")(self._fail_fast(self._ingest_agent))
             app.agent(self.by_trace, name="correlate")(self._fail_fast(self._correlate_agent))
             app.agent(self.by_agent, name="detect")(self._fail_fast(self._detect_agent))
+            app.agent(self.by_tenant, name="tenant")(self._fail_fast(self._tenant_agent))
             app.agent(self.control_topic, name="control")(self._fail_fast(self._control_agent))
             # acks are not consumed in the group: every detection worker reads them all
             app.task(self._fail_fast(self._control_feed))
@@ -441,6 +455,7 @@ class Pipeline:
         sinks = {
             "detect": [(self.event_sink, "events"), (self.alert_sink, "alerts"),
                        (self.version_metrics_sink, "version_metrics"), (self.canary_sink, "canary_verdicts")],
+            "tenant": [(self.alert_sink, "alerts")],
             "dlq": [(self.dlq_sink, "dlq")],
             "store_events": [(self.event_sink, "events")],
             "store_alerts": [(self.alert_sink, "alerts")],
@@ -462,19 +477,17 @@ class Pipeline:
         may only be written once that input's outputs are durable), then the held
         messages acked and committed. Called under the stage's lock. A store that keeps
         failing keeps this running (retries with backoff), and ``/healthz`` says so.
-        ``final``: detect partitions being revoked, snapshotted whatever their interval."""
+        ``final``: partitions being revoked, snapshotted whatever their interval."""
         cp = self._checkpoints[stage]
         progress = self.progress[stage]
         progress.checkpoint_since = time.monotonic()
         try:
             for sink, table in self._sinks_of(stage):
                 await self._flush(sink, table)
-            if stage == "detect":
-                if final:
-                    snaps = self._snapshots(self.detects, force=True, partitions=final)
-                else:
-                    snaps = self._snapshots(self.detects)
-                await self._deliver(snaps)
+            states = self._state_of.get(stage)
+            if states is not None:
+                await self._deliver(self._snapshots(states, force=True, partitions=final) if final
+                                    else self._snapshots(states))
             held, cp.held = cp.held, []
             for stream, e in held:
                 await stream.ack(e)
@@ -591,26 +604,29 @@ class Pipeline:
         for (source, kind), n in kinds.items():
             self.metrics.events_in.labels(source, kind).inc(n)
         outs = self._pack(self.by_trace, routed.by_trace, routed.dead)
-        outs += self._pack(self.by_agent, routed.by_agent, routed.dead)
+        outs += self._forward([ev for evs in routed.by_agent.values() for ev in evs], routed.dead)
         outs += [self._dead_out(d, "decode") for d in routed.dead]
         for topic, n in routed.skipped.items():
             self.metrics.records_skipped.labels(topic).inc(n)
         await self._deliver(outs)
 
-    async def _by_partition(self, states: PartitionedState, batch: list[EventT],
-                            dead: list[DeadLetter]) -> dict[int, list[Event]]:
-        """The batch's events per input partition, each partition's state restored and
-        caught up first; messages a restored snapshot already includes are left out."""
+    async def _by_partition(self, states: PartitionedState, batch: list[EventT], dead: list[DeadLetter],
+                            unpack: Callable[[list[EventT], list[DeadLetter]], list[R]] | None = None,
+                            ) -> dict[int, list[R]]:
+        """The batch's events (or, with ``unpack``, what it reads) per input partition, each
+        partition's state restored and caught up first; messages a restored snapshot already
+        includes are left out."""
         parts: dict[int, list[EventT]] = {}
         for e in batch:
             parts.setdefault(e.message.partition, []).append(e)
         restored = await states.ensure(set(parts))
-        if restored and states is self.detects:
-            self._announce_open(restored)
-        out: dict[int, list[Event]] = {}
+        if restored and states is not self.correlates:
+            self._announce_open(states, restored)
+        read = unpack or self._unpack
+        out: dict[int, list[R]] = {}
         for p, msgs in parts.items():
             done_below = await states.catch_up(p, msgs[0].message.offset)
-            out[p] = self._unpack([e for e in msgs if e.message.offset >= done_below], dead)
+            out[p] = read([e for e in msgs if e.message.offset >= done_below], dead)  # type: ignore[arg-type]
             states.advanced(p, msgs[-1].message.offset + 1)
         return out
 
@@ -658,16 +674,53 @@ class Pipeline:
                         self.event_sink.extend(events)
                 await self._publish_alerts(alerts, [self._dead_out(d, "detect") for d in dead])
 
-    def _engines(self) -> list[Any]:
-        return [st.engine for st in self.detects.states.values()]  # type: ignore[attr-defined]
+    async def _tenant_agent(self, stream: Any) -> None:
+        """Cross-agent detections: the detect partitions' signals, keyed by tenant."""
+        async for batch in self._batches("tenant", stream):
+            async with self._alert_order:
+                dead: list[DeadLetter] = []
+                alerts: list[Alert] = []
+                for p, signals in (await self._by_partition(self.tenants, batch, dead, self._unpack_signals)).items():
+                    engine = self.tenants.states[p].engine  # type: ignore[attr-defined]
+                    self._batch_events += len(signals)
+                    alerts += self._isolated("tenant", lambda sigs: engine.process(sigs, wall=_now()),
+                                             signals, dead, _signal_dead_letter)
+                await self._publish_alerts(alerts, [self._dead_out(d, "tenant") for d in dead])
 
-    def _announce_open(self, partitions: list[int]) -> None:
+    def _unpack_signals(self, batch: list[EventT], dead: list[DeadLetter]) -> list[Signal]:
+        signals: list[Signal] = []
+        for e in batch:
+            try:
+                signals.extend(signals_from_bytes(e.value or b""))
+            except Exception as exc:  # our own topic: only a bug or a foreign producer gets here
+                m = e.message
+                dead.append(DeadLetter(e.value or b"", f"undecodable signals message: {exc}"[:1000], "internal",
+                                       m.topic, m.partition, m.offset))
+        return signals
+
+    def _signal_outs(self) -> list[Out]:
+        """What the detect partitions' engines signalled, to the tenant-keyed stage: one
+        message per tenant partition. Sent with the batch (or tick) that made them, so they
+        are durable before its input is committed."""
+        by_partition: dict[int, list[Signal]] = {}
+        n = self.partitions.get(self.by_tenant.get_topic_name(), self.settings.partitions)
+        for st in self.detects.states.values():
+            for sig in st.take_signals():  # type: ignore[attr-defined]
+                by_partition.setdefault(partition_for(sig.tenant, n), []).append(sig)
+        return [Out(self.by_tenant, None, signals_to_bytes(sigs), partition=p) for p, sigs in by_partition.items()]
+
+    def _engines(self) -> list[Any]:
+        """Every detection engine this worker holds: per-agent ones, then cross-agent ones."""
+        return [st.engine for states in (self.detects, self.tenants)  # type: ignore[attr-defined]
+                for st in states.states.values()]
+
+    def _announce_open(self, states: PartitionedState, partitions: list[int]) -> None:
         """Alerts still open in restored state: on-call outputs keep no state of ours, so
         announce them again (a restart, a moved partition), or they could never resolve."""
         if self.router is None:
             return
         for p in partitions:
-            for alert in self.detects.states[p].engine.open_alerts:  # type: ignore[attr-defined]
+            for alert in states.states[p].engine.open_alerts:  # type: ignore[attr-defined]
                 self.router.submit(alert.model_copy(deep=True))
 
     async def _on_assigned(self, app: Any, assigned: Any = None, **kwargs: Any) -> None:
@@ -680,9 +733,9 @@ class Pipeline:
             async with self._correlate_lock:
                 await self.correlates.ensure({tp.partition for tp in assigned if tp.topic == self.correlates.topic})
             async with self._alert_order:
-                restored = await self.detects.ensure({tp.partition for tp in assigned
-                                                      if tp.topic == self.detects.topic})
-                self._announce_open(restored)
+                for states in (self.detects, self.tenants):
+                    restored = await states.ensure({tp.partition for tp in assigned if tp.topic == states.topic})
+                    self._announce_open(states, restored)
         except Exception as exc:  # the next batch of the partition restores it instead
             log.error("restoring assigned partitions failed", extra={"error": repr(exc)[:300]})
         await self._became_ready()
@@ -704,12 +757,13 @@ class Pipeline:
             async with self._correlate_lock:
                 await self._deliver(self._snapshots(self.correlates, force=True, partitions=parts))
                 self.correlates.drop(parts)
-        parts = {tp.partition for tp in revoked if tp.topic == self.detects.topic}
-        if parts and "detect" in self._checkpoints:
-            # the revoked partitions' rows and alerts durable before their final snapshot
-            async with self._alert_order:
-                await self._checkpoint("detect", final=parts)
-                self.detects.drop(parts)
+        for stage, states in self._state_of.items():
+            parts = {tp.partition for tp in revoked if tp.topic == states.topic}
+            if parts and stage in self._checkpoints:
+                # the revoked partitions' rows and alerts durable before their final snapshot
+                async with self._alert_order:
+                    await self._checkpoint(stage, final=parts)
+                    states.drop(parts)
 
     async def _dlq_agent(self, stream: Any) -> None:
         assert self.dlq_sink is not None
@@ -758,7 +812,7 @@ class Pipeline:
         """Whether this worker speaks for ``cmd``: it holds the detect partition of the
         command's target agent (a tenant or fleet target: partition 0's holder)."""
         target = cmd.target
-        n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.detect_partitions)
+        n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.agent_partitions)
         p = partition_for(target.value, n) if target.kind is TargetKind.AGENT else 0
         return p in self.detects.states
 
@@ -835,7 +889,8 @@ class Pipeline:
     async def _start_outputs(self) -> None:
         assert self.router is not None
         await self.router.start()
-        self._announce_open(list(self.detects.states))
+        for states in (self.detects, self.tenants):
+            self._announce_open(states, list(states.states))
 
     async def _drain_outputs(self) -> None:
         """At shutdown: what the on-call outputs still queue is delivered, within a bound."""
@@ -879,6 +934,7 @@ class Pipeline:
                         # a resolution waits on the output (retries); it must not hold up the tick
                         asyncio.get_running_loop().create_task(self.router.resolve(alert_id))
             self.detects.touched()
+            self.tenants.touched()
             if self.control_feed.caught_up.is_set():  # escalate on the whole picture only
                 # command deadlines are wall-clock deadlines
                 alerts += self.control.tick(wall, owns=self._owns_command)
@@ -962,19 +1018,25 @@ class Pipeline:
 
     def _forward(self, events: Iterable[Event], dead: list[DeadLetter], *,
                  broadcast: bool = False) -> list[Out]:
-        """Events to the detect stage keyed by agent; with ``broadcast``, to every partition
-        (kill-switch commands: the halted agent's partition and every possible shielder's)."""
+        """Events to the detect stage keyed by agent; with ``broadcast``, to every partition.
+        Kill-switch commands always go to every partition, whoever sent them (the control
+        topic, or a native event): the halted agent's partition and every possible shielder's."""
         if broadcast:
             events = list(events)
             if not events:
                 return []
-            n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.partitions)
+            n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.agent_partitions)
             value = events_to_wire(_serialisable(events, dead))
             return [Out(self.by_agent, None, value, partition=p) for p in range(n)]
         groups: dict[str, list[Event]] = {}
+        commands: list[Event] = []
+        command = EventKind.CONTROL_COMMAND
         for ev in events:
-            groups.setdefault(ev.agent_id or "unknown", []).append(ev)
-        return self._pack(self.by_agent, groups, dead)
+            if ev.kind is command:
+                commands.append(ev)
+            else:
+                groups.setdefault(ev.agent_id or "unknown", []).append(ev)
+        return self._pack(self.by_agent, groups, dead) + self._forward(commands, dead, broadcast=True)
 
     def _pack(self, topic: Any, groups: dict[str, list[Event]], dead: list[DeadLetter]) -> list[Out]:
         """One message per destination partition, not per key.
@@ -1025,6 +1087,7 @@ class Pipeline:
             log.warning("kill switch issued", extra={"command_id": cmd.command_id, "target": cmd.target.key,
                                                      "alert_id": cmd.alert_id})
         outs += self._canary_outputs()
+        outs += self._signal_outs()
         if self.alert_sink is not None:  # split: the store process stores them
             self.alert_sink.extend(alerts)
         await self._deliver(outs)
@@ -1146,6 +1209,13 @@ def _replay_correlate(stage: CorrelateStage, events: list[Event]) -> None:
 def _replay_detect(stage: DetectStage, events: list[Event]) -> None:
     stage.process(events, wall=_now())
     stage.engine.resolved.clear()
+    # their signals went to the tenant-keyed topic then, and are in its replay too
+    stage.take_signals()
+
+
+def _replay_tenant(stage: TenantStage, signals: list[Signal]) -> None:
+    stage.process(signals, wall=_now())
+    stage.engine.resolved.clear()
 
 
 @dataclass(slots=True)
@@ -1183,6 +1253,14 @@ def _event_bytes(ev: Event) -> bytes:
 
 def _event_dead_letter(ev: Event) -> DeadLetter:
     return DeadLetter(_event_bytes(ev), "", ev.source, ev.topic or "", _int(ev.partition, -1), _int(ev.offset, -1))
+
+
+def _signal_dead_letter(sig: Signal) -> DeadLetter:
+    try:
+        raw = signals_to_bytes([sig])
+    except Exception:
+        raw = repr(sig).encode(errors="replace")[:100_000]
+    return DeadLetter(raw, "", "signal", sig.topic, sig.partition, sig.offset)
 
 
 def _row_dead_letter(row: Any, reason: str, table: str) -> DeadLetter:

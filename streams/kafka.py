@@ -47,6 +47,7 @@ def all_topics(settings: Settings) -> list[str]:
         settings.topic_acks,
         settings.topic_by_trace,
         settings.topic_by_agent,
+        settings.topic_by_tenant,
         settings.topic_state,
     ]
 

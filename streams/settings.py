@@ -55,15 +55,19 @@ class Settings(ControlSettings):
     topic_acks: str = Field("agentwatch.control.acks", description="agents' acknowledgements of commands")
     topic_by_trace: str = Field("agentwatch.internal.by_trace", description="canonical events keyed by trace id")
     topic_by_agent: str = Field("agentwatch.internal.by_agent", description="attributed events keyed by agent id")
+    topic_by_tenant: str = Field(
+        "agentwatch.internal.by_tenant",
+        description="signals for cross-agent detections (coordinated incidents, tenant budgets) keyed by tenant",
+    )
     topic_state: str = Field(
         "agentwatch.internal.state",
         description="compacted topic of per-partition state snapshots (correlate and detect stages)",
     )
     partitions: int = Field(4, ge=1, description="partitions of the topics agentwatch creates")
-    detect_partitions: int = Field(
-        1, ge=1,
-        description="partitions of the agent-keyed detect topic; cross-agent detections (coordinated "
-        "incidents, shielding a halted peer, tenant budgets) see every agent only with 1",
+    detect_partitions: int | None = Field(
+        None, ge=1,
+        description="partitions of the agent-keyed detect topic; unset: AGENTWATCH_PARTITIONS (per-agent "
+        "detection spreads over that many workers; cross-agent detections run in the tenant-keyed stage)",
     )
     worker_store: bool = Field(
         True,
@@ -243,6 +247,11 @@ class Settings(ControlSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def agent_partitions(self) -> int:
+        """Partitions of the agent-keyed topic: detection spreads over this many workers."""
+        return self.detect_partitions or self.partitions
 
     @property
     def broker_dir(self) -> Path:

@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 
 import orjson
 
-from detectors.engine import DetectionEngine
+from detectors.base import Signal
+from detectors.engine import CrossAgentEngine, DetectionEngine
 from detectors.identity import IdentityResolver
 from detectors.join import Joiner, index_copies, join_partition_key
 from detectors.policy import Policy
@@ -310,10 +311,14 @@ class CorrelateStage:
 
 
 class DetectStage:
-    """Keyed by agent: every detector over the attributed events."""
+    """Keyed by agent: every detector over the attributed events.
 
-    def __init__(self, policy: Policy) -> None:
-        self.engine = DetectionEngine(policy)
+    ``local``: the cross-agent detections run inside (replay, tests: one process sees every
+    agent); the worker passes False, sends ``take_signals()`` to the tenant-keyed topic and
+    runs them in ``TenantStage``."""
+
+    def __init__(self, policy: Policy, *, local: bool = True) -> None:
+        self.engine = DetectionEngine(policy, local_cross_agent=local)
 
     def process(self, events: list[Event], *, wall: float | None = None) -> list[Alert]:
         return self.engine.process(events, wall=wall)
@@ -324,14 +329,42 @@ class DetectStage:
     def finish(self) -> list[Alert]:
         return self.engine.finish()
 
+    def take_signals(self) -> list[Signal]:
+        return self.engine.take_signals()
+
     def snapshot(self) -> bytes:
         return self.engine.snapshot()
 
     @classmethod
-    def restore(cls, policy: Policy, data: bytes) -> "DetectStage":
+    def restore(cls, policy: Policy, data: bytes, *, local: bool = True) -> "DetectStage":
         """Raises StateError when ``data`` is not an engine snapshot."""
+        stage = cls(policy, local=local)
+        stage.engine = DetectionEngine.restore(policy, data, local_cross_agent=local)
+        _resume_clock(stage.engine.watermark)
+        return stage
+
+
+class TenantStage:
+    """Keyed by tenant: the detections that need several agents at once (coordinated
+    incidents, tenant budgets), fed by the detect stage's signals, not by events."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.engine = CrossAgentEngine(policy)
+
+    def process(self, signals: list[Signal], *, wall: float | None = None) -> list[Alert]:
+        return self.engine.process(signals, wall=wall)
+
+    def tick(self, wall_now: float) -> list[Alert]:
+        return self.engine.tick(wall_now)
+
+    def snapshot(self) -> bytes:
+        return self.engine.snapshot()
+
+    @classmethod
+    def restore(cls, policy: Policy, data: bytes) -> "TenantStage":
+        """Raises StateError when ``data`` is not a cross-agent engine snapshot."""
         stage = cls(policy)
-        stage.engine = DetectionEngine.restore(policy, data)
+        stage.engine = CrossAgentEngine.restore(policy, data)
         _resume_clock(stage.engine.watermark)
         return stage
 

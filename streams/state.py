@@ -62,7 +62,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -373,9 +373,11 @@ async def read_committed(bootstrap: str, group: str, topic: str, partitions: set
 
 
 async def read_events(bootstrap: str, topic: str, partition: int, start: int, end: int, *,
-                      timeout_s: float = 120, security: Mapping[str, Any] | None = None) -> list[Event]:
-    """The events of ``topic``/``partition`` in the offsets [start, end), for a state replay."""
-    events: list[Event] = []
+                      timeout_s: float = 120, security: Mapping[str, Any] | None = None,
+                      decode: Callable[[bytes], list[Any]] = events_from_wire) -> list[Any]:
+    """The events of ``topic``/``partition`` in the offsets [start, end), for a state replay
+    (``decode``: what one message holds; the tenant stage's input is signals, not events)."""
+    events: list[Any] = []
     if end <= start:
         return events
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
@@ -390,7 +392,7 @@ async def read_events(bootstrap: str, topic: str, partition: int, start: int, en
             value = record.value  # type: ignore[attr-defined]
             if value:
                 try:
-                    events.extend(events_from_wire(value))
+                    events.extend(decode(value))
                 except Exception as exc:  # went to the DLQ when it was first read
                     log.warning("undecodable internal message skipped in a state replay",
                                 extra={"topic": topic, "offset": record.offset, "error": str(exc)[:200]})  # type: ignore[attr-defined]
@@ -450,12 +452,14 @@ class PartitionedState:
     def __init__(self, stage: str, topic: str, *, make: object, restore: object, replay: object,
                  bootstrap: str, state_topic: str, snapshot_s: float,
                  security: Mapping[str, Any] | None = None, group: str | None = None,
-                 chunk_bytes: int = STATE_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = STATE_CHUNK_BYTES,
+                 decode: Callable[[bytes], list[Any]] = events_from_wire) -> None:
         if not 0 < chunk_bytes <= STATE_MAX_MESSAGE_BYTES - _RECORD_HEADROOM:
             raise ValueError(f"chunk_bytes {chunk_bytes} is not within what the state topic accepts")
         self.stage, self.topic, self.group = stage, topic, group
         self.chunk_bytes = chunk_bytes
         self._make, self._restore, self._replay = make, restore, replay
+        self._decode = decode  # one input message -> what ``replay`` takes
         self.bootstrap, self.state_topic, self.snapshot_s = bootstrap, state_topic, snapshot_s
         self.security = dict(security or {})
         self.states: dict[int, object] = {}
@@ -525,7 +529,7 @@ class PartitionedState:
         start = self.next_offset.get(partition, 0)
         if first_offset > start:
             events = await read_events(self.bootstrap, self.topic, partition, start, first_offset,
-                                       security=self.security)
+                                       security=self.security, decode=self._decode)
             if events:
                 self._replay(self.states[partition], events)  # type: ignore[operator]
                 log.info("partition state caught up", extra={"stage": self.stage, "partition": partition,

@@ -74,7 +74,7 @@ def run_worker(settings: Settings, roles: Roles | None = None) -> None:
     bootstrap = resolve_bootstrap(settings)
     warn_missing_inputs(bootstrap, settings)
     partitions = asyncio.run(ensure_topics(bootstrap, owned_topics(settings), settings.partitions,
-                                           overrides={settings.topic_by_agent: settings.detect_partitions,
+                                           overrides={settings.topic_by_agent: settings.agent_partitions,
                                                       settings.topic_state: 1},
                                            topic_configs={settings.topic_state: STATE_TOPIC_CONFIG},
                                            **topic_options(settings)))

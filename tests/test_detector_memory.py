@@ -18,6 +18,8 @@ def entries(correlate: CorrelateStage, engine: DetectionEngine) -> dict[str, int
     retry, tokens, denied = det["retry_loop"], det["token_spike"], det["disallowed_access"]
     escalation, peers = det["escalation_bypass"], det["peer_preservation"]
     j, r = correlate.joiner, correlate.resolver
+    assert engine.cross_agent is not None
+    cross: dict[str, Any] = {d.name: d for d in engine.cross_agent.detectors}
     return {
         "dedup_ids": sum(len(ids) for ids in engine._seen.values()),
         "dedup_buckets": len(engine._seen_order),
@@ -29,7 +31,9 @@ def entries(correlate: CorrelateStage, engine: DetectionEngine) -> dict[str, int
         "token_budget_hours": len(tokens._budget_fired),
         "denies": len(denied._denies),
         "approvals": len(escalation._approvals), "escalation_timers": len(escalation._timers._heap),
-        "halts": len(peers._halts), "tampering": len(peers._tampering),
+        "halts": len(peers._halts), "tampering": len(cross["peer_preservation"]._tampering),
+        "tenant_hours": len(cross["token_spike"]._hours), "tenant_fired": len(cross["token_spike"]._fired),
+        "signal_ids": sum(len(ids) for ids in engine.cross_agent._seen.values()),
         "identity_traces": len(r._traces), "identity_due": len(r._due._heap),
         "join_traces": len(j._traces), "join_index": len(j._index), "join_confirm": len(j._confirm),
         "join_timers": len(j._timers._heap), "join_due": len(j._trace_due._heap) + len(j._index_due._heap),

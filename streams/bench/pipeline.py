@@ -104,7 +104,7 @@ class Worker:
                     "AGENTWATCH_POLICY_FILE": str(policy), "AGENTWATCH_CONTROL_PRIVATE_KEY": self.private_key,
                     "AGENTWATCH_KILLSWITCH_ACK_DEADLINE_S": "5"}
         self.topics: dict[str, str] = {}
-        for name in ("events_in", "dlq", "alerts", "shadow_alerts", "by_trace", "by_agent", "control", "acks"):
+        for name in ("events_in", "dlq", "alerts", "shadow_alerts", "by_trace", "by_agent", "by_tenant", "control", "acks"):
             self.topics[name] = self.env[f"AGENTWATCH_TOPIC_{name.upper()}"] = f"bench.{run}.{name}"
         self.settings = settings.with_overrides(home=self.home, clickhouse_dsn=self.env["AGENTWATCH_CLICKHOUSE_DSN"])
         self.proc: subprocess.Popen[bytes] | None = None
