@@ -77,6 +77,33 @@ def test_attribute_named_as_a_credential_is_masked_whole():
     assert out["gen_ai.usage.input_tokens"] == "12" and out["db.statement"] == "select 1"
 
 
+def test_a_record_redacts_exactly_what_each_event_alone_would():
+    """Redactor.events tests a record's text once: a secret anywhere in it still sends every
+    event through the per-event rules, and the clean ones come out unchanged."""
+    from datetime import datetime, timezone
+
+    from schemas.events import Event, EventKind
+
+    def record() -> list[Event]:
+        ts = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        return [Event(event_id=f"e{i}", kind=EventKind.TOOL_CALL, ts=ts, source="otlp_proto", name=f"call {i}",
+                      attributes=attrs)
+                for i, attrs in enumerate([{"q": "weather"}, {"db.statement": "ALTER ROLE r PASSWORD 'hunter22'"},
+                                           {"http.request.header.authorization": "opaque-value"}, {"q": "ok"}])]
+
+    one_by_one = record()
+    for ev in one_by_one:
+        DEFAULT.event(ev)
+    batch = record()
+    DEFAULT.events(batch)
+    assert [e.attributes for e in batch] == [e.attributes for e in one_by_one]
+    assert "hunter22" not in str(batch[1].attributes) and batch[2].attributes == {
+        "http.request.header.authorization": MASK}
+    clean = record()[::3]
+    DEFAULT.events(clean)
+    assert [e.attributes for e in clean] == [{"q": "weather"}, {"q": "ok"}]
+
+
 def test_policy_patterns_extend_the_rules():
     r = Redactor([r"EMP-\d{6}", r"ssn:(\d{3}-\d{2}-\d{4})"])
     assert r.text("employee EMP-123456 ssn:123-45-6789") == f"employee {MASK} ssn:{MASK}"
