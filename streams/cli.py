@@ -144,8 +144,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     unknown = set(peers) - {"faust", "quix"}
     if unknown:
         raise ConfigError("--peers", f"unknown peer {sorted(unknown)[0]!r}; choose from faust, quix, none")
+    if args.workers < 0:
+        raise ConfigError("--workers", "must be 0 (skip the row) or more")
     return run_bench(settings, events=args.events, per_message=args.per_message, duration_s=args.duration,
-                     peer_names=peers)
+                     peer_names=peers, scale_out=args.workers)
 
 
 def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
@@ -296,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of the live phase at half the pipeline's rate (latency, kill switch, memory); "
                     "1200 for the 20-minute run, 0 to skip")
     be.add_argument("--peers", default="faust,quix", help="peers to run: faust,quix (default), or none")
+    be.add_argument("--workers", type=int, default=2,
+                    help="detection workers (plus a store process) of the scale-out row, on topics of as many "
+                    "partitions; 0 to skip it")
     be.set_defaults(fn=_bench)
 
     k = sub.add_parser("killswitch", help="issue, lift or list signed kill-switch commands")

@@ -20,7 +20,7 @@ from streams.settings import Settings
 pytestmark = pytest.mark.kafka
 
 ROWS = ("raw aiokafka consume", "raw consume + OTLP decode", "plain-loop ceiling", "agentwatch pipeline",
-        "faust peer", "Quix Streams peer")
+        "agentwatch, 2 workers + store process", "faust peer", "Quix Streams peer")
 
 
 def test_bench_prints_every_row_and_the_planted_incidents_fire(kafka_bootstrap: str, tmp_path) -> None:

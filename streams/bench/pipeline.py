@@ -19,6 +19,7 @@ received by a real AgentClient. Measured, all on this host's wall clock:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ def _rss(pid: int) -> int:
 class Worker:
     """A worker subprocess with its own home, topics and signing key."""
 
-    def __init__(self, settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str) -> None:
+    def __init__(self, settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, *,
+                 partitions: int = 1) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="agentwatch-bench-"))
         run = uuid.uuid4().hex[:6]
         policy = self.home / "policy.yaml"
@@ -100,7 +102,8 @@ class Worker:
         self.env = {**os.environ, "AGENTWATCH_BOOTSTRAP": bootstrap, "AGENTWATCH_HOME": str(self.home),
                     "AGENTWATCH_APP_ID": f"bench-{run}", "AGENTWATCH_TOPIC_OTLP": spans_topic,
                     "AGENTWATCH_TOPIC_AUDIT_IN": audit_topic, "AGENTWATCH_WEB_PORT": "0",
-                    "AGENTWATCH_CLICKHOUSE_DSN": f"chdb://{self.home / 'clickhouse'}", "AGENTWATCH_PARTITIONS": "1",
+                    "AGENTWATCH_CLICKHOUSE_DSN": f"chdb://{self.home / 'clickhouse'}",
+                    "AGENTWATCH_PARTITIONS": str(partitions),
                     "AGENTWATCH_POLICY_FILE": str(policy), "AGENTWATCH_CONTROL_PRIVATE_KEY": self.private_key,
                     "AGENTWATCH_KILLSWITCH_ACK_DEADLINE_S": "5"}
         self.topics: dict[str, str] = {}
@@ -192,30 +195,44 @@ def _labelled(text: str, name: str, label: str) -> dict[str, float]:
 
 
 async def _throughput(w: Worker, alerts: AlertLog, wl: Workload, res: PipelineResult) -> float:
-    target = wl.spans + wl.audit_records
+    last_text: list[str] = []
+
+    async def detected() -> float | None:
+        w.check()
+        text = await w.metrics()
+        if text is None:
+            return None
+        last_text[:] = [text]
+        return _metric(text, "agentwatch_events_detected_total")
+
+    seconds = await _timed(detected, wl.spans + wl.audit_records, "agentwatch pipeline", w.home,
+                           lambda: f"{sum(alerts.counts().values())} alerts")
+    if last_text:
+        res.late = _labelled(last_text[0], "agentwatch_late_events_total", "stage")
+    return seconds
+
+
+async def _timed(detected: Callable[[], Awaitable[float | None]], target: int, label: str, home: Path,
+                 status: Callable[[], str] = lambda: "") -> float:
+    """Seconds the detect stages take for ``target`` events, from polls of ``detected()``
+    (the events detected so far; None when a worker did not answer in time)."""
     ready = time.perf_counter()
     first_t: float | None = None
     first_n = n = 0.0
     last_progress = time.monotonic()
-    text: str | None = None
     while n < target:
         await asyncio.sleep(0.5)
-        w.check()
-        text = await w.metrics()
+        m = await detected()
         now = time.perf_counter()
-        if text is not None:
-            m = _metric(text, "agentwatch_events_detected_total")
-            if m > n:
-                last_progress = time.monotonic()
-                if first_t is None:
-                    first_t, first_n = now, m
-                n = m
+        if m is not None and m > n:
+            last_progress = time.monotonic()
+            if first_t is None:
+                first_t, first_n = now, m
+            n = m
         if time.monotonic() - last_progress > STALL_S:
-            raise AgentwatchError(f"pipeline stalled at {n:,.0f}/{target:,} events; see {w.home / 'worker.log'}")
-        progress(f"agentwatch pipeline: {n:,.0f}/{target:,} events, {sum(alerts.counts().values())} alerts")
-    progress_done(f"agentwatch pipeline: {target:,} events")
-    if text is not None:
-        res.late = _labelled(text, "agentwatch_late_events_total", "stage")
+            raise AgentwatchError(f"{label} stalled at {n:,.0f}/{target:,} events; see the logs in {home}")
+        progress(f"{label}: {n:,.0f}/{target:,} events {status()}")
+    progress_done(f"{label}: {target:,} events")
     done = time.perf_counter()
     assert first_t is not None
     if first_n <= target / 2:
@@ -371,3 +388,87 @@ async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, aud
     finally:
         w.stop()
     return res
+
+
+class WorkerGroup:
+    """The split deployment on the bench's topics (docs/architecture.md, "Deployment
+    shapes"): ``workers`` detection-only workers in one consumer group, sharing every stage
+    by partition, and one ``agentwatch store`` process writing the embedded store."""
+
+    def __init__(self, settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, workers: int) -> None:
+        self.base = Worker(settings, bootstrap, spans_topic, audit_topic, partitions=workers)
+        self.workers = workers
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
+
+    @property
+    def home(self) -> Path:
+        return self.base.home
+
+    def _spawn(self, command: str, name: str, env: dict[str, str]) -> None:
+        log = (self.home / f"{name}.log").open("wb")
+        self.logs.append(log)
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "streams.cli", command], env=env, stdout=log,
+                                           stderr=subprocess.STDOUT))
+
+    def start(self) -> None:
+        self._spawn("store", "store", self.base.env)
+        for k in range(self.workers):
+            self._spawn("worker", f"worker-{k}", {**self.base.env, "AGENTWATCH_WORKER_STORE": "false"})
+
+    def check(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise AgentwatchError(f"a bench process exited ({p.returncode}); see the logs in {self.home}")
+
+    def urls(self) -> list[str]:
+        """The /metrics addresses of the detection workers that are up."""
+        out = []
+        for record in sorted((self.home / "workers").glob("*.json")):
+            try:
+                out.append(json.loads(record.read_text())["url"] + "/metrics")
+            except (OSError, ValueError, KeyError):
+                continue
+        return out
+
+    async def detected(self) -> float | None:
+        """Events through the detect stages of every worker (None until all of them answer)."""
+        self.check()
+        urls = self.urls()
+        if len(urls) < self.workers:
+            return None
+
+        def get(url: str) -> float | None:
+            try:
+                with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as r:
+                    return _metric(r.read().decode(), "agentwatch_events_detected_total")
+            except (urllib.error.URLError, TimeoutError, ConnectionError):
+                return None
+
+        counts = await asyncio.gather(*(asyncio.to_thread(get, u) for u in urls))
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in self.logs:
+            log.close()
+
+
+async def run_scale_out(settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, wl: Workload,
+                        workers: int) -> float:
+    """Seconds ``workers`` detection workers and a store process take for the throughput input
+    (its topics have ``workers`` partitions)."""
+    group = WorkerGroup(settings, bootstrap, spans_topic, audit_topic, workers)
+    label = f"agentwatch, {workers} workers + store"
+    progress(f"{label}: starting")
+    group.start()
+    try:
+        return await _timed(group.detected, wl.spans + wl.audit_records, label, group.home)
+    finally:
+        group.stop()

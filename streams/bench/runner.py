@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.errors import AgentwatchError
 from streams.bench import peers
-from streams.bench.pipeline import PipelineResult, run_pipeline
+from streams.bench.pipeline import PipelineResult, run_pipeline, run_scale_out
 from streams.bench.state import RESTORE_AGENTS, RestoreRow, fleet_events, restore_times, state_per_agent
 from streams.bench.workload import Message, Workload, input_end_ns, make_workload
 from streams.settings import Settings
@@ -47,12 +47,14 @@ class Row:
     note: str = ""
 
 
-async def _produce(bootstrap: str, topic: str, messages: list[Message], security: Mapping[str, Any]) -> None:
+async def _produce(bootstrap: str, topic: str, messages: list[Message], security: Mapping[str, Any],
+                   partitions: int = 1) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20,
                                 max_request_size=8 << 20, **security)
     await producer.start()
     try:
-        futs = [await producer.send(topic, m.value, timestamp_ms=m.ts_ms) for m in messages]
+        futs = [await producer.send(topic, m.value, timestamp_ms=m.ts_ms, partition=i % partitions)
+                for i, m in enumerate(messages)]
         await asyncio.gather(*futs)
     finally:
         await producer.stop()
@@ -79,8 +81,8 @@ def redaction_cost(agents: int = 500) -> tuple[float, float]:
             for e in batch:
                 e.attributes["http.url"] = "https://api.example/v1/q?api_key=sk-proj-Ab3dEf6hIj9kLm2nOp5qRs"
         t = time.perf_counter()
-        for e in batch:
-            DEFAULT.event(e)
+        for i in range(0, len(batch), 100):  # as ingest does: per record of the bench's size
+            DEFAULT.events(batch[i:i + 100])
         out.append((time.perf_counter() - t) / len(batch) * 1e6)
     return out[0], out[1]
 
@@ -200,7 +202,7 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
 
 def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: float = 20.0,
               peer_names: tuple[str, ...] = PEERS, peer_timeout_s: float = 1800.0, state_agents: int = 2000,
-              restore_agents: tuple[int, ...] = RESTORE_AGENTS) -> int:
+              restore_agents: tuple[int, ...] = RESTORE_AGENTS, scale_out: int = 2) -> int:
     from deploy import broker
     from streams.kafka import ensure_topics
     from streams.kafka_security import kafka_options
@@ -235,6 +237,16 @@ def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: 
             rows.append(Row(name, r.seconds, r.loops))
         pipe = asyncio.run(run_pipeline(settings, bootstrap, spans_topic, audit_topic, wl, duration_s, security))
         rows.append(Row("agentwatch pipeline", pipe.seconds, None, "all detectors, join, store"))
+        if scale_out:
+            # the same input on topics of scale_out partitions, for that many detection workers
+            # and one store process (the split deployment); on this machine they share its cores
+            wide = (f"bench.{run}.otlp.x{scale_out}", f"bench.{run}.audit.x{scale_out}")
+            asyncio.run(ensure_topics(bootstrap, list(wide), scale_out, security=security))
+            asyncio.run(_produce(bootstrap, wide[0], wl.messages, security, scale_out))
+            asyncio.run(_produce(bootstrap, wide[1], wl.audits, security, scale_out))
+            seconds = asyncio.run(run_scale_out(settings, bootstrap, *wide, wl, scale_out))
+            rows.append(Row(f"agentwatch, {scale_out} workers + store process", seconds, None,
+                            f"{scale_out} partitions, detection workers only"))
         for name in PEERS:
             label = {"faust": "faust peer", "quix": "Quix Streams peer"}[name]
             if name not in peer_names or security:
