@@ -1028,15 +1028,25 @@ class Pipeline:
             n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.agent_partitions)
             value = events_to_wire(_serialisable(events, dead))
             return [Out(self.by_agent, None, value, partition=p) for p in range(n)]
-        groups: dict[str, list[Event]] = {}
+        # each partition's events in the order they came (correlate releases them in event-time
+        # order, near enough), not grouped agent by agent: grouped, a batch spanning minutes of a
+        # backlog reached detect as one agent's whole span after another's, and detect's watermark
+        # (one per partition) counted most of the later agents' events as late
+        n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.agent_partitions)
+        packed: dict[int, list[Event]] = {}
+        where: dict[str, int] = {}
         commands: list[Event] = []
         command = EventKind.CONTROL_COMMAND
         for ev in events:
             if ev.kind is command:
                 commands.append(ev)
-            else:
-                groups.setdefault(ev.agent_id or "unknown", []).append(ev)
-        return self._pack(self.by_agent, groups, dead) + self._forward(commands, dead, broadcast=True)
+                continue
+            agent = ev.agent_id or "unknown"
+            p = where.get(agent)
+            if p is None:
+                p = where[agent] = partition_for(agent, n)
+            packed.setdefault(p, []).append(ev)
+        return self._messages(self.by_agent, packed, dead) + self._forward(commands, dead, broadcast=True)
 
     def _pack(self, topic: Any, groups: dict[str, list[Event]], dead: list[DeadLetter]) -> list[Out]:
         """One message per destination partition, not per key.
@@ -1052,6 +1062,10 @@ class Pipeline:
         packed: dict[int, list[Event]] = {}
         for key, evs in groups.items():
             packed.setdefault(partition_for(key, n), []).extend(evs)
+        return self._messages(topic, packed, dead)
+
+    def _messages(self, topic: Any, packed: dict[int, list[Event]], dead: list[DeadLetter]) -> list[Out]:
+        """Each partition's events as messages of at most ``max_events_per_message``."""
         size = self.settings.max_events_per_message  # stay under the broker's message size limit
         outs: list[Out] = []
         for p, evs in packed.items():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 
 from agentwatch_client.errors import LastLibraryError
 from schemas.errors import BrokerError
@@ -108,7 +108,43 @@ def topic_options(settings: Settings) -> dict[str, Any]:
 
 def partition_for(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner picks for ``key`` (murmur2)."""
+    if partitions == 1:
+        return 0
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+_WORDS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}  # word count -> its unpacker
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2), the same values as
+    aiokafka's: its version reads the key a byte at a time, and ingest hashes one trace id per
+    trace (about 5 us each); this one reads four-byte words in one ``struct`` call (about 1 us)."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    n = length >> 2
+    words = _WORDS.get(n)
+    if words is None:
+        words = struct.Struct(f"<{n}I").unpack_from
+        if n <= 64:  # ids and names; a key of any other length is unpacked without caching
+            _WORDS[n] = words
+    m, mask = _M, _MASK
+    for k in words(data):
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ (((k ^ (k >> 24)) * m) & mask)
+    tail = length & 3
+    if tail:
+        i = n << 2
+        if tail == 3:
+            h ^= data[i + 2] << 16
+        if tail >= 2:
+            h ^= data[i + 1] << 8
+        h = ((h ^ data[i]) * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    return h ^ (h >> 15)
 
 
 async def ensure_topics(
