@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from functools import lru_cache
 from typing import Any
 
@@ -369,6 +369,62 @@ def first_match(values: list[str] | tuple[str, ...], patterns: list[str] | tuple
                 if p:
                     return v, p
     return "", ""
+
+
+# values longer than this are not remembered by a Matcher: SQL statements and URLs with ids in
+# them rarely repeat, and a few thousand of them would hold megabytes
+_MATCH_CACHE_MAX_LEN = 256
+MATCH_CACHE_SIZE = 4096
+
+
+class Matcher:
+    """``first_match`` against one fixed list of patterns, built once per policy.
+
+    The patterns are compiled up front, and the verdict for each value (the first pattern it
+    matches, or "") is remembered: the detectors ask about the same tool names and resources
+    on almost every event. The memory is bounded (emptied when full), so a stream of distinct
+    values costs a match each, never unbounded memory; either way the answer is
+    ``first_match``'s.
+    """
+
+    __slots__ = ("patterns", "_compiled", "_known")
+
+    def __init__(self, patterns: list[str] | tuple[str, ...]) -> None:
+        self.patterns = tuple(patterns)
+        # fnmatchcase(value.lower(), pattern.lower()) is the compiled translate(pattern.lower())
+        # matching value.lower(): the same regex fnmatch caches, compiled here once
+        self._compiled = tuple((p, re.compile(translate(p.lower())).match) for p in self.patterns)
+        self._known: dict[str, str] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def pattern_for(self, value: str) -> str:
+        """The first pattern ``value`` matches (case-insensitive), "" when none does."""
+        found = self._known.get(value)
+        if found is not None:
+            return found
+        found = ""
+        low = value.lower()
+        for p, match in self._compiled:
+            if match(low) is not None:
+                found = p
+                break
+        if len(value) <= _MATCH_CACHE_MAX_LEN:
+            if len(self._known) >= MATCH_CACHE_SIZE:
+                self._known.clear()
+            self._known[value] = found
+        return found
+
+    def first(self, values: list[str] | tuple[str, ...]) -> tuple[str, str]:
+        """(value, pattern) of the first non-empty value matching any pattern; ("", "") when none does."""
+        if self._compiled:
+            for v in values:
+                if v:
+                    p = self.pattern_for(v)
+                    if p:
+                        return v, p
+        return "", ""
 
 
 def budget_for(key: str, table: dict[str, int]) -> int | None:

@@ -8,9 +8,10 @@ at the same strings.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from detectors.join import JOINED_SPAN, KEY_AWS_REQUEST_ID
-from detectors.policy import first_match
+from detectors.policy import Matcher, first_match
 from schemas.events import Event, EventKind
 
 # agent ids that mean "nobody could tell whose this is": never a per-agent finding
@@ -33,6 +34,7 @@ _TOUCH_ATTRIBUTES = (
     "aws.s3.bucket",
     "k8s.deployment.name",
 )
+_TOUCH_KEYS = frozenset(_TOUCH_ATTRIBUTES)
 
 # audit verbs that only look: reading a halted agent's Deployment does not shield it
 READ_ACTIONS = ("get", "list", "watch", "describe*", "get*", "list*", "head*", "lookup*", "select", "read*")
@@ -61,9 +63,37 @@ def touched(ev: Event) -> list[str]:
     if ev.kind is EventKind.TOOL_CALL:
         out.append(ev.tool_name)
     attrs = ev.attributes
-    if attrs:
+    if attrs and not _TOUCH_KEYS.isdisjoint(attrs):
         out.extend(attrs[k] for k in _TOUCH_ATTRIBUTES if k in attrs)
     return [s for s in out if s]
+
+
+def first_touched(fields: dict[str, Any], matcher: Matcher) -> tuple[str, str]:
+    """``matcher.first(touched(ev))`` for the event whose field values (its ``__dict__``) are
+    ``fields``, without building the list: (value, pattern) of the first thing the event
+    touched that matches, in ``touched``'s order; ("", "") when none does."""
+    pattern_for = matcher.pattern_for
+    v = fields["resource"]
+    if v:
+        p = pattern_for(v)
+        if p:
+            return v, p
+    if fields["kind"] is EventKind.TOOL_CALL:
+        v = fields["tool_name"]
+        if v:
+            p = pattern_for(v)
+            if p:
+                return v, p
+    attrs = fields["attributes"]
+    # most spans carry none of these (a tool or LLM span's attributes name the model, the tool)
+    if attrs and not _TOUCH_KEYS.isdisjoint(attrs):
+        for k in _TOUCH_ATTRIBUTES:
+            v = attrs.get(k)
+            if v:
+                p = pattern_for(v)
+                if p:
+                    return v, p
+    return "", ""
 
 
 def audit_final(ev: Event) -> bool:

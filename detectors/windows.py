@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from bisect import bisect_right, insort
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from dataclasses import dataclass, field
 from typing import Any, Generic, Hashable, TypeVar
 
@@ -89,22 +90,20 @@ class Watermark:
         self.wall_at_max = st.opt_num(d["wall_at_max"])
 
 
-class ExpiryQueue(Generic[K]):
+class _Deadlines(Generic[K]):
     """Keys with a deadline in event time; ``due(watermark)`` returns those it passed.
 
     Built for deadlines that move later as traffic comes (the newest item of a
     window plus its size): moving a deadline later costs one dict write, and the
-    heap entry left at the old deadline re-queues the key when it surfaces. So a
-    busy key costs about one heap operation per window length, not one per
-    event, and expiring costs only the keys that are due.
+    queue entry left at the old deadline re-queues the key when it surfaces. So a
+    busy key costs about one queue operation per window length, not one per
+    event, and expiring costs only the keys that are due. Subclasses are the queue.
     """
 
-    __slots__ = ("_deadline", "_heap", "_seq")
+    __slots__ = ("_deadline",)
 
     def __init__(self) -> None:
         self._deadline: dict[K, float] = {}
-        self._heap: list[tuple[float, int, K]] = []
-        self._seq = 0
 
     def touch(self, key: K, deadline: float) -> None:
         cur = self._deadline.get(key)
@@ -113,8 +112,21 @@ class ExpiryQueue(Generic[K]):
                 self._deadline[key] = deadline
             return
         self._deadline[key] = deadline
-        self._seq += 1
-        heapq.heappush(self._heap, (deadline, self._seq, key))
+        self._queue(key, deadline)
+
+    def _queue(self, key: K, deadline: float) -> None:
+        raise NotImplementedError
+
+    def _settle(self, key: K, watermark: float, out: list[K]) -> None:
+        """A queue entry of ``key`` surfaced: due, re-queued at its later deadline, or stale."""
+        cur = self._deadline.get(key)
+        if cur is None:
+            return  # discarded, or expired through an earlier entry
+        if cur <= watermark:
+            del self._deadline[key]
+            out.append(key)
+        else:
+            self._queue(key, cur)
 
     def discard(self, key: K) -> None:
         self._deadline.pop(key, None)
@@ -122,35 +134,101 @@ class ExpiryQueue(Generic[K]):
     def deadline(self, key: K) -> float | None:
         return self._deadline.get(key)
 
+    def __len__(self) -> int:
+        return len(self._deadline)
+
+
+class ExpiryQueue(_Deadlines[K]):
+    """Deadlines (see _Deadlines) whose ``due`` returns keys in deadline order, ties in the
+    order they were queued.
+
+    The queue is a heap of distinct deadlines (floats: they compare in C, cheaper than
+    tuples) and, per deadline, its keys in queueing order.
+    """
+
+    __slots__ = ("_heap", "_at")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heap: list[float] = []
+        self._at: dict[float, list[K]] = {}
+
+    def _queue(self, key: K, deadline: float) -> None:
+        keys = self._at.get(deadline)
+        if keys is None:
+            self._at[deadline] = [key]
+            heapq.heappush(self._heap, deadline)
+        else:
+            keys.append(key)
+
     def due(self, watermark: float) -> list[K]:
         out: list[K] = []
-        heap = self._heap
-        while heap and heap[0][0] <= watermark:
-            _, _, key = heapq.heappop(heap)
-            cur = self._deadline.get(key)
-            if cur is None:
-                continue  # discarded, or expired through an earlier entry
-            if cur <= watermark:
-                del self._deadline[key]
-                out.append(key)
-            else:
-                self._seq += 1
-                heapq.heappush(heap, (cur, self._seq, key))
+        heap, at = self._heap, self._at
+        while heap and heap[0] <= watermark:
+            # a key re-queued meanwhile goes to a later deadline, never to this one
+            for key in at.pop(heapq.heappop(heap)):
+                self._settle(key, watermark, out)
         return out
 
     def clear(self) -> None:
         self._deadline.clear()
         self._heap.clear()
-
-    def __len__(self) -> int:
-        return len(self._deadline)
+        self._at.clear()
 
 
-@dataclass(order=True, slots=True)
-class _Entry(Generic[V]):
-    ts: float
-    seq: int
-    item: V = field(compare=False)
+class ExpirySet(_Deadlines[K]):
+    """Deadlines (see _Deadlines) for callers that only forget what is due: ``due(watermark)``
+    returns the keys whose deadline the watermark passed (each once), in no particular order.
+
+    Deadlines mostly come in order (the newest item of a window plus its size), so a key
+    is queued at the back of a FIFO, O(1), when its deadline is not earlier than the last one
+    queued there; the few that are (late events) go to a heap. Expiring pops the FIFO's front
+    while it is due, then the heap's: no comparisons of queue entries at all in the common
+    case, where a heap costs a dozen per key.
+    """
+
+    __slots__ = ("_fifo", "_heap", "_seq")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fifo: deque[tuple[float, K]] = deque()
+        self._heap: list[tuple[float, int, K]] = []
+        self._seq = 0
+
+    def _queue(self, key: K, deadline: float) -> None:
+        fifo = self._fifo
+        if not fifo or deadline >= fifo[-1][0]:
+            fifo.append((deadline, key))
+        else:
+            self._seq += 1
+            heapq.heappush(self._heap, (deadline, self._seq, key))
+
+    def due(self, watermark: float) -> list[K]:
+        out: list[K] = []
+        fifo, heap = self._fifo, self._heap
+        while fifo and fifo[0][0] <= watermark:
+            self._settle(fifo.popleft()[1], watermark, out)
+        while heap and heap[0][0] <= watermark:
+            self._settle(heapq.heappop(heap)[2], watermark, out)
+        return out
+
+    def queued(self) -> int:
+        """Queue entries, stale ones included (what the queue holds in memory)."""
+        return len(self._fifo) + len(self._heap)
+
+    def clear(self) -> None:
+        self._deadline.clear()
+        self._fifo.clear()
+        self._heap.clear()
+
+
+# a window's item: (event time, arrival sequence, item). A tuple, not an object: one is built
+# per event, and tuples compare in C (the unique sequence breaks ties, so items never compare)
+_Entry = tuple[float, int, V]
+
+
+def _entry_ts(e: tuple[float, int, object]) -> float:
+    return e[0]
 
 
 class SlidingWindow(Generic[K, V]):
@@ -162,34 +240,42 @@ class SlidingWindow(Generic[K, V]):
     passed its newest item by the window size (``expire``).
     """
 
+    __slots__ = ("size_s", "_items", "_expiry", "_seq")
+
     def __init__(self, size_s: float) -> None:
         self.size_s = size_s
         self._items: dict[K, list[_Entry[V]]] = {}
-        self._expiry: ExpiryQueue[K] = ExpiryQueue()
+        self._expiry: ExpirySet[K] = ExpirySet()
         self._seq = 0
 
     def add(self, key: K, ts: float, item: V) -> list[V]:
         """Add an item; return the items of that key now in the window (oldest first)."""
+        self.add_count(key, ts, item)
+        return [e[2] for e in self._items[key]]
+
+    def add_count(self, key: K, ts: float, item: V) -> int:
+        """``add`` returning only how many items the key's window now holds: the detectors
+        need the items themselves only when the count crosses their threshold."""
+        self._seq += 1
+        entry = (ts, self._seq, item)
         entries = self._items.get(key)
         if entries is None:
             entries = self._items[key] = []
-        self._seq += 1
-        entry = _Entry(ts, self._seq, item)
-        if not entries or ts >= entries[-1].ts:
+        if not entries or ts >= entries[-1][0]:
             entries.append(entry)
             self._expiry.touch(key, ts + self.size_s)
         else:
             insort(entries, entry)
-        horizon = entries[-1].ts - self.size_s
-        if entries[0].ts <= horizon:
+        horizon = entries[-1][0] - self.size_s
+        if entries[0][0] <= horizon:
             drop = 1
-            while drop < len(entries) and entries[drop].ts <= horizon:
+            while drop < len(entries) and entries[drop][0] <= horizon:
                 drop += 1
             del entries[:drop]
-        return [e.item for e in entries]
+        return len(entries)
 
     def items(self, key: K) -> list[V]:
-        return [e.item for e in self._items.get(key, ())]
+        return [e[2] for e in self._items.get(key, ())]
 
     def clear(self, key: K) -> None:
         self._items.pop(key, None)
@@ -199,7 +285,7 @@ class SlidingWindow(Generic[K, V]):
         """Forget the items of ``key`` at or before ``ts`` (e.g. failures before a success)."""
         entries = self._items.get(key)
         if entries:
-            n = bisect_right(entries, ts, key=lambda e: e.ts)
+            n = bisect_right(entries, ts, key=_entry_ts)
             if n == len(entries):
                 self.clear(key)
             elif n:
@@ -215,21 +301,25 @@ class SlidingWindow(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def keys(self) -> KeysView[K]:
+        """The keys holding items: a live view (it follows adds and expiry), cheap to test often."""
+        return self._items.keys()
+
     def to_state(self, item: Callable[[V], Any]) -> list[Any]:
-        return [[k, [[e.ts, item(e.item)] for e in es]] for k, es in self._items.items()]
+        return [[k, [[e[0], item(e[2])] for e in es]] for k, es in self._items.items()]
 
     def load_state(self, data: Any, item: Callable[[Any], V]) -> None:
         self._items.clear()
         self._expiry.clear()
         for k, es in st.seq(data):
             key = st.key(k)
-            entries = [_Entry(st.num(ts), 0, item(v)) for ts, v in st.seq(es)]
-            for e in entries:
+            entries = []
+            for ts, v in st.seq(es):
                 self._seq += 1
-                e.seq = self._seq
+                entries.append((st.num(ts), self._seq, item(v)))
             if entries:
                 self._items[key] = entries
-                self._expiry.touch(key, entries[-1].ts + self.size_s)
+                self._expiry.touch(key, entries[-1][0] + self.size_s)
 
 
 class TumblingSum(Generic[K]):
@@ -359,8 +449,11 @@ class TimerQueue:
     arrives first" becomes "cancel(key) when X arrives".
     """
 
+    __slots__ = ("_heap", "_live", "_seq")
+
     def __init__(self) -> None:
-        self._heap: list[Timer] = []
+        # (fire_at, seq, timer): the heap orders tuples in C, not Timers through their __lt__
+        self._heap: list[tuple[float, int, Timer]] = []
         self._live: dict[Hashable, Timer] = {}
         self._seq = 0
 
@@ -368,7 +461,7 @@ class TimerQueue:
         self._seq += 1
         t = Timer(fire_at, self._seq, key, payload)
         self._live[key] = t
-        heapq.heappush(self._heap, t)
+        heapq.heappush(self._heap, (fire_at, self._seq, t))
 
     def cancel(self, key: Hashable) -> None:
         self._live.pop(key, None)
@@ -378,10 +471,14 @@ class TimerQueue:
 
     def due(self, watermark: float) -> list[Timer]:
         fired: list[Timer] = []
-        while self._heap and self._heap[0].fire_at <= watermark:
-            t = heapq.heappop(self._heap)
-            if self._live.get(t.key) is t:
-                del self._live[t.key]
+        heap = self._heap
+        if not heap or heap[0][0] > watermark:
+            return fired
+        live = self._live
+        while heap and heap[0][0] <= watermark:
+            t = heapq.heappop(heap)[2]
+            if live.get(t.key) is t:
+                del live[t.key]
                 fired.append(t)
         return fired
 
@@ -391,10 +488,14 @@ class TimerQueue:
     def to_state(self, payload: Callable[[Any], Any] | None = None) -> list[Any]:
         """Live timers in firing order (ties keep their arming order)."""
         return [[t.key, st.enc_num(t.fire_at), payload(t.payload) if payload else None]
-                for t in sorted(self._live.values())]
+                for t in sorted(self._live.values(), key=_timer_order)]
 
     def load_state(self, data: Any, payload: Callable[[Any], Any] | None = None) -> None:
         self._heap.clear()
         self._live.clear()
         for k, fire_at, p in st.seq(data):
             self.arm(st.key(k), st.num(fire_at), payload(p) if payload else None)
+
+
+def _timer_order(t: Timer) -> tuple[float, int]:
+    return t.fire_at, t.seq
