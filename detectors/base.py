@@ -9,13 +9,14 @@ one alert, and stamps mode and versions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
 from detectors import state as st
 from schemas.alerts import Severity
-from schemas.events import Event, stable_id
+from schemas.events import Event, EventKind, stable_id
 
 
 @dataclass(slots=True)
@@ -124,6 +125,17 @@ def token_signal(ev: Event, ts: float, tokens: int) -> Signal:
                   offset=ev.offset)
 
 
+# what a detector returns for an event that revealed nothing: one shared list, so the common
+# case allocates nothing. Never appended to (a detector with findings builds its own list).
+NO_FINDINGS: list[Finding] = []
+
+# a detector's handler for one kind of event, returning what the event revealed. It is given
+# the event, its field values (its ``__dict__``: reading those is a dict lookup, where an
+# Event's attribute read goes through pydantic's __getattr__ hook; writes still go through the
+# model) and its time (``ts_seconds``), all of which the engine has read already.
+Handler = Callable[[Event, dict[str, Any], float], list[Finding]]
+
+
 class Detector(ABC):
     name: ClassVar[str]
     version: ClassVar[str]
@@ -133,6 +145,14 @@ class Detector(ABC):
     @abstractmethod
     def observe(self, event: Event) -> list[Finding]:
         """Feed one event; return what it revealed."""
+
+    def handlers(self) -> dict[EventKind, Handler] | None:
+        """Per event kind, what ``observe`` does with an event of that kind, for the engine to
+        call directly; a kind left out is one this detector ignores under its policy
+        (``observe`` returns nothing for it and changes nothing). The engine asks once per
+        policy and calls only the detectors a kind concerns. None (the default): ``observe``,
+        for every kind."""
+        return None
 
     def on_watermark(self, watermark: float) -> list[Finding]:
         """Event time has passed ``watermark``: fire due timers, expire state."""

@@ -39,7 +39,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding
+from detectors.base import Detector, Finding, Handler
 from detectors.policy import CanaryAnalysisConfig, Policy, glob_match
 from detectors.windows import ExpiryQueue
 from schemas.alerts import HALT_VERSION_LABEL, alert_id_for
@@ -276,14 +276,26 @@ class CanaryAnalysis(Detector):
 
     # -- events ------------------------------------------------------------------------------
 
+    def handlers(self) -> dict[EventKind, Handler]:
+        out: dict[EventKind, Handler] = {}
+        if self._metrics or self._agents:  # windows to count into, or tasks to sample
+            for kind in (_TOOL, _LLM, EventKind.APPROVAL):
+                out[kind] = self._observe
+        if self._shadow_versions:  # an audited side effect of a shadow version
+            out[_AUDIT] = self._observe
+        return out
+
     def observe(self, event: Event) -> list[Finding]:
-        kind = event.kind
-        if kind not in _OBSERVED:
+        if event.kind not in _OBSERVED:
             return _NONE
-        version = event.agent_version
+        return self._observe(event, event.__dict__, event.ts_seconds)
+
+    def _observe(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        version = fields["agent_version"]
         if not version:  # most events of most fleets: nothing to count
             return _NONE
-        agent = event.agent_id
+        kind = fields["kind"]
+        agent = fields["agent_id"]
         out = _NONE
         if kind is _AUDIT:
             if self._shadow_versions:
@@ -297,7 +309,6 @@ class CanaryAnalysis(Detector):
         metrics = self._metrics
         if not metrics and not sampled:
             return out
-        ts = event.ts_seconds
         w = self._window(event.tenant, agent, version, ts) if metrics else None
         # tasks of every versioned agent for the windows' task counts; kept as samples only
         # for the versions an analysis compares

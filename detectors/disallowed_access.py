@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding
-from detectors.policy import Policy, first_match
-from detectors.resources import action_keys, attributed, audit_final, touched
+from detectors.base import NO_FINDINGS, Detector, Finding, Handler
+from detectors.policy import MATCH_CACHE_SIZE, Matcher, Policy, first_match
+from detectors.resources import UNATTRIBUTED, action_keys, audit_final, first_touched
 from detectors.windows import SlidingWindow
 from schemas.alerts import Severity
 from schemas.events import Event, EventKind
@@ -32,44 +32,92 @@ class DisallowedAccess(Detector):
         self.policy = policy
         self.config = policy.detectors.disallowed_access
         self._denies: SlidingWindow[tuple[str, str], Event] = SlidingWindow(self.config.deny_window_s)
+        self._protected = Matcher(policy.protected_resources)
+        self._has_allowlists = bool(policy.allowlists)
+        # (agent, tool) -> on the agent's allowlist (True when it has none): bounded
+        self._allowed: dict[tuple[str, str], bool] = {}
+        self._handlers: dict[EventKind, Handler] = {EventKind.AUDIT: self._audit}  # denials, whatever the policy
+        if self._has_allowlists or self._protected:
+            self._handlers[EventKind.TOOL_CALL] = self._tool_call
+        if self._protected:
+            # a DB or HTTP client span under a tool call names what the call really reached
+            self._handlers[EventKind.SPAN] = self._protected_only
 
     def observe(self, event: Event) -> list[Finding]:
-        # SPAN: a DB or HTTP client span under a tool call names what the call really reached
-        if event.kind not in (EventKind.TOOL_CALL, EventKind.AUDIT, EventKind.SPAN) or not attributed(event):
-            return []
-        if event.kind is EventKind.AUDIT and not audit_final(event):
-            return []
-        out: list[Finding] = []
-        if event.kind is EventKind.TOOL_CALL and event.tool_name:
-            allowed = self.policy.allowlist_for(event.agent_id)
-            if allowed is not None and not first_match([event.tool_name], allowed)[0]:
-                out.append(self._finding(
-                    event, f"tool:{event.tool_name}", self.config.severity,
-                    f"agent {event.agent_id} called {event.tool_name}, which is not on its allowlist",
-                    {"pattern": "allowlist", "tool": event.tool_name},
-                ))
-        value, pattern = first_match(touched(event), self.policy.protected_resources)
-        if pattern:
-            verb = event.action or event.tool_name or event.kind.value
-            out.append(self._finding(
-                event, f"protected:{pattern}", self.config.severity,
-                f"agent {event.agent_id} touched protected resource {value} ({verb}, outcome {event.outcome or 'ok'})",
-                {"pattern": "protected", "resource": value, "rule": pattern},
-                # the tool span, its client span and the audit record of one request: one alert
-                action=action_keys(event),
-            ))
-        if event.kind is EventKind.AUDIT and event.outcome == "deny":
-            recent = self._denies.add((event.tenant, event.agent_id), event.ts_seconds, event)
-            burst = len(recent) >= self.config.deny_burst
+        handler = self._handlers.get(event.kind)
+        return handler(event, event.__dict__, event.ts_seconds) if handler is not None else []
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return dict(self._handlers)
+
+    def _allows(self, agent: str, tool: str) -> bool:
+        known = self._allowed.get((agent, tool))
+        if known is None:
+            allowed = self.policy.allowlist_for(agent)
+            known = allowed is None or bool(first_match([tool], allowed)[0])
+            if len(self._allowed) >= MATCH_CACHE_SIZE:
+                self._allowed.clear()
+            self._allowed[(agent, tool)] = known
+        return known
+
+    def _tool_call(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if fields["agent_id"] in UNATTRIBUTED:
+            return NO_FINDINGS
+        out = NO_FINDINGS
+        tool = fields["tool_name"]
+        if tool and self._has_allowlists and not self._allows(fields["agent_id"], tool):
+            out = [self._finding(
+                event, f"tool:{tool}", self.config.severity,
+                f"agent {event.agent_id} called {tool}, which is not on its allowlist",
+                {"pattern": "allowlist", "tool": tool},
+            )]
+        if self._protected:
+            f = self._protected_finding(event)
+            if f is not None:
+                out = [*out, f]
+        return out
+
+    def _protected_only(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if event.agent_id in UNATTRIBUTED:
+            return NO_FINDINGS
+        f = self._protected_finding(event)
+        return NO_FINDINGS if f is None else [f]
+
+    def _protected_finding(self, event: Event) -> Finding | None:
+        value, pattern = first_touched(event.__dict__, self._protected)
+        if not pattern:
+            return None
+        verb = event.action or event.tool_name or event.kind.value
+        return self._finding(
+            event, f"protected:{pattern}", self.config.severity,
+            f"agent {event.agent_id} touched protected resource {value} ({verb}, outcome {event.outcome or 'ok'})",
+            {"pattern": "protected", "resource": value, "rule": pattern},
+            # the tool span, its client span and the audit record of one request: one alert
+            action=action_keys(event),
+        )
+
+    def _audit(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if event.agent_id in UNATTRIBUTED or not audit_final(event):
+            return NO_FINDINGS
+        out = NO_FINDINGS
+        if self._protected:
+            f = self._protected_finding(event)
+            if f is not None:
+                out = [f]
+        if event.outcome == "deny":
+            n = self._denies.add_count((event.tenant, event.agent_id), ts, event)
+            burst = n >= self.config.deny_burst
             severity = self.config.burst_severity if burst else self.config.deny_severity
-            what = f"{len(recent)} denied actions within {self.config.deny_window_s:g}s" if burst else (
+            what = f"{n} denied actions within {self.config.deny_window_s:g}s" if burst else (
                 f"denied {event.action} on {event.resource or '?'}")
-            out.append(self._finding(
+            evidence = (self._denies.items((event.tenant, event.agent_id))
+                        if burst and n == self.config.deny_burst else [event])
+            out = [*out, self._finding(
                 event, "denied", severity, f"agent {event.agent_id}: {what}",
                 {"pattern": "deny_burst" if burst else "deny"},
-                evidence=recent if burst and len(recent) == self.config.deny_burst else [event],
+                evidence=evidence,
                 quiet_after_s=self.config.deny_window_s,
-            ))
+            )]
         return out
 
     def _finding(self, event: Event, subject: str, severity: Severity, summary: str, labels: dict[str, str], *,

@@ -37,9 +37,10 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding, Signal
+from detectors.base import Detector, Finding, Handler, Signal
 from detectors.canary import CANARY, OWN_DETECTORS, CanaryAnalysis
 from detectors.cross_agent import CrossAgentDetector, build_cross_agent, signals_from_bytes, signals_to_bytes
 from detectors.disallowed_access import DisallowedAccess
@@ -76,6 +77,34 @@ def build_detectors(policy: Policy) -> list[Detector]:
         UnconfirmedAction(d.unconfirmed_action),
         CanaryAnalysis(policy),  # last: it counts the alerts the others opened for the same event
     ]
+
+
+_AUDIT, _AGENT, _CONTROL_COMMAND = EventKind.AUDIT, EventKind.AGENT, EventKind.CONTROL_COMMAND
+
+
+def _dispatch_table(detectors: list[Detector]) -> dict[EventKind, tuple[Handler, ...]]:
+    """Per event kind, the handlers of the detectors that kind concerns, in the detectors'
+    order (the order findings are merged in): built once per policy, so an event costs a
+    call into the detectors that care about it, not into every detector."""
+    table: dict[EventKind, list[Handler]] = {kind: [] for kind in EventKind}
+    for det in detectors:
+        handlers = det.handlers()
+        for kind in EventKind:
+            if handlers is None:
+                table[kind].append(_observe_of(det))
+            elif kind in handlers:
+                table[kind].append(handlers[kind])
+    return {kind: tuple(hs) for kind, hs in table.items()}
+
+
+def _observe_of(det: Detector) -> Handler:
+    """A detector without per-kind handlers: its ``observe`` for every event."""
+    observe = det.observe
+
+    def handler(ev: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        return observe(ev)
+
+    return handler
 
 
 def _modes(policy: Policy) -> dict[str, Mode]:
@@ -125,6 +154,8 @@ class DetectionEngine:
         self.cross_agent: CrossAgentEngine | None = CrossAgentEngine(policy) if local_cross_agent else None
         self.watermark = Watermark(policy.allowed_lateness_s)
         self._source_extra = policy.join.extra_lateness(policy.allowed_lateness_s)
+        # stamped on every alert; a hash of the whole policy's dump, so computed once per policy
+        self._policy_hash = policy.content_hash
         self._modes = _modes(policy)
         self._versions = {det.name: det.version for det in self.detectors}
         self._canary = _canary_of(self.detectors)
@@ -159,6 +190,7 @@ class DetectionEngine:
             self.cross_agent.reload(policy)
         self.watermark.allowed_lateness_s = policy.allowed_lateness_s
         self._source_extra = policy.join.extra_lateness(policy.allowed_lateness_s)
+        self._policy_hash = policy.content_hash
         self._modes = _modes(policy)
         self._versions = {det.name: det.version for det in self.detectors}
         self._canary = _canary_of(self.detectors)
@@ -169,6 +201,7 @@ class DetectionEngine:
     def _bind(self, detectors: list[Detector]) -> None:
         for det in detectors:
             det.signals = self._signals
+        self._dispatch = _dispatch_table(detectors)
 
     def take_signals(self) -> list[Signal]:
         """Signals for the tenant-keyed stage since the last call (none with a local cross-agent engine)."""
@@ -211,35 +244,76 @@ class DetectionEngine:
         ``tick`` advance event time while no events arrive.
         """
         out: list[Alert] = []
-        first_time = self._first_time
-        for ev in events:
-            ts = ev.ts_seconds
-            if not first_time(ev.event_id, ts):
-                continue
-            # a source late by design (CloudTrail) is on time within its own lateness, as in the
-            # join; no window waits for it (the watermark moves with the other sources)
-            if ev.kind is not EventKind.CONTROL_COMMAND:
-                # a kill-switch command is stamped by the monitor's clock when it is issued,
-                # not by the agents' event time: observed, one issued while recorded or
-                # backlogged traffic is read would move event time to today at once, closing
-                # every window and episode and dropping the redelivery memory
-                self.watermark.observe(ts, wall, self._source_extra.get(ev.source, 0.0))
-            self.events_processed += 1
-            if self.watermark.value >= self._ticked_at + TICK_EVERY_S:
-                # windows close as event time passes inside a batch too, so a detector
-                # sees the same sequence whether its input came in one batch or many
-                out.extend(self._tick())
-            if ev.kind is EventKind.AUDIT and ev.agent_id in ("", "unknown"):
-                # an audit record nobody attributed upstream: its principal may be an agent
-                agent = self.policy.agent_for_principal(ev.principal)
-                if agent:
-                    ev.agent_id, ev.identity = agent, IdentitySource.IDENTITY_MAP
-            if ev.kind is EventKind.AGENT and ev.lifecycle == IDENTIFIED:
-                self._identified(ev, out)  # detectors/identity.py: not an agent's action
-                continue
-            for det in self.detectors:
-                for f in det.observe(ev):
-                    self._merge(f, out)
+        merge = self._merge
+        dispatch = self._dispatch
+        seen, seen_order = self._seen, self._seen_order
+        # the watermark, read once: within a batch only this loop moves it (its floor and
+        # lateness move from outside, between calls), so its value changes only when an
+        # event raises the newest event time, and is kept here as Watermark.value computes it
+        wm = self.watermark
+        lateness, floor = wm.allowed_lateness_s, wm.floor
+        newest = wm.max_event_ts
+        value = wm.value
+        tick_at = self._ticked_at + TICK_EVERY_S
+        source_extra = self._source_extra
+        processed = 0
+        try:
+            for ev in events:
+                # its fields read from its __dict__: an Event's attribute reads go through
+                # pydantic's __getattr__ hook, several times the cost of a dict lookup
+                fields = ev.__dict__
+                ts = ev.ts_seconds
+                # redelivered input is skipped (see _first_time, the same steps inline)
+                event_id = fields["event_id"]
+                bucket = int(ts // DEDUP_BUCKET_S)
+                ids = seen.get(bucket)
+                if ids is None:
+                    ids = seen[bucket] = set()
+                    heapq.heappush(seen_order, bucket)
+                elif event_id in ids:
+                    self.duplicates_skipped += 1
+                    continue
+                ids.add(event_id)
+                kind = fields["kind"]
+                # a source late by design (CloudTrail) is on time within its own lateness, as in the
+                # join; no window waits for it (the watermark moves with the other sources)
+                if kind is not _CONTROL_COMMAND:
+                    # a kill-switch command is stamped by the monitor's clock when it is issued,
+                    # not by the agents' event time: observed, one issued while recorded or
+                    # backlogged traffic is read would move event time to today at once, closing
+                    # every window and episode and dropping the redelivery memory
+                    # (Watermark.observe, inline)
+                    if ts < value - (source_extra.get(fields["source"], 0.0) if source_extra else 0.0):
+                        wm.late_events += 1
+                    if ts >= newest:
+                        wm.max_event_ts = newest = ts
+                        wm.wall_at_max = wall
+                        value = ts - lateness
+                        if floor > value:
+                            value = floor
+                processed += 1
+                if value >= tick_at:
+                    # windows close as event time passes inside a batch too, so a detector
+                    # sees the same sequence whether its input came in one batch or many
+                    out.extend(self._tick())
+                    tick_at = self._ticked_at + TICK_EVERY_S
+                if kind is _AUDIT:
+                    if fields["agent_id"] in ("", "unknown"):
+                        # an audit record nobody attributed upstream: its principal may be an agent
+                        agent = self.policy.agent_for_principal(fields["principal"])
+                        if agent:
+                            ev.agent_id, ev.identity = agent, IdentitySource.IDENTITY_MAP
+                elif kind is _AGENT and fields["lifecycle"] == IDENTIFIED:
+                    self._identified(ev, out)  # detectors/identity.py: not an agent's action
+                    continue
+                # only the detectors this kind of event concerns, in the suite's order
+                for handler in dispatch[kind]:
+                    found = handler(ev, fields, ts)
+                    if found:
+                        for f in found:
+                            merge(f, out)
+        finally:
+            self.events_processed += processed
         out.extend(self._tick())
         self._cross_agent(out, wall=wall)
         return out
@@ -470,7 +544,7 @@ class DetectionEngine:
             detector=f.detector,
             detector_version=self._versions.get(f.detector, "0"),
             policy_version=self.policy.version,
-            policy_hash=self.policy.content_hash,
+            policy_hash=self._policy_hash,
             mode=mode,
             severity=f.severity,
             agent_id=f.agent_id,

@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding
-from detectors.policy import Policy, first_match, glob_match
-from detectors.resources import attributed, audit_final, succeeded, touched
+from detectors.base import NO_FINDINGS, Detector, Finding, Handler
+from detectors.policy import MATCH_CACHE_SIZE, Matcher, Policy, first_match, glob_match
+from detectors.resources import UNATTRIBUTED, touched
 from detectors.windows import SlidingWindow, TimerQueue
 from schemas.events import Event, EventKind
 
@@ -45,30 +45,66 @@ class EscalationBypass(Detector):
         # TTL to tell "approval expired" from "never approved", plus the allowed lateness
         self._approvals: SlidingWindow[AgentKey, Event] = SlidingWindow(2 * self.ttl + policy.allowed_lateness_s)
         self._timers = TimerQueue()
-
-    def _high_risk(self, ev: Event) -> str:
-        """The rule that makes an event a high-risk action ("" when it is not one)."""
-        if not attributed(ev) or not succeeded(ev):
-            return ""
-        if ev.kind is EventKind.TOOL_CALL and ev.tool_name:
-            return first_match([ev.tool_name], self.high_risk.tools)[1]
-        if ev.kind is EventKind.AUDIT and audit_final(ev):
-            for rule in self.high_risk.audit:
-                if glob_match(ev.action, rule.action) and glob_match(ev.resource, rule.resource):
-                    return f"{rule.action} {rule.resource}"
-        return ""
+        self._tools = Matcher(self.high_risk.tools)
+        self._audit_rules = [(r.action, r.resource) for r in self.high_risk.audit]
+        # (action, resource) -> the audit rule it matches ("" for none): bounded
+        self._audit_known: dict[tuple[str, str], str] = {}
+        # only what the policy names can be high-risk: other kinds (and tool calls or audit
+        # records when it names none) never reach this detector
+        self._handlers: dict[EventKind, Handler] = {EventKind.APPROVAL: self._approval}
+        if self._tools:
+            self._handlers[EventKind.TOOL_CALL] = self._action
+        if self._audit_rules:
+            self._handlers[EventKind.AUDIT] = self._action
 
     def observe(self, event: Event) -> list[Finding]:
-        if event.kind is EventKind.APPROVAL:
-            self._approvals.add((event.tenant, event.agent_id), event.ts_seconds, event)
-            return []
-        rule = self._high_risk(event)
+        handler = self._handlers.get(event.kind)
+        return handler(event, event.__dict__, event.ts_seconds) if handler is not None else []
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return dict(self._handlers)
+
+    def _high_risk(self, fields: dict[str, Any]) -> str:
+        """The rule that makes the event whose field values are ``fields`` a high-risk action
+        ("" when it is not one)."""
+        if fields["agent_id"] in UNATTRIBUTED:
+            return ""
+        kind = fields["kind"]
+        if kind is EventKind.TOOL_CALL:
+            # a tool call that did not fail, by a tool the policy names
+            tool = fields["tool_name"]
+            if fields["outcome"] == "error" or not tool:
+                return ""
+            return self._tools.pattern_for(tool)
+        if kind is EventKind.AUDIT and fields["outcome"] == "allow":  # allowed: final, and it succeeded
+            return self._audit_rule(fields["action"], fields["resource"])
+        return ""
+
+    def _audit_rule(self, action: str, resource: str) -> str:
+        known = self._audit_known.get((action, resource))
+        if known is None:
+            known = ""
+            for rule_action, rule_resource in self._audit_rules:
+                if glob_match(action, rule_action) and glob_match(resource, rule_resource):
+                    known = f"{rule_action} {rule_resource}"
+                    break
+            if len(self._audit_known) >= MATCH_CACHE_SIZE:
+                self._audit_known.clear()
+            self._audit_known[(action, resource)] = known
+        return known
+
+    def _approval(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        self._approvals.add_count((event.tenant, event.agent_id), ts, event)
+        return NO_FINDINGS
+
+    def _action(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        rule = self._high_risk(fields)
         if rule:
             # one decision per action: a tool call and the audit record of the same call share a key
             action_key = (event.tenant, event.agent_id, event.tool_call_id or event.event_id)
             if not self._timers.armed(action_key):
-                self._timers.arm(action_key, event.ts_seconds, (event, rule))
-        return []
+                self._timers.arm(action_key, ts, (event, rule))
+        return NO_FINDINGS
 
     def on_watermark(self, watermark: float) -> list[Finding]:
         out: list[Finding] = []

@@ -16,8 +16,9 @@ alerts are raised, grouped and moded with every other detector's.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import Any
 
-from detectors.base import Detector, Finding
+from detectors.base import NO_FINDINGS, Detector, Finding, Handler
 from detectors.join import AGENT_PRINCIPAL, JOIN, UNATTRIBUTED, UNCONFIRMED
 from detectors.policy import UnattributedSideEffectConfig, UnconfirmedActionConfig
 from schemas.alerts import Severity
@@ -38,6 +39,12 @@ class UnattributedSideEffect(Detector):
 
     def __init__(self, config: UnattributedSideEffectConfig) -> None:
         self.config = config
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return {EventKind.AUDIT: self._audit}
+
+    def _audit(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        return self.observe(event)
 
     def observe(self, event: Event) -> list[Finding]:
         if (
@@ -62,6 +69,14 @@ class UnconfirmedAction(Detector):
 
     def __init__(self, config: UnconfirmedActionConfig) -> None:
         self.config = config
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return {EventKind.TOOL_CALL: self._tool_call}
+
+    def _tool_call(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if fields["attributes"].get(JOIN) != UNCONFIRMED:
+            return NO_FINDINGS
+        return self.observe(event)
 
     def observe(self, event: Event) -> list[Finding]:
         if event.kind is not EventKind.TOOL_CALL or event.attributes.get(JOIN) != UNCONFIRMED:

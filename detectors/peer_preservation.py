@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding, tampering_signal
-from detectors.policy import Policy, first_match
-from detectors.resources import READ_ACTIONS, action_keys, attributed, audit_final, reads_only, touched
-from schemas.alerts import Severity
+from detectors.base import NO_FINDINGS, Detector, Finding, Handler, tampering_signal
+from detectors.policy import Matcher, Policy, first_match
+from detectors.resources import READ_ACTIONS, UNATTRIBUTED, action_keys, audit_final, first_touched, reads_only
 from schemas.events import Event, EventKind
 
 SHIELD_LIFECYCLE = frozenset({"start", "restart", "scale", "recreate", "spawn"})
@@ -79,6 +78,15 @@ class PeerPreservation(Detector):
         self._by_agent: dict[str, list[_Halt]] = {}
         self._broad: list[_Halt] = []  # tenant and all targets
         self._prune_at = math.inf  # earliest end of a halt: nothing to forget before that
+        self._oversight_match = Matcher(policy.oversight_resources)
+        self._read_actions = Matcher(READ_ACTIONS)
+        # (a) and (c) need a halt in force; (b) needs oversight patterns. Approvals and control
+        # acknowledgements are never acting, tampering or shielding.
+        self._handlers: dict[EventKind, Handler] = {
+            EventKind.CONTROL_COMMAND: self._control_command,
+            EventKind.TOOL_CALL: self._tool_call, EventKind.LLM_CALL: self._llm_call, EventKind.AUDIT: self._audit,
+            EventKind.SPAN: self._span, EventKind.AGENT: self._agent,
+        }
 
     # -- kill switches -------------------------------------------------------------------
 
@@ -118,22 +126,70 @@ class PeerPreservation(Detector):
     # -- events --------------------------------------------------------------------------
 
     def observe(self, event: Event) -> list[Finding]:
-        if event.kind is EventKind.CONTROL_COMMAND:
-            self._command(event)
-            return []
-        if not attributed(event):
-            return []
-        out: list[Finding] = []
-        # (a) and (c) need a halt: most of the time there is none, so skip them cheaply
-        f = self._after_halt(event) if self._halts else None
-        if f:
-            out.append(f)
-        for f in (self._oversight(event), self._shielding(event) if self._halts else None):
+        handler = self._handlers.get(event.kind)
+        return handler(event, event.__dict__, event.ts_seconds) if handler is not None else []
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return dict(self._handlers)
+
+    def _control_command(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        self._command(event)
+        return NO_FINDINGS
+
+    # One handler per kind, each doing what ``observe`` does for that kind: (a) acting after a
+    # halt concerns tool and LLM calls and allowed audit records, (b) oversight tool calls,
+    # client spans and audit records, (c) shielding lifecycle events and audit records.
+    # Approvals and control acknowledgements are none of these.
+
+    def _tool_call(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if fields["agent_id"] in UNATTRIBUTED:
+            return NO_FINDINGS
+        out = NO_FINDINGS
+        if self._halts:
+            f = self._after_halt(event)
             if f:
-                out.append(f)
-                if f.may_enforce and self.signals is not None:
-                    self.signals.append(tampering_signal(f))  # (d), in the tenant-keyed stage
+                out = [f]
+        if self._oversight_match:
+            value, pattern = first_touched(fields, self._oversight_match)
+            if pattern:
+                out = [*out, self._tampering(self._oversight_finding(event, value, pattern))]
         return out
+
+    def _llm_call(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if not self._halts or fields["agent_id"] in UNATTRIBUTED:
+            return NO_FINDINGS
+        f = self._after_halt(event)
+        return [f] if f else NO_FINDINGS
+
+    def _audit(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if event.agent_id in UNATTRIBUTED:
+            return NO_FINDINGS
+        halts = bool(self._halts)
+        f = self._after_halt(event) if halts else None
+        out = [f] if f else []
+        for f in (self._oversight(event), self._shielding(event) if halts else None):
+            if f:
+                out.append(self._tampering(f))
+        return out
+
+    def _span(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if event.agent_id in UNATTRIBUTED:
+            return NO_FINDINGS
+        f = self._oversight(event)
+        return [self._tampering(f)] if f else NO_FINDINGS
+
+    def _agent(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        if not self._halts or event.agent_id in UNATTRIBUTED:
+            return NO_FINDINGS
+        f = self._shielding(event)
+        return [self._tampering(f)] if f else NO_FINDINGS
+
+    def _tampering(self, f: Finding) -> Finding:
+        """An oversight or shielding finding: one that may enforce also goes out as a signal for
+        (d), decided in the tenant-keyed stage."""
+        if f.may_enforce and self.signals is not None:
+            self.signals.append(tampering_signal(f))
+        return f
 
     def _after_halt(self, ev: Event) -> Finding | None:
         acting = ev.kind in (EventKind.TOOL_CALL, EventKind.LLM_CALL) or (
@@ -156,17 +212,20 @@ class PeerPreservation(Detector):
         )
 
     def _oversight(self, ev: Event) -> Finding | None:
+        if not self._oversight_match:
+            return None
         if ev.kind is EventKind.AUDIT:
             if not audit_final(ev):
                 return None
-            values = [ev.resource, ev.action]
+            value, pattern = self._oversight_match.first((ev.resource, ev.action))
         elif ev.kind in (EventKind.TOOL_CALL, EventKind.SPAN):
-            values = touched(ev)
+            value, pattern = first_touched(ev.__dict__, self._oversight_match)
         else:
             return None
-        value, pattern = first_match(values, self.policy.oversight_resources)
-        if not pattern:
-            return None
+        return self._oversight_finding(ev, value, pattern) if pattern else None
+
+    def _oversight_finding(self, ev: Event, value: str, pattern: str) -> Finding:
+        """(b): ``ev`` touched ``value``, which matches the oversight ``pattern``."""
         ts = ev.ts_seconds
         verb = ev.action or ev.tool_name or ev.name
         keys = action_keys(ev)
@@ -201,7 +260,7 @@ class PeerPreservation(Detector):
             target = ev.target_agent_id
             how = ev.lifecycle
         elif ev.kind is EventKind.AUDIT and ev.outcome == "allow" and ev.resource:
-            if first_match([ev.action], READ_ACTIONS)[0]:
+            if ev.action and self._read_actions.pattern_for(ev.action):
                 return None
             halted = {a for a, hs in self._by_agent.items() if any(h.start <= ts <= h.end + window for h in hs)}
             target = next((a for a in sorted(halted) if self._runtime_of(a, ev.resource)), "")

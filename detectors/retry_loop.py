@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding
+from detectors.base import NO_FINDINGS, Detector, Finding, Handler
 from detectors.policy import RetryLoopConfig
-from detectors.windows import ExpiryQueue, SlidingWindow
+from detectors.windows import ExpirySet, SlidingWindow
 from schemas.events import Event, EventKind
 
 ToolKey = tuple[str, str, str]  # (tenant, agent, tool)
@@ -39,72 +39,86 @@ class RetryLoop(Detector):
         self._failures: SlidingWindow[ToolKey, Event] = SlidingWindow(config.failure_window)
         # newest success per tool, so a late failure from before it joins no run
         self._last_ok: dict[ToolKey, float] = {}
-        self._ok_expiry: ExpiryQueue[ToolKey] = ExpiryQueue()
+        self._ok_expiry: ExpirySet[ToolKey] = ExpirySet()
+        self._failure_window = config.failure_window  # a property of the config: read once
+        self._failing = self._failures.keys()  # tools with failures in a row (most have none)
 
     def observe(self, event: Event) -> list[Finding]:
-        if event.kind is not EventKind.TOOL_CALL or not event.tool_name:
+        if event.kind is not EventKind.TOOL_CALL:
             return []
-        findings: list[Finding] = []
+        return self._tool_call(event, event.__dict__, event.ts_seconds)
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return {EventKind.TOOL_CALL: self._tool_call}
+
+    def _tool_call(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        tool = fields["tool_name"]
+        if not tool:
+            return NO_FINDINGS
+        findings = NO_FINDINGS
         cfg = self.config
-        tool = event.tool_name
-        ts = event.ts_seconds
+        tenant, agent, fingerprint = fields["tenant"], fields["agent_id"], fields["args_fingerprint"]
 
         # arguments are opt-in in the GenAI conventions: with none recorded, "the same
         # arguments" cannot be told apart from different ones, so only failures count
-        same = self._calls.add((event.tenant, event.agent_id, tool, event.args_fingerprint), ts, event) \
-            if event.args_fingerprint else []
-        if len(same) >= cfg.same_call_threshold:
-            # the first finding of an episode carries the whole window as evidence;
-            # later ones only the new call (the engine accumulates them)
-            evidence = same if len(same) == cfg.same_call_threshold else [event]
-            findings.append(
-                Finding(
-                    detector=self.name,
-                    agent_id=event.agent_id,
-                    tenant=event.tenant,
-                    subject=f"same_call:{tool}:{event.args_fingerprint}",
-                    episode_start=same[0].ts_seconds,
-                    ts=ts,
-                    severity=cfg.severity,
-                    summary=(
-                        f"agent {event.agent_id} called {tool} {len(same)} times with the same arguments "
-                        f"within {cfg.window_s:g}s"
-                    ),
-                    evidence=evidence,
-                    quiet_after_s=cfg.window_s,
-                    labels={"tool": tool, "pattern": "same_call"},
-                )
-            )
-
-        key = (event.tenant, event.agent_id, tool)
-        if event.outcome == "error":
-            if ts <= self._last_ok.get(key, -1e300):
-                return findings  # the tool succeeded after this failure: no run
-            run = self._failures.add(key, ts, event)
-            n = len(run)
-            if n >= cfg.consecutive_failures:
-                evidence = run if n == cfg.consecutive_failures else [event]
-                findings.append(
+        if fingerprint:
+            call_key = (tenant, agent, tool, fingerprint)
+            n = self._calls.add_count(call_key, ts, event)
+            if n >= cfg.same_call_threshold:
+                same = self._calls.items(call_key)
+                # the first finding of an episode carries the whole window as evidence;
+                # later ones only the new call (the engine accumulates them)
+                evidence = same if n == cfg.same_call_threshold else [event]
+                findings = [
                     Finding(
                         detector=self.name,
-                        agent_id=event.agent_id,
-                        tenant=event.tenant,
-                        subject=f"failures:{tool}",
-                        episode_start=run[0].ts_seconds,
+                        agent_id=agent,
+                        tenant=tenant,
+                        subject=f"same_call:{tool}:{fingerprint}",
+                        episode_start=same[0].ts_seconds,
                         ts=ts,
                         severity=cfg.severity,
-                        summary=(f"agent {event.agent_id}: {tool} failed {n} times in a row "
-                                 f"within {cfg.failure_window:g}s"),
+                        summary=(
+                            f"agent {agent} called {tool} {n} times with the same arguments "
+                            f"within {cfg.window_s:g}s"
+                        ),
                         evidence=evidence,
-                        quiet_after_s=cfg.failure_window,
-                        labels={"tool": tool, "pattern": "consecutive_failures"},
+                        quiet_after_s=cfg.window_s,
+                        labels={"tool": tool, "pattern": "same_call"},
                     )
-                )
-        elif event.outcome == "ok":
+                ]
+
+        outcome = fields["outcome"]
+        if outcome == "ok":
+            key = (tenant, agent, tool)
             if ts > self._last_ok.get(key, -1e300):
                 self._last_ok[key] = ts
-                self._ok_expiry.touch(key, ts + cfg.failure_window)
-            self._failures.drop_through(key, ts)
+                self._ok_expiry.touch(key, ts + self._failure_window)
+            if key in self._failing:
+                self._failures.drop_through(key, ts)
+        elif outcome == "error":
+            key = (tenant, agent, tool)
+            if ts <= self._last_ok.get(key, -1e300):
+                return findings  # the tool succeeded after this failure: no run
+            n = self._failures.add_count(key, ts, event)
+            if n >= cfg.consecutive_failures:
+                run = self._failures.items(key)
+                evidence = run if n == cfg.consecutive_failures else [event]
+                finding = Finding(
+                    detector=self.name,
+                    agent_id=agent,
+                    tenant=tenant,
+                    subject=f"failures:{tool}",
+                    episode_start=run[0].ts_seconds,
+                    ts=ts,
+                    severity=cfg.severity,
+                    summary=(f"agent {agent}: {tool} failed {n} times in a row "
+                             f"within {cfg.failure_window:g}s"),
+                    evidence=evidence,
+                    quiet_after_s=cfg.failure_window,
+                    labels={"tool": tool, "pattern": "consecutive_failures"},
+                )
+                findings = [*findings, finding]
         return findings
 
     def on_watermark(self, watermark: float) -> list[Finding]:

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detectors import state as st
-from detectors.base import Detector, Finding, token_signal
-from detectors.policy import Policy, budget_for
-from detectors.windows import ExpiryQueue, MovingBaseline, TumblingSum
+from detectors.base import NO_FINDINGS, Detector, Finding, Handler, token_signal
+from detectors.policy import MATCH_CACHE_SIZE, Policy, budget_for
+from detectors.windows import ExpirySet, MovingBaseline, TumblingSum
 from schemas.events import Event, EventKind
 
 MINUTE = 60.0
@@ -74,8 +74,10 @@ class TokenSpike(Detector):
         self._minutes: TumblingSum[AgentKey] = TumblingSum(MINUTE)
         self._hours: TumblingSum[tuple[str, str, str]] = TumblingSum(HOUR)  # ("agent", tenant, agent)
         self._tenant_limit: dict[str, int | None] = {}  # budget_for per tenant, once
+        self._agent_budgets = bool(self.budgets.agent_tokens_per_hour)
+        self._agent_limits: dict[str, int | None] = {}  # budget_for per agent (bounded)
         self._state: dict[AgentKey, _AgentState] = {}
-        self._idle: ExpiryQueue[AgentKey] = ExpiryQueue()
+        self._idle: ExpirySet[AgentKey] = ExpirySet()
         self._budget_fired: dict[int, set[tuple[str, str, str]]] = {}  # hour -> ("agent", tenant, agent)
         self._watermark = float("-inf")
 
@@ -88,14 +90,32 @@ class TokenSpike(Detector):
     def observe(self, event: Event) -> list[Finding]:
         if event.kind is not EventKind.LLM_CALL:
             return []
-        tokens = event.total_tokens
+        return self._llm_call(event, event.__dict__, event.ts_seconds)
+
+    def handlers(self) -> dict[EventKind, Handler]:
+        return {EventKind.LLM_CALL: self._llm_call}
+
+    def _agent_limit(self, agent_id: str) -> int | None:
+        """``budget_for`` the agent, remembered per agent id (bounded: emptied when full)."""
+        limits = self._agent_limits
+        if agent_id in limits:
+            return limits[agent_id]
+        if len(limits) >= MATCH_CACHE_SIZE:
+            limits.clear()
+        limit = limits[agent_id] = budget_for(agent_id, self.budgets.agent_tokens_per_hour)
+        return limit
+
+    def _llm_call(self, event: Event, fields: dict[str, Any], ts: float) -> list[Finding]:
+        tokens = fields["input_tokens"] + fields["output_tokens"]
         if tokens <= 0:
-            return []
-        ts = event.ts_seconds
-        key = (event.tenant, event.agent_id)
-        findings: list[Finding] = []
+            return NO_FINDINGS
+        tenant, agent_id = fields["tenant"], fields["agent_id"]
+        key = (tenant, agent_id)
+        findings = NO_FINDINGS
         bucket = int(ts // MINUTE)
-        agent = self._agent(key)
+        agent = self._state.get(key)
+        if agent is None:
+            agent = self._agent(key)
         if agent.last_closed is None or bucket > agent.last_closed:
             # (a minute already closed is not reopened by a straggler)
             self._minutes.add(key, ts, tokens)
@@ -103,43 +123,51 @@ class TokenSpike(Detector):
             ev_list = agent.evidence.get(bucket)
             if ev_list is None:
                 ev_list = agent.evidence[bucket] = []
-            item = (ts, event.event_id, event)
+            event_id = fields["event_id"]
+            item = (ts, event_id, event)
             if len(ev_list) < EVIDENCE_PER_MINUTE:
-                insort(ev_list, item, key=_evidence_order)
-            elif (ts, event.event_id) < _evidence_order(ev_list[-1]):
+                last = ev_list[-1] if ev_list else None
+                if last is None or (ts, event_id) >= (last[0], last[1]):
+                    ev_list.append(item)  # in order, as most calls come: where insort would put it
+                else:
+                    insort(ev_list, item, key=_evidence_order)
+            elif (ts, event_id) < _evidence_order(ev_list[-1]):
                 insort(ev_list, item, key=_evidence_order)
                 ev_list.pop()
             if bucket * MINUTE <= self._watermark:
                 spike = self._judge_open(key, bucket, agent)
                 if spike is not None:
-                    findings.append(spike)
-        if event.tenant not in self._tenant_limit:
-            self._tenant_limit[event.tenant] = budget_for(event.tenant, self.budgets.tenant_tokens_per_hour)
-        if self._tenant_limit[event.tenant] is not None and self.signals is not None:
+                    findings = [spike]
+        limits = self._tenant_limit
+        if tenant not in limits:
+            limits[tenant] = budget_for(tenant, self.budgets.tenant_tokens_per_hour)
+        if limits[tenant] is not None and self.signals is not None:
             self.signals.append(token_signal(event, ts, tokens))  # summed in the tenant-keyed stage
-        limit = budget_for(event.agent_id, self.budgets.agent_tokens_per_hour)
+        if not self._agent_budgets:
+            return findings
+        limit = self._agent_limit(agent_id)
         if limit is not None:
-            who = ("agent", event.tenant, event.agent_id)
+            who = ("agent", tenant, agent_id)
             used = self._hours.add(who, ts, tokens)
             hour = self._hours.bucket_of(ts)
-            fired = self._budget_fired.setdefault(hour, set())
+            fired = self._budget_fired.get(hour)
+            if fired is None:
+                fired = self._budget_fired[hour] = set()
             if used > limit and who not in fired:
                 fired.add(who)
-                findings.append(
-                    Finding(
-                        detector=self.name,
-                        agent_id=event.agent_id,
-                        tenant=event.tenant,
-                        subject=f"budget:agent:{event.agent_id}:{hour}",
-                        episode_start=hour * HOUR,
-                        ts=ts,
-                        severity=self.config.budget_severity,
-                        summary=f"agent {event.agent_id} used {int(used)} tokens this hour, over its budget of {limit}",
-                        evidence=[event],
-                        quiet_after_s=HOUR,
-                        labels={"pattern": "agent_budget", "limit": str(limit), "used": str(int(used))},
-                    )
-                )
+                findings = [*findings, Finding(
+                    detector=self.name,
+                    agent_id=agent_id,
+                    tenant=tenant,
+                    subject=f"budget:agent:{agent_id}:{hour}",
+                    episode_start=hour * HOUR,
+                    ts=ts,
+                    severity=self.config.budget_severity,
+                    summary=f"agent {agent_id} used {int(used)} tokens this hour, over its budget of {limit}",
+                    evidence=[event],
+                    quiet_after_s=HOUR,
+                    labels={"pattern": "agent_budget", "limit": str(limit), "used": str(int(used))},
+                )]
         return findings
 
     def on_watermark(self, watermark: float) -> list[Finding]:
