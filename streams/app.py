@@ -207,6 +207,7 @@ class Pipeline:
             decode=signals_from_bytes, **state)
         self.state_topic = self.app.topic(s.topic_state, **raw)
         self._correlate_lock = asyncio.Lock()
+        self._correlate_policy: Policy | None = None  # a reloaded policy not yet in the correlate stages
         # ingest messages a PostgreSQL record still being assembled needs (see _ack_ingested), and
         # the lock under which records are decoded, delivered and their messages released
         self._held: list[tuple[Any, EventT]] = []
@@ -878,6 +879,7 @@ class Pipeline:
             self.policy = w.current
             for engine in self._engines():
                 engine.reload(w.current)
+            self._correlate_policy = w.current  # under the correlate lock, in the tick
             self.ingest.redactor = w.current.redaction.redactor()  # new redaction patterns apply at once
             self.metrics.policy_reloads.labels("ok").inc()
             log.warning("policy reloaded", extra={"version": w.current.version, "hash": w.current.content_hash})
@@ -916,6 +918,11 @@ class Pipeline:
             await self._emit_ingested(self.ingest.tick(now))
             await self._release_held()
         async with self._correlate_lock:
+            if self._correlate_policy is not None:
+                # join windows and lateness, identity rules: what comes next is judged by them
+                policy, self._correlate_policy = self._correlate_policy, None
+                for p, held in list(self.correlates.states.items()):
+                    self.correlates.states[p] = held.reloaded(policy)  # type: ignore[attr-defined]
             dead: list[DeadLetter] = []
             outs: list[Out] = []
             for stage in list(self.correlates.states.values()):

@@ -292,6 +292,17 @@ class CorrelateStage:
             out += self.process([ev for evs in rekeyed.values() for ev in evs])
         return out
 
+    def reloaded(self, policy: Policy) -> "CorrelateStage":
+        """This stage's state under a new policy (a hot reload): the join's window and
+        lateness, the audit sources' delays and the identity rules apply to what comes next;
+        the spans and records held, and their timers, stay. Through a snapshot, so a reload
+        carries exactly what a restart would."""
+        walls = (self.resolver.watermark.wall_at_max, self.joiner.watermark.wall_at_max)
+        stage = CorrelateStage.restore(policy, self.snapshot())
+        # not a restart: the idle clock keeps running from the last event, not from now
+        stage.resolver.watermark.wall_at_max, stage.joiner.watermark.wall_at_max = walls
+        return stage
+
     def snapshot(self) -> bytes:
         """Identity and join state (timers included) as JSON bytes for ``restore``."""
         return orjson.dumps({"identity": self.resolver.snapshot().decode(),

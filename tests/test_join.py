@@ -268,3 +268,21 @@ def test_cloudtrail_waits_its_own_delivery_delay_and_no_other_source_waits(cloud
     else:  # one lateness for every source: the call was given up on, the record is late
         assert out[tool_id].attributes[JOIN] == "unconfirmed"
         assert out["ct-1"].attributes[JOIN] == "late"
+
+
+def test_a_reloaded_policy_judges_what_comes_next_and_keeps_what_is_held():
+    """A hot reload (streams.app: CorrelateStage.reloaded) keeps the audit record waiting for
+    its span and its timer; records after it wait the new window, not the old one."""
+    stage = CorrelateStage(policy())  # window 60, lateness 10
+    assert not feed(stage, [audit(0.0, trace=TRACE, sid=HTTP_SPAN)], finish=False)
+    stage = stage.reloaded(policy(window_s=5))
+    assert stage.joiner.window_s == 5 and stage.joiner.pending_count == 1
+    other = "f" * 32
+    assert not feed(stage, [audit(20.0, trace=other, sid=HTTP_SPAN, eid="a2")], finish=False)
+    # event time 36: 36 - lateness 10 > 20 + the new window 5, < 0 + the old window 60
+    out = feed(stage, [span("d000000000000004", "", 36.0, kind=EventKind.AGENT, agent="x", trace="e" * 32)],
+               finish=False)
+    assert out["a2"].attributes[JOIN] == "unattributed" and "a1" not in out
+    out = feed(stage, [span("d000000000000005", "", 71.0, kind=EventKind.AGENT, agent="x", trace="e" * 32)],
+               finish=False)
+    assert out["a1"].attributes[JOIN] == "unattributed"  # its own timer, armed under the old window

@@ -43,7 +43,8 @@ from schemas.alerts import Alert
 from schemas.control import KillSwitchCommand, generate_keypair
 from schemas.errors import AgentwatchError
 from streams.bench.peers import progress, progress_done
-from streams.bench.workload import CHILDREN, POLICY, TraceWriter, Workload, clock_message, llm, loop_trace, tool
+from streams.bench.workload import (CHILDREN, LIVE_POLICY, POLICY, TraceWriter, Workload, clock_message, llm,
+                                    loop_trace, tool)
 from streams.client import AgentClient
 from streams.settings import Settings
 from streams.worker import WorkerInfo, running_worker
@@ -96,7 +97,7 @@ class Worker:
                  partitions: int = 1) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="agentwatch-bench-"))
         run = uuid.uuid4().hex[:6]
-        policy = self.home / "policy.yaml"
+        policy = self.policy = self.home / "policy.yaml"
         policy.write_text(POLICY)
         self.private_key, self.public_key = generate_keypair()
         self.env = {**os.environ, "AGENTWATCH_BOOTSTRAP": bootstrap, "AGENTWATCH_HOME": str(self.home),
@@ -241,6 +242,23 @@ async def _timed(detected: Callable[[], Awaitable[float | None]], target: int, l
     return done - ready  # an input this small is gone in one batch: count the worker's start-up too
 
 
+async def _live_policy(w: Worker) -> None:
+    """Hot-reload the live phase's policy (workload.LIVE_POLICY) and wait until it is in force."""
+    w.policy.write_text(LIVE_POLICY)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = await w.metrics()
+        if text is not None and _labelled(text, "agentwatch_policy_reloads_total", "result").get("ok", 0) >= 1:
+            # the correlate stages take it at their next tick (a snapshot and a restore of the
+            # backlog's join state, whose watermark then moves on by the lateness given back):
+            # the live phase starts once that is done, not during it
+            await asyncio.sleep(5)
+            return
+        progress("live phase: waiting for the worker to reload its policy")
+        await asyncio.sleep(0.5)
+    raise AgentwatchError(f"the bench worker did not reload its policy; see {w.home / 'worker.log'}")
+
+
 async def _await_alerts(alerts: AlertLog, expected: dict[str, int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -380,6 +398,7 @@ async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, aud
             await _await_alerts(alerts, wl.expected, 90)
             res.alerts = alerts.counts()
             if duration_s > 0:
+                await _live_policy(w)
                 rate = (wl.spans / res.seconds) / 2
                 await _live(w, alerts, bootstrap, spans_topic, rate, duration_s, res, security)
         finally:
