@@ -46,7 +46,7 @@ from typing import Protocol
 import orjson
 
 from detectors import state as st
-from detectors.windows import FOREVER, ExpiryQueue, Watermark
+from detectors.windows import FOREVER, ExpirySet, Watermark
 from schemas.decoders.otel_profiles import OFFERED_CALLS_ATTR
 from schemas.events import Event, EventKind, IdentitySource, stable_id
 
@@ -100,6 +100,8 @@ def _field(ev: Event, key: str) -> str | None:
     return None
 
 
+_SPAN_NAME, _TOOL_CALL = IdentitySource.SPAN_NAME, EventKind.TOOL_CALL
+
 IDENTIFIED = "identified"  # lifecycle of the notice that a fallback identity was really another agent
 
 
@@ -148,8 +150,9 @@ class IdentityResolver:
         self.watermark = Watermark(allowed_lateness_s)
         self._traces: dict[str, _Trace] = {}
         # a trace is due for its final decision at its newest span's time, and forgotten
-        # the allowed lateness later: deadlines in a heap, so expiring visits due traces only
-        self._due: ExpiryQueue[str] = ExpiryQueue()
+        # the allowed lateness later: deadlines in a queue, so expiring visits due traces only
+        # (which it returns in no particular order: they are decided in first-seen order)
+        self._due: ExpirySet[str] = ExpirySet()
         self._seq = 0
         self._rules = tuple(_Rule(tuple(r.match.items()), r.agent_id) for r in rules)
         # the policy's canary.version_attribute: the agent's version where a deployment puts it
@@ -165,63 +168,94 @@ class IdentityResolver:
 
     def process(self, events: Iterable[Event], *, wall: float | None = None) -> list[Event]:
         out: list[Event] = []
+        out_ts: list[float] = []  # the event time of each of ``out``, for the closing sort
         touched: set[str] = set()
         ready: list[tuple[_Trace, Event]] = []  # tool spans decided now that may still need a call id
+        traces, rules, version_attr = self._traces, self._rules, self._version_attr
+        # the watermark, read once (Watermark.observe inline): within a batch only this loop
+        # moves it, so its value changes only when an event raises the newest event time
+        wm = self.watermark
+        lateness, floor = wm.allowed_lateness_s, wm.floor
+        newest = wm.max_event_ts
+        value = wm.value
         for ev in events:
+            # fields read from the event's __dict__: an Event's attribute reads go through
+            # pydantic's __getattr__ hook, several times the cost of a dict lookup (writes still
+            # go through the model, as they must)
+            d = ev.__dict__
             ts = ev.ts_seconds
-            self.watermark.observe(ts, wall)
-            if self._rules:
+            if ts < value:
+                wm.late_events += 1
+            if ts >= newest:
+                wm.max_event_ts = newest = ts
+                wm.wall_at_max = wall
+                value = ts - lateness
+                if floor > value:
+                    value = floor
+            if rules:
                 self._apply_rules(ev)
-            if self._version_attr:
-                version = ev.attributes.get(self._version_attr)
+            if version_attr:
+                version = d["attributes"].get(version_attr)
                 if version:
                     ev.agent_version = version
-            if not ev.trace_id or not ev.span_id:
-                out.append(self._fallback(ev, None) if not ev.agent_id else ev)
+            trace_id, span_id = d["trace_id"], d["span_id"]
+            if not trace_id or not span_id:
+                out.append(self._fallback(ev, None) if not d["agent_id"] else ev)
+                out_ts.append(ts)
                 continue
-            tr = self._traces.get(ev.trace_id)
+            tr = traces.get(trace_id)
             if tr is None:
                 self._seq += 1
-                tr = self._traces[ev.trace_id] = _Trace(seq=self._seq)
+                tr = traces[trace_id] = _Trace(seq=self._seq)
             if ts > tr.last_ts:
                 tr.last_ts = ts
-            self._due.touch(ev.trace_id, tr.last_ts)
-            tr.parent[ev.span_id] = ev.parent_span_id
-            offers = ev.attributes.get(OFFERED_CALLS_ATTR)
-            if offers:
-                tr.offers.extend(orjson.loads(offers))
-            weak = ev.identity is IdentitySource.SPAN_NAME
-            if ev.is_agent_span and ev.agent_id:
+            self._due.touch(trace_id, tr.last_ts)
+            tr.parent[span_id] = d["parent_span_id"]
+            attributes = d["attributes"]
+            if attributes:
+                offers = attributes.get(OFFERED_CALLS_ATTR)
+                if offers:
+                    tr.offers.extend(orjson.loads(offers))
+            agent_id = d["agent_id"]
+            weak = d["identity"] is _SPAN_NAME
+            if agent_id and d["is_agent_span"]:
                 if weak:
-                    tr.weak[ev.span_id] = ev.agent_id
+                    tr.weak[span_id] = agent_id
                 else:
-                    tr.agent[ev.span_id] = ev.agent_id
+                    tr.agent[span_id] = agent_id
                     if tr.fell_back:
                         self._relink(ev, tr)
-                tr.tenant[ev.span_id] = ev.tenant
-                if ev.agent_version:
-                    tr.version[ev.span_id] = ev.agent_version
-            if ev.agent_id and not weak:
+                tr.tenant[span_id] = d["tenant"]
+                if d["agent_version"]:
+                    tr.version[span_id] = d["agent_version"]
+            if agent_id and not weak:
                 # carries its own identity; its descendants may still be waiting on it
                 out.append(ev)
-                if ev.kind is EventKind.TOOL_CALL:
+                out_ts.append(ts)
+                if d["kind"] is _TOOL_CALL:
                     ready.append((tr, ev))
             else:
                 tr.pending.append(ev)
-            touched.add(ev.trace_id)
+            touched.add(trace_id)
         for tr, ev in ready:  # after the whole batch: an offer may come later in it
             if tr.offers:
                 tr.claim_call(ev)
+        later: list[Event] = []
         for trace_id in touched:
-            out.extend(self._resolve(self._traces[trace_id], final=False))
-        out.extend(self._expire())
+            later.extend(self._resolve(traces[trace_id], final=False))
+        later.extend(self._expire())
         if self._notices:
-            out.extend(self._notices)
+            later.extend(self._notices)
             self._notices = []
+        if later:
+            out.extend(later)
+            out_ts.extend([e.ts_seconds for e in later])
         # in event-time order: a span that waited for its agent span must not reach the detectors
-        # after a later one that went straight through, or it would be late there
-        out.sort(key=_event_time)
-        return out
+        # after a later one that went straight through, or it would be late there. (A stable
+        # sort of the positions by time: the order ``out.sort(key=ts_seconds)`` gives, with
+        # each event's time read once.)
+        order = sorted(range(len(out)), key=out_ts.__getitem__)
+        return [out[i] for i in order]
 
     def advance(self, now: float) -> list[Event]:
         self.watermark.advance_to(now)
@@ -321,7 +355,9 @@ class IdentityResolver:
                 ev.agent_id = agent
                 if ev.tenant == "default":
                     ev.tenant = tr.tenant.get(span, ev.tenant)
-                ev.agent_version = tr.version.get(span) or ev.agent_version
+                version = tr.version.get(span)
+                if version:  # else it keeps its own
+                    ev.agent_version = version
                 out.append(ev)
             elif found is None:  # the whole chain is known and names no agent: the resource
                 out.append(self._fallback(ev, None))

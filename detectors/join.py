@@ -74,10 +74,11 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any
 
 from detectors import state as st
-from detectors.policy import Policy
-from detectors.windows import FOREVER, ExpiryQueue, TimerQueue, Watermark
+from detectors.policy import MATCH_CACHE_SIZE, Policy
+from detectors.windows import FOREVER, ExpirySet, TimerQueue, Watermark
 from schemas.events import Event, EventKind, IdentitySource, stable_id
 
 # annotation keys and values
@@ -110,6 +111,8 @@ JOIN_BUCKETS = 64
 # may be confirmed by that source, so it waits that source's allowed lateness
 SOURCE_SPAN_KEYS = {"cloudtrail": KEY_AWS_REQUEST_ID, "ocsf": KEY_AWS_REQUEST_ID}
 
+
+_AUDIT, _TOOL_CALL = EventKind.AUDIT, EventKind.TOOL_CALL
 
 # --------------------------------------------------------------------------- keys
 
@@ -198,6 +201,24 @@ class _Span:
         return 0.0 if self.start <= ts <= self.end else min(abs(ts - self.start), abs(ts - self.end))
 
 
+_new_object = object.__new__
+
+
+def _new_span(start: float, end: float, parent: str, event_id: str, is_tool: bool, tool_call_id: str) -> _Span:
+    """``_Span(start, end, parent, event_id, is_tool, tool_call_id)``, for the one span per event:
+    a dataclass's __init__ runs through type.__call__, several times the cost of setting its
+    slots here."""
+    s = _new_object(_Span)
+    s.start, s.end, s.parent, s.event_id, s.is_tool, s.tool_call_id = start, end, parent, event_id, is_tool, tool_call_id
+    s.resolved, s.agent_id, s.tenant, s.agent_version = False, "", "default", ""
+    return s
+
+
+# a field added to _Span without its default above would make spans built here lack it
+if _new_span(0.0, 1.0, "p", "e", True, "c") != _Span(0.0, 1.0, "p", "e", True, "c"):
+    raise RuntimeError("_new_span is out of step with _Span's fields")
+
+
 @dataclass(slots=True)
 class _Trace:
     spans: dict[str, _Span] = field(default_factory=dict)
@@ -262,15 +283,16 @@ class Joiner:
         self._identity = [(e.principal, e.agent_id) for e in policy.identity_map]
         self._agent_principals = [e.principal for e in policy.identity_map] + list(cfg.agent_principals)
         self._auditable = list(policy.detectors.unconfirmed_action.tools)
+        self._auditable_known: dict[str, bool] = {}  # tool name -> auditable (bounded)
         self._traces: dict[str, _Trace] = {}
         self._index: dict[tuple[str, str], list[_IndexEntry]] = {}
         self._index_waiting: dict[tuple[str, str], dict[str, Event]] = {}
         self._confirm: dict[tuple[str, str], _Confirm] = {}
         self._timers = TimerQueue()
         # when traces and index keys may be forgotten (their newest span plus the window):
-        # deadlines in heaps, so expiring visits only what is due
-        self._trace_due: ExpiryQueue[str] = ExpiryQueue()
-        self._index_due: ExpiryQueue[tuple[str, str]] = ExpiryQueue()
+        # deadlines in queues (ExpirySet), so expiring visits only what is due
+        self._trace_due: ExpirySet[str] = ExpirySet()
+        self._index_due: ExpirySet[tuple[str, str]] = ExpirySet()
         self._out: list[Event] = []
         self._rekeyed: dict[str, list[Event]] = {}
         self.stats = JoinStats()
@@ -281,38 +303,63 @@ class Joiner:
         """Take in a batch; return the events the identity resolver must see
         (everything but audit records and index copies)."""
         onward: list[Event] = []
+        # the watermark, read once (Watermark.observe inline): within a batch only this loop
+        # moves it, so its value changes only when an event raises the newest event time
+        wm = self.watermark
+        lateness, floor = wm.allowed_lateness_s, wm.floor
+        newest = wm.max_event_ts
+        value = wm.value
         for ev in events:
-            on_time = self.watermark.observe(ev.ts_seconds, wall)
-            if not on_time and ev.kind is EventKind.AUDIT and not is_index_copy(ev):
-                extra = self._source_extra.get(ev.source, 0.0)
-                on_time = extra > 0 and ev.ts_seconds >= self.watermark.value - extra
+            # fields read from the event's __dict__: an Event's attribute reads go through
+            # pydantic's __getattr__ hook, several times the cost of a dict lookup
+            d = ev.__dict__
+            ts = ev.ts_seconds
+            on_time = ts >= value
+            if not on_time:
+                wm.late_events += 1
+            if ts >= newest:
+                wm.max_event_ts = newest = ts
+                wm.wall_at_max = wall
+                value = ts - lateness
+                if floor > value:
+                    value = floor
+            kind = d["kind"]
+            index_copy = INDEX in d["attributes"]
+            if not on_time and kind is _AUDIT and not index_copy:
+                extra = self._source_extra.get(d["source"], 0.0)
+                on_time = extra > 0 and ts >= value - extra
             if not on_time:
                 self.stats.late += 1
-            if is_index_copy(ev):
+            if index_copy:
                 self._accept_index(ev)
-            elif ev.kind is EventKind.AUDIT:
+            elif kind is _AUDIT:
                 self._accept_audit(ev, on_time)
             else:
-                if ev.trace_id and ev.span_id:
-                    self._accept_span(ev, on_time)
+                if d["trace_id"] and d["span_id"]:
+                    self._accept_span(ev, d, ts, on_time)
                 onward.append(ev)
         return onward
 
     def resolved(self, events: Iterable[Event]) -> None:
         """Spans whose agent is now decided: release what waited on them."""
+        traces, confirm, out = self._traces, self._confirm, self._out
         for ev in events:
-            tr = self._traces.get(ev.trace_id) if ev.trace_id else None
-            sp = tr.spans.get(ev.span_id) if tr is not None else None
+            d = ev.__dict__
+            trace_id, span_id = d["trace_id"], d["span_id"]
+            tr = traces.get(trace_id) if trace_id else None
+            sp = tr.spans.get(span_id) if tr is not None else None
             if tr is not None and sp is not None:
-                if ev.tool_call_id and ev.tool_call_id != sp.tool_call_id:
+                call_id = d["tool_call_id"]
+                if call_id and call_id != sp.tool_call_id:
                     self._recovered_call_id(sp, ev)
-                sp.resolved, sp.agent_id, sp.tenant = True, ev.agent_id, ev.tenant
-                sp.agent_version = ev.agent_version
-                for audit in tr.waiting.pop(ev.span_id, []):
-                    self._release_matched(tr, audit, ev.span_id)
-            c = self._confirm.get((ev.trace_id, ev.span_id))
+                sp.resolved, sp.agent_id, sp.tenant = True, d["agent_id"], d["tenant"]
+                sp.agent_version = d["agent_version"]
+                if tr.waiting:
+                    for audit in tr.waiting.pop(span_id, []):
+                        self._release_matched(tr, audit, span_id)
+            c = confirm.get((trace_id, span_id)) if confirm else None
             if c is None:
-                self._out.append(ev)
+                out.append(ev)
             elif c.audit_event_id or c.fired:
                 self._decide_tool(ev, c)
             else:
@@ -431,35 +478,42 @@ class Joiner:
             self._trace_due.touch(trace_id, tr.last_ts + self.window_s)
         return tr
 
-    def _accept_span(self, ev: Event, on_time: bool) -> None:
-        tr = self._trace(ev.trace_id)
-        ts = ev.ts_seconds
+    def _accept_span(self, ev: Event, d: dict[str, Any], ts: float, on_time: bool) -> None:
+        """A span (``d`` its fields, ``ts`` its time) into its trace's index."""
+        trace_id, span_id = d["trace_id"], d["span_id"]
+        tr = self._traces.get(trace_id)
+        if tr is None:
+            tr = self._trace(trace_id)
         if ts > tr.last_ts:
             tr.last_ts = ts
-            self._trace_due.touch(ev.trace_id, ts + self.window_s)
-        is_tool = ev.kind is EventKind.TOOL_CALL
-        tr.spans[ev.span_id] = _Span(_start(ev), ts, ev.parent_span_id, ev.event_id, is_tool, ev.tool_call_id)
-        extra = max((self._key_extra.get(name, 0.0) for name, _ in span_secondary_keys(ev)), default=0.0)
-        if extra > tr.extra:
-            # this trace's requests are audited by a slow source: its auditable tool calls wait for it
-            tr.extra = extra
-            for sid, s in tr.spans.items():
-                if self._timers.armed(("confirm", ev.trace_id, sid)):
-                    self._timers.arm(("confirm", ev.trace_id, sid), s.end + self.window_s + extra)
-        if is_tool and ev.outcome == "ok" and self._is_auditable(ev.tool_name):
+            self._trace_due.touch(trace_id, ts + self.window_s)
+        is_tool = d["kind"] is _TOOL_CALL
+        duration = d["duration_ms"]
+        tr.spans[span_id] = _new_span(ts - (duration or 0.0) / 1000.0, ts, d["parent_span_id"], d["event_id"],
+                                      is_tool, d["tool_call_id"])
+        if self._key_extra:  # a slow audit source is configured (its records carry a span key)
+            extra = max((self._key_extra.get(name, 0.0) for name, _ in span_secondary_keys(ev)), default=0.0)
+            if extra > tr.extra:
+                # this trace's requests are audited by a slow source: its auditable tool calls wait for it
+                tr.extra = extra
+                for sid, s in tr.spans.items():
+                    if self._timers.armed(("confirm", trace_id, sid)):
+                        self._timers.arm(("confirm", trace_id, sid), s.end + self.window_s + extra)
+        if is_tool and self._auditable and d["outcome"] == "ok" and self._is_auditable(d["tool_name"]):
             if on_time:
-                key = (ev.trace_id, ev.span_id)
+                key = (trace_id, span_id)
                 self._confirm.setdefault(key, _Confirm())
                 self._timers.arm(("confirm", *key), ts + self.window_s + tr.extra)
             else:
-                ev.attributes[JOIN] = LATE  # too late to wait for its audit record: say so
+                d["attributes"][JOIN] = LATE  # too late to wait for its audit record: say so
         # audits of this trace that were waiting for a span
-        for audit_id, audit in list(tr.unmatched.items()):
-            sid = self._match_in_trace(tr, audit, final=False)
-            if sid:
-                del tr.unmatched[audit_id]
-                self._timers.cancel(("audit", audit_id))
-                self._attach(tr, audit, sid, VIA_SPAN if sid == audit.span_id else VIA_TRACE)
+        if tr.unmatched:
+            for audit_id, audit in list(tr.unmatched.items()):
+                sid = self._match_in_trace(tr, audit, final=False)
+                if sid:
+                    del tr.unmatched[audit_id]
+                    self._timers.cancel(("audit", audit_id))
+                    self._attach(tr, audit, sid, VIA_SPAN if sid == audit.span_id else VIA_TRACE)
 
     def _accept_index(self, ev: Event) -> None:
         key = (ev.attributes[INDEX], ev.attributes[INDEX_VALUE])
@@ -668,7 +722,13 @@ class Joiner:
     # -- policy --------------------------------------------------------------------------
 
     def _is_auditable(self, tool: str) -> bool:
-        return any(fnmatchcase(tool, p) for p in self._auditable)
+        known = self._auditable_known.get(tool)
+        if known is None:
+            known = any(fnmatchcase(tool, p) for p in self._auditable)
+            if len(self._auditable_known) >= MATCH_CACHE_SIZE:
+                self._auditable_known.clear()
+            self._auditable_known[tool] = known
+        return known
 
     def _is_agent_principal(self, principal: str) -> bool:
         return bool(principal) and any(fnmatchcase(principal, p) for p in self._agent_principals)
