@@ -23,7 +23,7 @@ from typing import Any
 from detectors import state as st
 from detectors.base import NO_FINDINGS, Detector, Finding, Handler
 from detectors.policy import RetryLoopConfig
-from detectors.windows import ExpirySet, SlidingWindow
+from detectors.windows import DeadlineQueue, SlidingWindow
 from schemas.events import Event, EventKind
 
 ToolKey = tuple[str, str, str]  # (tenant, agent, tool)
@@ -37,9 +37,11 @@ class RetryLoop(Detector):
         self.config = config
         self._calls: SlidingWindow[tuple[str, str, str, str], Event] = SlidingWindow(config.window_s)
         self._failures: SlidingWindow[ToolKey, Event] = SlidingWindow(config.failure_window)
-        # newest success per tool, so a late failure from before it joins no run
+        # newest success per tool, so a late failure from before it joins no run; forgotten
+        # failure_window after it (a key is queued when it appears and, surfacing before its
+        # newest success's deadline, queued again at it)
         self._last_ok: dict[ToolKey, float] = {}
-        self._ok_expiry: ExpirySet[ToolKey] = ExpirySet()
+        self._ok_expiry: DeadlineQueue[ToolKey] = DeadlineQueue()
         self._failure_window = config.failure_window  # a property of the config: read once
         self._failing = self._failures.keys()  # tools with failures in a row (most have none)
 
@@ -91,9 +93,12 @@ class RetryLoop(Detector):
         outcome = fields["outcome"]
         if outcome == "ok":
             key = (tenant, agent, tool)
-            if ts > self._last_ok.get(key, -1e300):
+            last = self._last_ok.get(key)
+            if last is None:
                 self._last_ok[key] = ts
-                self._ok_expiry.touch(key, ts + self._failure_window)
+                self._ok_expiry.push(key, ts + self._failure_window)
+            elif ts > last:
+                self._last_ok[key] = ts
             if key in self._failing:
                 self._failures.drop_through(key, ts)
         elif outcome == "error":
@@ -124,8 +129,15 @@ class RetryLoop(Detector):
     def on_watermark(self, watermark: float) -> list[Finding]:
         self._calls.expire(watermark)
         self._failures.expire(watermark)
-        for key in self._ok_expiry.due(watermark):
-            del self._last_ok[key]
+        window = self._failure_window
+        for key in self._ok_expiry.pop_due(watermark):
+            last = self._last_ok.get(key)
+            if last is None:
+                continue  # expired through an earlier entry
+            if last + window <= watermark:
+                del self._last_ok[key]
+            else:
+                self._ok_expiry.push(key, last + window)
         return []
 
     def to_state(self, enc: st.Encoder) -> dict[str, Any]:
@@ -138,4 +150,4 @@ class RetryLoop(Detector):
         for k, t in st.seq(data.get("last_ok", [])):
             key, ts = st.key(k), st.num(t)
             self._last_ok[key] = ts
-            self._ok_expiry.touch(key, ts + self.config.failure_window)
+            self._ok_expiry.push(key, ts + self._failure_window)

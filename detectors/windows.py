@@ -176,26 +176,25 @@ class ExpiryQueue(_Deadlines[K]):
         self._at.clear()
 
 
-class ExpirySet(_Deadlines[K]):
-    """Deadlines (see _Deadlines) for callers that only forget what is due: ``due(watermark)``
-    returns the keys whose deadline the watermark passed (each once), in no particular order.
+class DeadlineQueue(Generic[K]):
+    """Keys queued at deadlines in event time, for an owner that knows each key's current
+    deadline: ``pop_due(watermark)`` takes out every entry queued at or before the watermark
+    and returns their keys (a key may come more than once, or be gone: the owner checks).
 
-    Deadlines mostly come in order (the newest item of a window plus its size), so a key
-    is queued at the back of a FIFO, O(1), when its deadline is not earlier than the last one
-    queued there; the few that are (late events) go to a heap. Expiring pops the FIFO's front
-    while it is due, then the heap's: no comparisons of queue entries at all in the common
-    case, where a heap costs a dozen per key.
+    Deadlines mostly come in order (the newest item of a window plus its size), so an entry
+    goes to the back of a FIFO, O(1), when its deadline is not earlier than the last one
+    queued there; the few that are (late events) go to a heap. No comparisons of entries in
+    the common case, where a heap costs a dozen per key. Keys come out in no particular order.
     """
 
     __slots__ = ("_fifo", "_heap", "_seq")
 
     def __init__(self) -> None:
-        super().__init__()
         self._fifo: deque[tuple[float, K]] = deque()
         self._heap: list[tuple[float, int, K]] = []
         self._seq = 0
 
-    def _queue(self, key: K, deadline: float) -> None:
+    def push(self, key: K, deadline: float) -> None:
         fifo = self._fifo
         if not fifo or deadline >= fifo[-1][0]:
             fifo.append((deadline, key))
@@ -203,23 +202,53 @@ class ExpirySet(_Deadlines[K]):
             self._seq += 1
             heapq.heappush(self._heap, (deadline, self._seq, key))
 
-    def due(self, watermark: float) -> list[K]:
+    def pop_due(self, watermark: float) -> list[K]:
         out: list[K] = []
         fifo, heap = self._fifo, self._heap
         while fifo and fifo[0][0] <= watermark:
-            self._settle(fifo.popleft()[1], watermark, out)
+            out.append(fifo.popleft()[1])
         while heap and heap[0][0] <= watermark:
-            self._settle(heapq.heappop(heap)[2], watermark, out)
+            out.append(heapq.heappop(heap)[2])
+        return out
+
+    def clear(self) -> None:
+        self._fifo.clear()
+        self._heap.clear()
+
+    def __len__(self) -> int:
+        """Entries queued, stale ones included (what the queue holds in memory)."""
+        return len(self._fifo) + len(self._heap)
+
+
+class ExpirySet(_Deadlines[K]):
+    """Deadlines (see _Deadlines) for callers that only forget what is due: ``due(watermark)``
+    returns the keys whose deadline the watermark passed (each once), in no particular order,
+    from a DeadlineQueue."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._entries: DeadlineQueue[K] = DeadlineQueue()
+
+    def _queue(self, key: K, deadline: float) -> None:
+        self._entries.push(key, deadline)
+
+    def due(self, watermark: float) -> list[K]:
+        out: list[K] = []
+        # every entry popped was queued at or before the watermark; one re-queued by _settle
+        # goes to its later deadline, past the watermark
+        for key in self._entries.pop_due(watermark):
+            self._settle(key, watermark, out)
         return out
 
     def queued(self) -> int:
         """Queue entries, stale ones included (what the queue holds in memory)."""
-        return len(self._fifo) + len(self._heap)
+        return len(self._entries)
 
     def clear(self) -> None:
         self._deadline.clear()
-        self._fifo.clear()
-        self._heap.clear()
+        self._entries.clear()
 
 
 # a window's item: (event time, arrival sequence, item). A tuple, not an object: one is built
@@ -237,7 +266,9 @@ class SlidingWindow(Generic[K, V]):
     Items may arrive out of order; they are kept sorted by event time, and the
     window of a key is anchored at the newest item seen for that key, so a late
     item cannot evict newer ones. A key is forgotten once the watermark has
-    passed its newest item by the window size (``expire``).
+    passed its newest item by the window size (``expire``): its deadline is always
+    its newest item's time plus the size, so it is queued once, when it appears, and
+    a queue entry that surfaces before that deadline is queued again at it.
     """
 
     __slots__ = ("size_s", "_items", "_expiry", "_seq")
@@ -245,7 +276,7 @@ class SlidingWindow(Generic[K, V]):
     def __init__(self, size_s: float) -> None:
         self.size_s = size_s
         self._items: dict[K, list[_Entry[V]]] = {}
-        self._expiry: ExpirySet[K] = ExpirySet()
+        self._expiry: DeadlineQueue[K] = DeadlineQueue()
         self._seq = 0
 
     def add(self, key: K, ts: float, item: V) -> list[V]:
@@ -258,12 +289,12 @@ class SlidingWindow(Generic[K, V]):
         need the items themselves only when the count crosses their threshold."""
         self._seq += 1
         entry = (ts, self._seq, item)
-        entries = self._items.get(key)
-        if entries is None:
-            entries = self._items[key] = []
-        if not entries or ts >= entries[-1][0]:
+        entries = self._items.setdefault(key, [])
+        if not entries:  # a new key: queued at its deadline
             entries.append(entry)
-            self._expiry.touch(key, ts + self.size_s)
+            self._expiry.push(key, ts + self.size_s)
+        elif ts >= entries[-1][0]:
+            entries.append(entry)  # the key's deadline moves with its newest item
         else:
             insort(entries, entry)
         horizon = entries[-1][0] - self.size_s
@@ -278,8 +309,7 @@ class SlidingWindow(Generic[K, V]):
         return [e[2] for e in self._items.get(key, ())]
 
     def clear(self, key: K) -> None:
-        self._items.pop(key, None)
-        self._expiry.discard(key)
+        self._items.pop(key, None)  # its queue entries find it gone
 
     def drop_through(self, key: K, ts: float) -> None:
         """Forget the items of ``key`` at or before ``ts`` (e.g. failures before a success)."""
@@ -293,10 +323,19 @@ class SlidingWindow(Generic[K, V]):
 
     def expire(self, watermark: float) -> int:
         """Forget keys whose newest item fell out of the window before the watermark."""
-        dead = self._expiry.due(watermark)
-        for k in dead:
-            self._items.pop(k, None)
-        return len(dead)
+        items, size = self._items, self.size_s
+        dead = 0
+        for key in self._expiry.pop_due(watermark):
+            entries = items.get(key)
+            if entries is None:
+                continue  # cleared, or expired through an earlier entry
+            deadline = entries[-1][0] + size
+            if deadline <= watermark:
+                del items[key]
+                dead += 1
+            else:
+                self._expiry.push(key, deadline)
+        return dead
 
     def __len__(self) -> int:
         return len(self._items)
@@ -319,7 +358,7 @@ class SlidingWindow(Generic[K, V]):
                 entries.append((st.num(ts), self._seq, item(v)))
             if entries:
                 self._items[key] = entries
-                self._expiry.touch(key, entries[-1][0] + self.size_s)
+                self._expiry.push(key, entries[-1][0] + self.size_s)
 
 
 class TumblingSum(Generic[K]):
