@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -79,6 +80,11 @@ class Event(BaseModel):
     record, an approval, or a control acknowledgement."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # ``ts`` in seconds since the epoch, converted on first read and kept: the detectors read
+    # it several times per event. A slot, not a field: __dict__ (the store's columns, the
+    # internal wire), model_dump, ==, copies and pickles never see it, and a read once set is
+    # a plain attribute read. Assigning ts forgets it (see _assign_ts); a copy starts without.
+    __slots__ = ("ts_seconds",)
 
     event_id: str = Field(min_length=1)
     kind: EventKind
@@ -151,12 +157,44 @@ class Event(BaseModel):
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
 
-    @property
-    def ts_seconds(self) -> float:
-        return self.ts.timestamp()
+    if TYPE_CHECKING:
+
+        @property
+        def ts_seconds(self) -> float: ...  # the slot above, as type checkers should see it
+
+    else:
+
+        def __getattr__(self, name: str) -> Any:
+            # only called for what normal lookup misses: here, a ts_seconds not read yet
+            if name == "ts_seconds":
+                seconds = self.__dict__["ts"].timestamp()
+                _set_ts_seconds(self, seconds)
+                return seconds
+            return super().__getattr__(name)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_defaults=True))
+
+
+_set_ts_seconds = Event.__dict__["ts_seconds"].__set__
+_forget_ts_seconds = Event.__dict__["ts_seconds"].__delete__
+
+
+def _assign_ts(model: Event, name: str, value: Any) -> None:
+    """``event.ts = value``: what pydantic does for a field (no validation: validate_assignment
+    is off), and ts_seconds forgotten, converted again on its next read."""
+    model.__dict__["ts"] = value
+    model.__pydantic_fields_set__.add("ts")
+    try:
+        _forget_ts_seconds(model)
+    except AttributeError:  # not read yet
+        pass
+
+
+# pydantic's __setattr__ looks a field's assignment up in this per-class table first (it fills
+# it lazily with its own handlers); tests/test_events.py checks that ts_seconds follows
+# an assigned ts, so a pydantic that stops consulting the table fails there, not silently
+Event.__pydantic_setattr_handlers__["ts"] = _assign_ts
 
 
 def events_to_json(events: list[Event]) -> bytes:
