@@ -2,22 +2,25 @@
 
 A snapshot is one JSON document (orjson), never pickle: snapshots travel
 through Kafka topics, which are hostile input, so restoring one only ever
-builds plain values, ``Event``s (validated by their pydantic model) and the
+builds plain values, ``Event``s (every field's type checked) and the
 project's own classes; a corrupt, truncated or foreign snapshot raises
 ``schemas.errors.StateError`` and executes nothing.
 
 Envelope::
 
-    {"format": "agentwatch.state", "version": 2, "kind": "<engine|identity|join>",
-     "fields": [<Event field names>], "events": [[<values of an event>], ...], "state": {...}}
+    {"format": "agentwatch.state", "version": 3, "kind": "<engine|identity|join>",
+     "events": [<order>, [<group>, ...]], "state": {...}}
 
-Events are rows of their field values in the order ``fields`` names them (the
-internal topics' layout, ``schemas.internal_wire``): a stage snapshots its
-state every few seconds, and a join holding its allowed lateness of spans
-holds many, so writing them is one C-level call per event, not a
-``model_dump``. Restoring still validates each event (snapshots are rare to
-read and come from a topic). Version 1 snapshots (events as JSON objects)
-are still read.
+Events are in the internal topics' layout (``schemas.internal_wire``: grouped
+by kind, stored by column, defaults left out): a stage snapshots its state
+every few seconds, and a join holding its allowed lateness of spans holds
+many, so writing them is C-level column building, not a ``model_dump``.
+Restoring reads them through the same pass as the internal topics, with each
+column's types checked against its field instead of a pydantic validation: a
+snapshot comes from a topic, so a mistyped, foreign or truncated event is
+refused with StateError naming the field. Version 2 snapshots (every event a
+row of all fields under one ``fields`` header) and version 1 (events as JSON
+objects) are still read, validated by the model.
 
 Events held in several places (a call in a retry window and in a failure
 streak) are written once in ``events`` and referenced by index, so a snapshot
@@ -40,11 +43,11 @@ from pydantic import ValidationError
 
 from schemas.errors import StateError
 from schemas.events import Event
-from schemas.internal_wire import FIELDS, row_of
+from schemas.internal_wire import RowError, from_columns, to_columns
 
 FORMAT = "agentwatch.state"
-VERSION = 2
-READABLE = (1, 2)
+VERSION = 3
+READABLE = (1, 2, 3)
 
 
 class Encoder:
@@ -53,34 +56,35 @@ class Encoder:
     __slots__ = ("events", "_refs")
 
     def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
+        # the events themselves, not their ids alone: alive until dumps, an id is never reused
+        self.events: list[Event] = []
         self._refs: dict[int, int] = {}
 
     def event(self, ev: Event) -> int:
-        ref = self._refs.get(id(ev))
-        if ref is None:
-            ref = self._refs[id(ev)] = len(self.events)
-            self.events.append(row_of(ev.__dict__))
+        ref = self._refs.setdefault(id(ev), len(self.events))
+        if ref == len(self.events):
+            self.events.append(ev)
         return ref
 
     def dumps(self, kind: str, state: dict[str, Any]) -> bytes:
-        return orjson.dumps({"format": FORMAT, "version": VERSION, "kind": kind, "fields": FIELDS,
-                             "events": self.events, "state": state})
+        return orjson.dumps({"format": FORMAT, "version": VERSION, "kind": kind, "events": to_columns(self.events),
+                             "state": state})
 
 
 class Decoder:
-    """Resolves event references of a snapshot; validates each event once, on first use."""
+    """Resolves event references of a snapshot. Version 3 events are read (and checked) all
+    at once by ``loads``; versions 1 and 2 are validated by the model, each on first use."""
 
     __slots__ = ("_raw", "_objs", "_fields")
 
-    def __init__(self, raw: list[Any], fields: list[str] | None = None) -> None:
+    def __init__(self, raw: list[Any], fields: list[str] | None = None, events: list[Event] | None = None) -> None:
         self._raw = raw
-        self._objs: list[Event | None] = [None] * len(raw)
+        self._objs: list[Event | None] = [None] * len(raw) if events is None else events  # type: ignore[assignment]
         self._fields = fields  # version 2: events are rows of these fields; version 1: objects
 
     def event(self, ref: Any) -> Event:
         i = integer(ref)
-        if not 0 <= i < len(self._raw):
+        if not 0 <= i < len(self._objs):
             raise StateError(f"event reference {i} out of range")
         ev = self._objs[i]
         if ev is None:
@@ -109,8 +113,15 @@ def loads(kind: str, data: bytes) -> tuple[dict[str, Any], Decoder]:
         raise StateError(f"{kind} snapshot: format version {version!r}, this build reads {READABLE}")
     if doc.get("kind") != kind:
         raise StateError(f"{kind} snapshot: it holds {doc.get('kind')!r} state")
-    fields = texts(doc.get("fields")) if version >= 2 else None
-    return mapping(doc.get("state")), Decoder(seq(doc.get("events")), fields)
+    state, raw = mapping(doc.get("state")), seq(doc.get("events"))
+    if version == 3:
+        if len(raw) != 2:
+            raise StateError(f"{kind} snapshot: events are not [order, groups]")
+        try:
+            return state, Decoder(raw, events=from_columns(*raw, checked=True))
+        except RowError as exc:
+            raise StateError(f"{kind} snapshot: {exc}") from None
+    return state, Decoder(raw, texts(doc.get("fields")) if version == 2 else None)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from detectors.policy import Policy, parse_policy
 from schemas.alerts import Alert
 from schemas.errors import StateError
 from schemas.events import Event, EventKind
+from schemas.internal_wire import from_columns
 from streams.replay import decode_any, records_in_event_time
 from streams.scorecard import load_scenarios
 from streams.stages import CorrelateStage, DetectStage, IngestStage
@@ -93,25 +94,43 @@ def test_snapshot_is_plain_json_with_a_version_and_shares_held_events():
     eng = DetectionEngine(parse_policy({}))
     eng.process([tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3)])
     doc = orjson.loads(eng.snapshot())
-    assert doc["format"] == "agentwatch.state" and doc["version"] == 2 and doc["kind"] == "engine"
+    assert doc["format"] == "agentwatch.state" and doc["version"] == 3 and doc["kind"] == "engine"
     # each failed call sits in the same-call window and the failure run: written once
-    assert len(doc["events"]) == 3
-    assert all(len(row) == len(doc["fields"]) for row in doc["events"])
+    assert len(from_columns(*doc["events"])) == 3
 
 
-def test_version_1_snapshot_with_events_as_objects_still_restores():
+def _held(doc: dict[str, Any]) -> list[Event]:
+    return from_columns(*doc["events"])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_snapshots_of_earlier_versions_still_restore(version):
     eng = DetectionEngine(parse_policy({}))
     eng.process([tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3)])
     doc = orjson.loads(eng.snapshot())
-    fields = doc.pop("fields")
-    doc["version"] = 1
-    doc["events"] = [dict(zip(fields, row)) for row in doc["events"]]
+    held = _held(doc)
+    doc["version"] = version
+    if version == 1:  # events as JSON objects
+        doc["events"] = [e.model_dump(mode="json") for e in held]
+    else:  # every event a row of all fields under one header
+        doc["fields"] = list(Event.model_fields)
+        doc["events"] = [list(e.model_dump(mode="json").values()) for e in held]
     restored = DetectionEngine.restore(parse_policy({}), orjson.dumps(doc))
-    again = orjson.loads(restored.snapshot())
-    assert sorted(again["events"]) == sorted(orjson.loads(eng.snapshot())["events"])
+    assert _held(orjson.loads(restored.snapshot())) == held
     # and it goes on detecting where the original left off (the failure run continues)
     more = [tool(i, "search", args_fingerprint="f", outcome="error") for i in range(3, 8)]
     assert [a.alert_id for a in restored.process(more)] == [a.alert_id for a in eng.process(more)]
+
+
+def test_a_held_event_of_the_wrong_type_is_refused_by_field():
+    doc = orjson.loads(_engine_snapshot())
+    kind, shared, names, columns = doc["events"][1][0]
+    if "tool_name" in shared:
+        shared["tool_name"] = 7
+    else:
+        columns[names.index("tool_name")][0] = 7
+    with pytest.raises(StateError, match="tool_name"):
+        DetectionEngine.restore(parse_policy({}), orjson.dumps(doc))
 
 
 def _engine_snapshot() -> bytes:
