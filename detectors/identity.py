@@ -46,7 +46,7 @@ from typing import Protocol
 import orjson
 
 from detectors import state as st
-from detectors.windows import FOREVER, ExpirySet, Watermark
+from detectors.windows import FOREVER, DeadlineQueue, Watermark
 from schemas.decoders.otel_profiles import OFFERED_CALLS_ATTR
 from schemas.events import Event, EventKind, IdentitySource, stable_id
 
@@ -120,6 +120,9 @@ class _Trace:
     claimed: set[str] = field(default_factory=set)
     last_ts: float = 0.0
     seq: int = 0  # first-seen order: due traces are decided in it
+    # when it is next due (decided at last_ts, forgotten the allowed lateness later): its
+    # deadline in the resolver's queue, None while not queued. Not state: restore re-queues.
+    due_at: float | None = None
 
     def claim_call(self, ev: Event) -> None:
         """Match a tool span with the call a model or chain span offered.
@@ -144,15 +147,33 @@ class _Trace:
                 return
 
 
+_new_object = object.__new__
+
+
+def _new_trace(seq: int) -> _Trace:
+    """``_Trace(seq=seq)``, for the first span of each trace: a dataclass's __init__ runs
+    through type.__call__ and a default factory per field."""
+    tr = _new_object(_Trace)
+    tr.parent, tr.agent, tr.weak, tr.tenant, tr.version = {}, {}, {}, {}, {}
+    tr.pending, tr.fell_back, tr.offers, tr.claimed = [], {}, [], set()
+    tr.last_ts, tr.seq, tr.due_at = 0.0, seq, None
+    return tr
+
+
+# a field added to _Trace without its default above would make traces built here lack it
+if _new_trace(7) != _Trace(seq=7):
+    raise RuntimeError("_new_trace is out of step with _Trace's fields")
+
+
 class IdentityResolver:
     def __init__(self, allowed_lateness_s: float, *, rules: Sequence[IdentityRuleLike] = (),
                  version_attribute: str = "") -> None:
         self.watermark = Watermark(allowed_lateness_s)
         self._traces: dict[str, _Trace] = {}
         # a trace is due for its final decision at its newest span's time, and forgotten
-        # the allowed lateness later: deadlines in a queue, so expiring visits due traces only
-        # (which it returns in no particular order: they are decided in first-seen order)
-        self._due: ExpirySet[str] = ExpirySet()
+        # the allowed lateness later (_Trace.due_at): queued at its deadlines, so expiring
+        # visits due traces only (in no particular order: they are decided in first-seen order)
+        self._due: DeadlineQueue[str] = DeadlineQueue()
         self._seq = 0
         self._rules = tuple(_Rule(tuple(r.match.items()), r.agent_id) for r in rules)
         # the policy's canary.version_attribute: the agent's version where a deployment puts it
@@ -206,10 +227,15 @@ class IdentityResolver:
             tr = traces.get(trace_id)
             if tr is None:
                 self._seq += 1
-                tr = traces[trace_id] = _Trace(seq=self._seq)
-            if ts > tr.last_ts:
-                tr.last_ts = ts
-            self._due.touch(trace_id, tr.last_ts)
+                tr = traces[trace_id] = _new_trace(self._seq)
+            last = tr.last_ts
+            if ts > last:
+                tr.last_ts = last = ts
+            # due at its newest span's time (DeadlineQueue.schedule, inline)
+            due_at = tr.due_at
+            if due_at is None or last < due_at:
+                self._due.push(trace_id, last)
+            tr.due_at = last
             tr.parent[span_id] = d["parent_span_id"]
             attributes = d["attributes"]
             if attributes:
@@ -298,7 +324,7 @@ class IdentityResolver:
                     weak=_strings(weak), version=_strings(version),
                     fell_back={st.text(k): st.texts(v) for k, v in st.mapping(fell_back).items()},
                     offers=[st.texts(o) for o in st.seq(offers)], claimed=set(st.texts(claimed)), seq=r._seq)
-                r._due.touch(st.text(tid), tr.last_ts)
+                r._due.schedule(st.text(tid), tr, tr.last_ts)
         return r
 
     # -- internals -----------------------------------------------------------------------
@@ -390,10 +416,10 @@ class IdentityResolver:
     def _expire(self) -> list[Event]:
         wm = self.watermark.value
         out: list[Event] = []
-        due = self._due.due(wm)
+        traces, lateness = self._traces, self.watermark.allowed_lateness_s
+        due = self._due.pop_due_items(wm, traces)
         if not due:
             return out
-        traces, lateness = self._traces, self.watermark.allowed_lateness_s
         for trace_id in sorted(due, key=lambda t: traces[t].seq):
             tr = traces[trace_id]
             # waited the allowed lateness past the trace's newest span: decide now
@@ -403,7 +429,7 @@ class IdentityResolver:
             if tr.last_ts <= wm - lateness:
                 del traces[trace_id]
             else:
-                self._due.touch(trace_id, tr.last_ts + lateness)
+                self._due.schedule(trace_id, tr, tr.last_ts + lateness)
         return out
 
 

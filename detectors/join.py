@@ -78,7 +78,7 @@ from typing import Any
 
 from detectors import state as st
 from detectors.policy import MATCH_CACHE_SIZE, Policy
-from detectors.windows import FOREVER, ExpirySet, TimerQueue, Watermark
+from detectors.windows import FOREVER, DeadlineQueue, ExpirySet, TimerQueue, Watermark
 from schemas.events import Event, EventKind, IdentitySource, stable_id
 
 # annotation keys and values
@@ -228,6 +228,23 @@ class _Trace:
     waiting: dict[str, list[Event]] = field(default_factory=dict)
     last_ts: float = 0.0
     extra: float = 0.0  # extra lateness of the slowest audit source a span of this trace expects
+    # when it may next be forgotten: its deadline in the joiner's queue, None while not
+    # queued. Not state: restore re-queues.
+    due_at: float | None = None
+
+
+def _new_trace() -> _Trace:
+    """``_Trace()``, for the first span of each trace: a dataclass's __init__ runs through
+    type.__call__ and a default factory per field."""
+    tr = _new_object(_Trace)
+    tr.spans, tr.unmatched, tr.waiting = {}, {}, {}
+    tr.last_ts, tr.extra, tr.due_at = 0.0, 0.0, None
+    return tr
+
+
+# a field added to _Trace without its default above would make traces built here lack it
+if _new_trace() != _Trace():
+    raise RuntimeError("_new_trace is out of step with _Trace's fields")
 
 
 @dataclass(slots=True)
@@ -291,7 +308,7 @@ class Joiner:
         self._timers = TimerQueue()
         # when traces and index keys may be forgotten (their newest span plus the window):
         # deadlines in queues (ExpirySet), so expiring visits only what is due
-        self._trace_due: ExpirySet[str] = ExpirySet()
+        self._trace_due: DeadlineQueue[str] = DeadlineQueue()  # with _Trace.due_at
         self._index_due: ExpirySet[tuple[str, str]] = ExpirySet()
         self._out: list[Event] = []
         self._rekeyed: dict[str, list[Event]] = {}
@@ -439,7 +456,7 @@ class Joiner:
             for tid, spans, unmatched, waiting, last_ts, extra in st.seq(state["traces"]):
                 tr = j._trace(st.text(tid))
                 tr.last_ts, tr.extra = st.num(last_ts), st.num(extra)
-                j._trace_due.touch(st.text(tid), tr.last_ts + j.window_s)
+                j._trace_due.schedule(st.text(tid), tr, tr.last_ts + j.window_s)
                 for row in st.seq(spans):
                     sid, start, end, parent, event_id, is_tool, call_id, resolved, agent, tenant = row[:10]
                     version = row[10] if len(row) > 10 else ""  # snapshots before agent versions: ten fields
@@ -474,8 +491,8 @@ class Joiner:
     def _trace(self, trace_id: str) -> _Trace:
         tr = self._traces.get(trace_id)
         if tr is None:
-            tr = self._traces[trace_id] = _Trace()
-            self._trace_due.touch(trace_id, tr.last_ts + self.window_s)
+            tr = self._traces[trace_id] = _new_trace()
+            self._trace_due.schedule(trace_id, tr, tr.last_ts + self.window_s)
         return tr
 
     def _accept_span(self, ev: Event, d: dict[str, Any], ts: float, on_time: bool) -> None:
@@ -486,7 +503,7 @@ class Joiner:
             tr = self._trace(trace_id)
         if ts > tr.last_ts:
             tr.last_ts = ts
-            self._trace_due.touch(trace_id, ts + self.window_s)
+            self._trace_due.schedule(trace_id, tr, ts + self.window_s)
         is_tool = d["kind"] is _TOOL_CALL
         duration = d["duration_ms"]
         tr.spans[span_id] = _new_span(ts - (duration or 0.0) / 1000.0, ts, d["parent_span_id"], d["event_id"],
@@ -700,16 +717,17 @@ class Joiner:
                     del self._traces[tid]
             self._index.clear()
             self._trace_due.clear()
+            for tr in self._traces.values():  # the ones still awaited: no longer queued
+                tr.due_at = None
             self._index_due.clear()
             return
-        for tid in self._trace_due.due(wm):
-            tr = self._traces.get(tid)
-            if tr is None:
-                continue
+        due = self._trace_due.pop_due_items(wm, self._traces)
+        for tid in due:
+            tr = self._traces[tid]
             if tr.last_ts + tr.extra < horizon and not tr.unmatched and not tr.waiting:
                 del self._traces[tid]
             else:  # still awaited by an audit (its own timer ends that), or due at the edge
-                self._trace_due.touch(tid, max(tr.last_ts + tr.extra + self.window_s, wm) + 1.0)
+                self._trace_due.schedule(tid, tr, max(tr.last_ts + tr.extra + self.window_s, wm) + 1.0)
         for key in self._index_due.due(wm):
             extra = self._key_extra.get(key[0], 0.0)  # a slow source's index lives longer
             alive = [e for e in self._index.get(key, ()) if e.end >= horizon - extra]

@@ -23,9 +23,9 @@ import heapq
 import math
 from collections import deque
 from bisect import bisect_right, insort
-from collections.abc import Callable, KeysView
+from collections.abc import Callable, KeysView, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Hashable, TypeVar
+from typing import Any, Generic, Hashable, Protocol, TypeVar
 
 from detectors import state as st
 
@@ -176,6 +176,13 @@ class ExpiryQueue(_Deadlines[K]):
         self._at.clear()
 
 
+class Scheduled(Protocol):
+    """What DeadlineQueue.schedule keeps a deadline on: the item's own slot, so a key's
+    current deadline is one attribute read, not a dict lookup."""
+
+    due_at: float | None
+
+
 class DeadlineQueue(Generic[K]):
     """Keys queued at deadlines in event time, for an owner that knows each key's current
     deadline: ``pop_due(watermark)`` takes out every entry queued at or before the watermark
@@ -210,6 +217,30 @@ class DeadlineQueue(Generic[K]):
         while heap and heap[0][0] <= watermark:
             out.append(heapq.heappop(heap)[2])
         return out
+
+    def schedule(self, key: K, item: Scheduled, deadline: float) -> None:
+        """Set ``item``'s (``key``'s) deadline, for owners that keep it in ``item.due_at``: a
+        first deadline, or one earlier than it had, is queued; a later one is found when the
+        entry queued earlier surfaces in ``pop_due_items`` (as ExpirySet.touch)."""
+        if item.due_at is None or deadline < item.due_at:
+            self.push(key, deadline)
+        item.due_at = deadline
+
+    def pop_due_items(self, watermark: float, items: Mapping[K, Scheduled]) -> list[K]:
+        """The keys of ``items`` whose current deadline (``due_at``) the watermark passed, each
+        once, their ``due_at`` cleared (no longer queued). Entries of forgotten keys, or of
+        deadlines that moved later since, are dropped or queued again at the new deadline."""
+        due: list[K] = []
+        for key in self.pop_due(watermark):
+            item = items.get(key)
+            if item is None or item.due_at is None:
+                continue  # forgotten, or due through an earlier entry
+            if item.due_at <= watermark:
+                item.due_at = None
+                due.append(key)
+            else:  # its deadline moved later since this entry was queued
+                self.push(key, item.due_at)
+        return due
 
     def clear(self) -> None:
         self._fifo.clear()

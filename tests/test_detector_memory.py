@@ -34,9 +34,9 @@ def entries(correlate: CorrelateStage, engine: DetectionEngine) -> dict[str, int
         "halts": len(peers._halts), "tampering": len(cross["peer_preservation"]._tampering),
         "tenant_hours": len(cross["token_spike"]._hours), "tenant_fired": len(cross["token_spike"]._fired),
         "signal_ids": sum(len(ids) for ids in engine.cross_agent._seen.values()),
-        "identity_traces": len(r._traces), "identity_due": r._due.queued(),
+        "identity_traces": len(r._traces), "identity_due": len(r._due),
         "join_traces": len(j._traces), "join_index": len(j._index), "join_confirm": len(j._confirm),
-        "join_timers": len(j._timers._heap), "join_due": j._trace_due.queued() + j._index_due.queued(),
+        "join_timers": len(j._timers._heap), "join_due": len(j._trace_due) + j._index_due.queued(),
     }
 
 
