@@ -33,7 +33,6 @@ built-in suite is.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,6 +42,7 @@ from detectors import state as st
 from detectors.base import Detector, Finding, Handler, Signal
 from detectors.canary import CANARY, OWN_DETECTORS, CanaryAnalysis
 from detectors.cross_agent import CrossAgentDetector, build_cross_agent, signals_from_bytes, signals_to_bytes
+from detectors.dedup import RedeliveryMemory
 from detectors.disallowed_access import DisallowedAccess
 from detectors.escalation_bypass import EscalationBypass
 from detectors.identity import IDENTIFIED
@@ -167,10 +167,8 @@ class DetectionEngine:
         # alerts (Alertmanager); the caller drains the list
         self.resolved: list[str] = []
         # event ids seen recently, by event-time bucket, so a redelivered batch is not counted
-        # twice; a redelivered event has its original time, so one bucket is the only place
-        # to look, and a bucket past the horizon is dropped whole (oldest first, from a heap)
-        self._seen: dict[int, set[str]] = {}
-        self._seen_order: list[int] = []
+        # twice (detectors/dedup.py: 64-bit keys, past buckets frozen into sorted arrays)
+        self._dedup = RedeliveryMemory(DEDUP_BUCKET_S)
         self.events_processed = 0
         self.duplicates_skipped = 0
         self._ticked_at = -FOREVER
@@ -246,7 +244,7 @@ class DetectionEngine:
         out: list[Alert] = []
         merge = self._merge
         dispatch = self._dispatch
-        seen, seen_order = self._seen, self._seen_order
+        first_time = self._dedup.first_time
         # the watermark, read once: within a batch only this loop moves it (its floor and
         # lateness move from outside, between calls), so its value changes only when an
         # event raises the newest event time, and is kept here as Watermark.value computes it
@@ -263,17 +261,9 @@ class DetectionEngine:
                 # pydantic's __getattr__ hook, several times the cost of a dict lookup
                 fields = ev.__dict__
                 ts = ev.ts_seconds
-                # redelivered input is skipped (see _first_time, the same steps inline)
-                event_id = fields["event_id"]
-                bucket = int(ts // DEDUP_BUCKET_S)
-                ids = seen.get(bucket)
-                if ids is None:
-                    ids = seen[bucket] = set()
-                    heapq.heappush(seen_order, bucket)
-                elif event_id in ids:
+                if not first_time(fields["event_id"], ts):  # redelivered input is skipped
                     self.duplicates_skipped += 1
                     continue
-                ids.add(event_id)
                 kind = fields["kind"]
                 # a source late by design (CloudTrail) is on time within its own lateness, as in the
                 # join; no window waits for it (the watermark moves with the other sources)
@@ -319,18 +309,11 @@ class DetectionEngine:
         return out
 
     def _first_time(self, item_id: str, ts: float) -> bool:
-        """False for an id already seen (redelivered input). Ids are kept by event-time bucket:
-        a redelivered item has its original time, so one bucket is the only place to look."""
-        bucket = int(ts // DEDUP_BUCKET_S)
-        ids = self._seen.get(bucket)
-        if ids is None:
-            ids = self._seen[bucket] = set()
-            heapq.heappush(self._seen_order, bucket)
-        elif item_id in ids:
-            self.duplicates_skipped += 1
-            return False
-        ids.add(item_id)
-        return True
+        """False for an id already seen (redelivered input)."""
+        if self._dedup.first_time(item_id, ts):
+            return True
+        self.duplicates_skipped += 1
+        return False
 
     def _identified(self, ev: Event, out: list[Alert]) -> None:
         """Spans of ``ev.trace_id`` fell back to ``ev.agent_id`` before their agent span named
@@ -378,7 +361,7 @@ class DetectionEngine:
             "ticked_at": st.enc_num(self._ticked_at),
             "events_processed": self.events_processed,
             "duplicates_skipped": self.duplicates_skipped,
-            "seen": [[b, list(ids)] for b, ids in self._seen.items()],
+            "dedup": self._dedup.to_state(),
             "episodes": [[list(k), ep.alert.model_dump(mode="json"), ep.last_ts, ep.quiet_after_s,
                           ep.emitted_count, [list(i) for i in ep.actions]] for k, ep in self._episodes.items()],
             "closing": self._closing.to_state(),
@@ -403,9 +386,10 @@ class DetectionEngine:
             eng._ticked_at = st.num(state["ticked_at"])
             eng.events_processed = st.integer(state["events_processed"])
             eng.duplicates_skipped = st.integer(state["duplicates_skipped"])
-            for b, ids in st.seq(state["seen"]):
-                eng._seen[st.integer(b)] = set(st.texts(ids))
-            eng._seen_order = sorted(eng._seen)
+            if "dedup" in state:
+                eng._dedup.load_state(state["dedup"])
+            else:  # snapshots before detectors/dedup.py: the ids themselves
+                eng._dedup.load_ids(state["seen"])
             for k, alert, last_ts, quiet, emitted, actions in st.seq(state["episodes"]):
                 key = st.key(k)
                 a = Alert.model_validate(st.mapping(alert))
@@ -440,10 +424,8 @@ class DetectionEngine:
             ep = self._episodes.pop(key)  # type: ignore[arg-type]
             self._close(key, ep, out)  # type: ignore[arg-type]
             self.resolved.append(ep.alert.alert_id)
-        horizon = wm - 2 * self.policy.allowed_lateness_s - self.policy.dedup_window_s
-        order = self._seen_order
-        while order and (order[0] + 1) * DEDUP_BUCKET_S < horizon:
-            self._seen.pop(heapq.heappop(order), None)
+        lateness = self.policy.allowed_lateness_s
+        self._dedup.advance(wm, closed_after_s=lateness, forget_before=wm - 2 * lateness - self.policy.dedup_window_s)
         return out
 
     def _merge(self, f: Finding, out: list[Alert]) -> None:

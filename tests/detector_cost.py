@@ -79,8 +79,7 @@ def measure(events: list[Event], batch: int = 500) -> dict[str, float]:
     t_det = time.process_time() - t
     return {"events": len(events), "correlate_us": 1e6 * t_corr / len(events),
             "detect_us": 1e6 * t_det / max(len(attributed), 1), "alerts": alerts,
-            "dedup_ids": sum(len(s) for s in engine._seen.values()) if isinstance(engine._seen, dict)
-            and engine._seen and isinstance(next(iter(engine._seen.values())), set) else len(engine._seen)}
+            "dedup_ids": len(engine._dedup)}
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def entries(correlate: CorrelateStage, engine: DetectionEngine) -> dict[str, int
     assert engine.cross_agent is not None
     cross: dict[str, Any] = {d.name: d for d in engine.cross_agent.detectors}
     return {
-        "dedup_ids": sum(len(ids) for ids in engine._seen.values()),
-        "dedup_buckets": len(engine._seen_order),
+        "dedup_ids": len(engine._dedup),
+        "dedup_buckets": engine._dedup.buckets,
         "episodes": len(engine._episodes),
         "closing_timers": len(engine._closing._heap),
         "actions": len(engine._actions),
@@ -33,7 +33,7 @@ def entries(correlate: CorrelateStage, engine: DetectionEngine) -> dict[str, int
         "approvals": len(escalation._approvals), "escalation_timers": len(escalation._timers._heap),
         "halts": len(peers._halts), "tampering": len(cross["peer_preservation"]._tampering),
         "tenant_hours": len(cross["token_spike"]._hours), "tenant_fired": len(cross["token_spike"]._fired),
-        "signal_ids": sum(len(ids) for ids in engine.cross_agent._seen.values()),
+        "signal_ids": len(engine.cross_agent._dedup),
         "identity_traces": len(r._traces), "identity_due": len(r._due),
         "join_traces": len(j._traces), "join_index": len(j._index), "join_confirm": len(j._confirm),
         "join_timers": len(j._timers._heap), "join_due": len(j._trace_due) + j._index_due.queued(),
