@@ -191,8 +191,14 @@ def to_columns(events: Sequence[Event]) -> Columns:
     return list(map({k: i for i, k in enumerate(distinct)}.__getitem__, kinds)), groups
 
 
-def events_to_wire(events: Sequence[Event]) -> bytes:
-    """A batch of events as one internal message (see the module doc)."""
+def events_to_wire(events: Sequence[Event], version: int = VERSION) -> bytes:
+    """A batch of events as one internal message (see the module doc). ``version=1`` writes
+    the layout before this one (a header of every field, then each event a row of all of
+    them), which workers of older releases read, for the length of a rolling upgrade."""
+    if version == 1:
+        return orjson.dumps([MARKER, 1, FIELDS, *map(row_of, map(_dict_of, events))])
+    if version != VERSION:
+        raise ValueError(f"internal event messages are written in version 1 or {VERSION}, not {version!r}")
     order, groups = to_columns(events)
     return orjson.dumps([MARKER, VERSION, order, groups])
 

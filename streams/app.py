@@ -1033,7 +1033,7 @@ class Pipeline:
             if not events:
                 return []
             n = self.partitions.get(self.by_agent.get_topic_name(), self.settings.agent_partitions)
-            value = events_to_wire(_serialisable(events, dead))
+            value = events_to_wire(_serialisable(events, dead), self.settings.internal_format_version)
             return [Out(self.by_agent, None, value, partition=p) for p in range(n)]
         # each partition's events in the order they came (correlate releases them in event-time
         # order, near enough), not grouped agent by agent: grouped, a batch spanning minutes of a
@@ -1079,9 +1079,9 @@ class Pipeline:
             for i in range(0, len(evs), size):
                 chunk = evs[i : i + size]
                 try:
-                    value = events_to_wire(chunk)
+                    value = events_to_wire(chunk, self.settings.internal_format_version)
                 except Exception:
-                    value = events_to_wire(_serialisable(chunk, dead))
+                    value = events_to_wire(_serialisable(chunk, dead), self.settings.internal_format_version)
                 outs.append(Out(topic, None, value, partition=p))
         return outs
 

@@ -89,6 +89,11 @@ class Settings(ControlSettings):
     max_events_per_message: int = Field(
         500, ge=1, description="events packed into one message between stages (keeps messages well under 1 MB)"
     )
+    internal_format_version: int = Field(
+        2, ge=1, le=2,
+        description="layout version of the events this worker writes to the internal topics: 1 while workers "
+        "of an older release, which read only version 1, still run (a rolling upgrade); this release reads both",
+    )
     state_snapshot_s: float = Field(
         2.0, ge=0,
         description="at most this often a stage snapshots the state of a partition it changed (at a "

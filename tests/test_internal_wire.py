@@ -269,3 +269,26 @@ def test_previous_format_is_still_read_with_validation():
         events_from_wire(orjson.dumps([{"event_id": "", "kind": "tool_call"}]))
     with pytest.raises(InternalFormatError):
         events_from_wire(b'"a string"')
+
+
+def test_version_1_writes_what_the_previous_release_wrote_and_reads():
+    # a rolling upgrade: until every worker reads version 2, new workers write version 1
+    # (AGENTWATCH_INTERNAL_FORMAT_VERSION=1). The fixture is a message the previous release's
+    # writer made of these events, byte for byte, so its reader takes what we write.
+    events = _every_kind() + _decoded()[:20]
+    written_then = (FIXTURES / "internal" / "v1_message.json").read_bytes()
+    assert events_to_wire(events, 1) == written_then
+    assert events_from_wire(written_then) == events
+    with pytest.raises(ValueError, match="version 1 or 2"):
+        events_to_wire(events, 3)
+
+
+def test_the_written_version_is_a_setting_checked_by_name(monkeypatch):
+    from schemas.errors import ConfigError
+    from streams.settings import load_settings
+
+    monkeypatch.setenv("AGENTWATCH_INTERNAL_FORMAT_VERSION", "1")
+    assert load_settings().internal_format_version == 1
+    monkeypatch.setenv("AGENTWATCH_INTERNAL_FORMAT_VERSION", "3")
+    with pytest.raises(ConfigError, match="AGENTWATCH_INTERNAL_FORMAT_VERSION: Input should be less than or equal to 2"):
+        load_settings()
