@@ -29,6 +29,7 @@ topics are read whole by every detection worker (streams/control_feed.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -120,6 +121,29 @@ class _Checkpoint:
     last: float = field(default_factory=time.monotonic)
 
 
+# A batch is processed in slices of messages, each sent and acked before the next, sized
+# from the stage's recent cost per message to take about this long: no stage holds the event
+# loop much longer (other stages, timers, on-call outputs, /metrics and the heartbeat run
+# between slices). A backlog batch of 500 OTLP messages (50,000 spans) held it about a second.
+SLICE_TARGET_S = 0.05
+
+
+@dataclass(slots=True)
+class _SliceSizer:
+    """Messages per slice of one stage's batches, from a moving average of seconds per message."""
+
+    per_message: float = 0.0
+
+    def size(self, available: int) -> int:
+        if self.per_message <= 0.0:
+            return min(available, 10)  # nothing measured yet: a small first slice
+        return max(1, min(available, int(SLICE_TARGET_S / self.per_message)))
+
+    def observe(self, messages: int, seconds: float) -> None:
+        x = seconds / max(messages, 1)
+        self.per_message = x if self.per_message <= 0.0 else 0.7 * self.per_message + 0.3 * x
+
+
 def _now() -> float:
     return time.time()
 
@@ -207,6 +231,7 @@ class Pipeline:
             decode=signals_from_bytes, **state)
         self.state_topic = self.app.topic(s.topic_state, **raw)
         self._correlate_lock = asyncio.Lock()
+        self._pending_counted = 0.0  # when agentwatch_identity_pending_events was last counted
         self._correlate_policy: Policy | None = None  # a reloaded policy not yet in the correlate stages
         # ingest messages a PostgreSQL record still being assembled needs (see _ack_ingested), and
         # the lock under which records are decoded, delivered and their messages released
@@ -350,6 +375,8 @@ class Pipeline:
             # timers fired, snapshotted) within about checkpoint_s
             app.timer(interval=s.checkpoint_s / 2)(self._guarded_checkpoints)
         app.timer(interval=5.0)(self._measure_lag)
+        if s.gc_full_s > 0:
+            app.timer(interval=s.gc_full_s)(self._collect_cycles)
         app.on_before_shutdown.connect(self._on_before_shutdown)
         app.page("/metrics")(_view(get=self._metrics_view))
         if self.query_api is not None:
@@ -400,6 +427,8 @@ class Pipeline:
     async def _on_before_shutdown(self, app: Any, **kwargs: Any) -> None:
         # what the checkpointed stages finished is made durable and committed, so the next
         # worker does not do it again (the worker's watchdog bounds this, as any shutdown step)
+        for states in (self.correlates, self.detects, self.tenants):
+            states.close()  # no snapshot child outlives the worker, nor starts now
         try:
             await self._checkpoint_all(due_only=False)
         except Exception as exc:  # the next worker re-reads from the last commit: nothing lost
@@ -430,26 +459,32 @@ class Pipeline:
         """
         progress = self.progress[stage]
         cp = self._checkpoints.get(stage)
-        async for batch in stream.noack_take(self.settings.batch_max_messages,
+        sizer = _SliceSizer()
+        async for taken in stream.noack_take(self.settings.batch_max_messages,
                                              within=self.settings.batch_within_s):
-            started = time.perf_counter()
-            progress.begin(batch)
-            self._batch_events = 0
-            yield batch
-            if cp is not None:
-                cp.held += [(stream, e) for e in batch]
-            elif stage == "ingest":
-                await self._ack_ingested(stream, batch)
-            else:
-                for e in batch:
-                    await stream.ack(e)
-            if cp is None:
-                await self._commit(batch)
-            progress.done(batch, self._batch_events)
-            if cp is not None and self._checkpoint_due(cp):
-                async with cp.lock:
-                    await self._checkpoint(stage)
-            self.metrics.stage_batch_seconds.labels(stage).observe(time.perf_counter() - started)
+            at = 0
+            while at < len(taken):  # slices (SLICE_TARGET_S), each a batch of its own from here on
+                batch = taken[at:at + sizer.size(len(taken) - at)]
+                at += len(batch)
+                started = time.perf_counter()
+                progress.begin(batch)
+                self._batch_events = 0
+                yield batch
+                sizer.observe(len(batch), time.perf_counter() - started)  # the stage's own work
+                if cp is not None:
+                    cp.held += [(stream, e) for e in batch]
+                elif stage == "ingest":
+                    await self._ack_ingested(stream, batch)
+                else:
+                    for e in batch:
+                        await stream.ack(e)
+                if cp is None:
+                    await self._commit(batch)
+                progress.done(batch, self._batch_events)
+                if cp is not None and self._checkpoint_due(cp):
+                    async with cp.lock:
+                        await self._checkpoint(stage)
+                self.metrics.stage_batch_seconds.labels(stage).observe(time.perf_counter() - started)
 
     def _sinks_of(self, stage: str) -> list[tuple[Any, str]]:
         """The store sinks a checkpointed stage flushes at its checkpoints."""
@@ -633,8 +668,14 @@ class Pipeline:
 
     def _snapshots(self, states: PartitionedState, **kw: Any) -> list[Out]:
         # in due()'s order: a chunked snapshot's chunks, its manifest, then tombstones (streams/state.py)
-        return [Out(self.state_topic, r.key, r.value, r.headers, partition=0)  # type: ignore[arg-type]
+        outs = [Out(self.state_topic, r.key, r.value, r.headers, partition=0)  # type: ignore[arg-type]
                 for r in states.due(**kw)]
+        for seconds, held, size, _ in states.taken:
+            self.metrics.snapshot_seconds.labels(states.stage).observe(seconds)
+            self.metrics.snapshot_held_seconds.labels(states.stage).observe(held)
+            self.metrics.snapshot_bytes.labels(states.stage).set(size)
+        states.taken.clear()
+        return outs
 
     async def _correlate_agent(self, stream: Any) -> None:
         async for batch in self._batches("correlate", stream):
@@ -654,8 +695,11 @@ class Pipeline:
                     outs += self._pack(self.by_trace, stage.take_rekeyed(), dead)
                 outs += [self._dead_out(d, "correlate") for d in dead]
                 await self._deliver(outs + self._snapshots(self.correlates))
-                self.metrics.identity_pending.set(sum(st.resolver.pending_count  # type: ignore[attr-defined]
-                                                      for st in self.correlates.states.values()))
+                now = time.monotonic()
+                if now - self._pending_counted >= 1.0:  # a walk over every open trace: once a second
+                    self._pending_counted = now
+                    self.metrics.identity_pending.set(sum(st.resolver.pending_count  # type: ignore[attr-defined]
+                                                          for st in self.correlates.states.values()))
 
     async def _detect_agent(self, stream: Any) -> None:
         async for batch in self._batches("detect", stream):
@@ -901,6 +945,14 @@ class Pipeline:
             if any(undelivered.values()):
                 log.error("alerts not delivered to on-call outputs at shutdown",
                           extra={o: [a.alert_id for a in alerts] for o, alerts in undelivered.items() if alerts})
+
+    async def _collect_cycles(self) -> None:
+        """The full collection the worker's GC settings leave out (streams/worker.py: _tune_gc),
+        at a known time and logged: what it finds says whether cycles pile up between runs."""
+        started = time.perf_counter()
+        found = gc.collect()
+        log.info("full garbage collection", extra={"seconds": round(time.perf_counter() - started, 3),
+                                                   "unreachable": found})
 
     async def _tick(self) -> None:
         """Event time goes on while traffic is quiet: close windows, fire timers."""

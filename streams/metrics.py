@@ -34,6 +34,9 @@ class Metrics:
     dead_letters: Counter
     output_retries: Counter
     forged_acks: Counter
+    snapshot_seconds: Histogram
+    snapshot_held_seconds: Histogram
+    snapshot_bytes: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "Metrics":
@@ -104,6 +107,18 @@ class Metrics:
                 "age of the oldest input a stage has not finished (0 when caught up), by stage",
                 ["stage"], registry=r,
             ),
+            snapshot_seconds=Histogram(
+                "agentwatch_state_snapshot_seconds",
+                "time to take one partition's state snapshot, by stage (in a forked child when slow)",
+                ["stage"], buckets=_SECONDS, registry=r,
+            ),
+            snapshot_held_seconds=Histogram(
+                "agentwatch_state_snapshot_held_seconds",
+                "time a stage stopped for one state snapshot (a fork, or the whole snapshot), by stage",
+                ["stage"], buckets=_SECONDS, registry=r,
+            ),
+            snapshot_bytes=Gauge("agentwatch_state_snapshot_bytes", "size of the latest state snapshot, by stage",
+                                 ["stage"], registry=r),
             dead_letters=Counter(
                 "agentwatch_dead_letters_total",
                 "records and rows sent to the DLQ, by where they failed (decode, a stage, the store)",

@@ -99,6 +99,11 @@ class Settings(ControlSettings):
         description="at most this often a stage snapshots the state of a partition it changed (at a "
         "checkpoint, to the state topic); a restore replays only the input since the snapshot",
     )
+    gc_full_s: float = Field(
+        3600.0, ge=0,
+        description="how often the worker looks for reference cycles among all its objects (a pause of about "
+        "a second per million objects held); 0 = never. Younger objects are collected all the time",
+    )
     tick_s: float = Field(1.0, gt=0, description="how often idle event time advances (window close, timers)")
     stall_s: float = Field(
         120.0, gt=0,

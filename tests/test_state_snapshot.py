@@ -211,7 +211,7 @@ def test_snapshots_are_spaced_by_what_they_cost(monkeypatch):
 
     monkeypatch.setattr(state_mod, "time", Clock)
     ps = state_mod.PartitionedState("detect", "t", make=Slow, restore=None, replay=None, bootstrap="-",
-                                    state_topic="s", snapshot_s=2.0)
+                                    state_topic="s", snapshot_s=2.0, fork_above_s=None)  # in the stage
     ps.states[0] = Slow()
 
     def snapshots_over(seconds: float) -> int:
@@ -226,6 +226,102 @@ def test_snapshots_are_spaced_by_what_they_cost(monkeypatch):
     Slow.cost = 1.0
     assert 2 <= snapshots_over(60) <= 4  # 1 s each: every 20 s
     assert [r.key for r in ps.due(force=True)] == [b"detect/t/0"]  # a revoke's final one still goes
+
+
+class _SlowState:
+    """A state whose snapshot takes ``cost`` seconds and says what it held then."""
+
+    def __init__(self, cost: float) -> None:
+        self.cost, self.value, self.fail = cost, "before", False
+
+    def snapshot(self) -> bytes:
+        import time
+
+        if self.fail:
+            raise RuntimeError("cannot serialise")
+        time.sleep(self.cost)
+        return orjson.dumps({"value": self.value})
+
+
+def _poll(ps, seconds: float = 10.0) -> list[Any]:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if out := ps.due():
+            return out
+        time.sleep(0.02)
+    return []
+
+
+def _forking(monkeypatch, cost: float):
+    import streams.state as state_mod
+
+    monkeypatch.setattr(state_mod, "SNAPSHOT_COST_RATIO", 0.0)  # every call may snapshot again
+    ps = state_mod.PartitionedState("detect", "t", make=None, restore=None, replay=None, bootstrap="-",
+                                    state_topic="s", snapshot_s=0.0)
+    ps.states[0] = state = _SlowState(cost)
+    ps.advanced(0, 5)
+    (first,) = ps.due()  # no cost known yet: taken in the stage, and found slow
+    assert orjson.loads(first.value) == {"value": "before"} and ps.taken[-1][3] is False
+    return ps, state
+
+
+def test_a_slow_snapshot_is_taken_in_a_forked_child_while_the_stage_goes_on(monkeypatch):
+    import time
+
+    ps, state = _forking(monkeypatch, cost=0.3)
+    ps.advanced(0, 9)
+    started = time.perf_counter()
+    assert ps.due() == []  # forked: the stage is not held for the snapshot
+    assert time.perf_counter() - started < 0.2
+    state.value = "after"  # the stage changes its state while the child writes the image
+    ps.advanced(0, 12)
+    (rec,) = _poll(ps)
+    # the image is the state at the fork, at the offset it had then
+    assert orjson.loads(rec.value) == {"value": "before"}
+    assert dict(rec.headers)["agentwatch.state.offset"] == b"9"
+    seconds, held, size, forked = ps.taken[-1]
+    assert forked and seconds >= 0.3 and held < 0.2 and size == len(rec.value)
+    (rec,) = _poll(ps)  # dirty again since: the next child has the change
+    assert orjson.loads(rec.value) == {"value": "after"}
+    assert dict(rec.headers)["agentwatch.state.offset"] == b"12"
+
+
+def test_a_revoke_stops_the_child_and_takes_its_final_snapshot_in_the_stage(monkeypatch):
+    import os
+
+    ps, state = _forking(monkeypatch, cost=2.0)
+    ps.advanced(0, 9)
+    assert ps.due() == []
+    child = ps._background.pid
+    state.value = "final"
+    (rec,) = ps.due(force=True, partitions={0})  # a revoke's final snapshot: the newest state
+    assert orjson.loads(rec.value) == {"value": "final"}
+    with pytest.raises(ChildProcessError):  # the child was stopped and reaped
+        os.waitpid(child, os.WNOHANG)
+    ps.advanced(0, 10)
+    assert ps.due() == [] and ps._background is not None
+    child = ps._background.pid
+    ps.drop({0})
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child, os.WNOHANG)
+    assert ps._background is None and ps.due() == []
+
+
+def test_a_failing_child_writes_nothing_and_the_next_snapshot_is_taken_in_the_stage(monkeypatch, caplog):
+    ps, state = _forking(monkeypatch, cost=0.1)
+    state.fail = True
+    ps.advanced(0, 9)
+    assert ps.due() == []
+    ps._background._thread.join(5.0)
+    # nothing from the child; the snapshot is taken again at once, in the stage, whose error it is
+    with pytest.raises(RuntimeError, match="cannot serialise"):
+        ps.due()
+    assert "state snapshot in a child failed" in caplog.text
+    state.fail = False
+    (rec,) = ps.due()
+    assert orjson.loads(rec.value) == {"value": "before"}
 
 
 def test_snapshot_over_a_chunk_is_written_in_chunks_not_skipped(caplog):
@@ -246,3 +342,18 @@ def test_snapshot_over_a_chunk_is_written_in_chunks_not_skipped(caplog):
     assert [r.headers[state_mod.OFFSET_HEADER] for r in records] == [b"5"] * 3
     assert b"".join(r.value for r in records[:2]) == b"x" * 2000  # type: ignore[misc]
     assert caplog.text == ""
+
+
+def test_batches_are_sliced_to_a_target_time_from_the_stage_cost():
+    from streams.app import SLICE_TARGET_S, _SliceSizer
+
+    sizer = _SliceSizer()
+    assert sizer.size(500) == 10  # nothing measured: a small first slice
+    sizer.observe(10, 10 * 0.001)  # 1 ms a message (an OTLP message of 100 spans, decoded)
+    assert sizer.size(500) == round(SLICE_TARGET_S / 0.001)
+    assert sizer.size(7) == 7
+    sizer.observe(50, 50 * 0.02)  # much slower messages now: slices shrink at once, never to 0
+    assert 1 <= sizer.size(500) < 10
+    for _ in range(40):
+        sizer.observe(100, 100 * 1e-6)
+    assert sizer.size(500) == 500  # cheap messages: the whole batch is one slice
