@@ -146,8 +146,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("--peers", f"unknown peer {sorted(unknown)[0]!r}; choose from faust, quix, none")
     if args.workers < 0:
         raise ConfigError("--workers", "must be 0 (skip the row) or more")
+    if args.live_rate is not None and args.live_rate <= 0:
+        raise ConfigError("--live-rate", "must be a positive number of spans per second")
     return run_bench(settings, events=args.events, per_message=args.per_message, duration_s=args.duration,
-                     peer_names=peers, scale_out=args.workers)
+                     peer_names=peers, scale_out=args.workers, live_rate=args.live_rate)
 
 
 def _killswitch(args: argparse.Namespace, settings: Settings) -> int:
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--duration", type=float, default=20.0,
                     help="seconds of the live phase at half the pipeline's rate (latency, kill switch, memory); "
                     "1200 for the 20-minute run, 0 to skip")
+    be.add_argument("--live-rate", type=float, default=None,
+                    help="spans/s of the live phase instead of half the pipeline's measured rate (to compare "
+                    "runs, or to find the rate the worker sustains)")
     be.add_argument("--peers", default="faust,quix", help="peers to run: faust,quix (default), or none")
     be.add_argument("--workers", type=int, default=2,
                     help="detection workers (plus a store process) of the scale-out row, on topics of as many "

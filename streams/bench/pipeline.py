@@ -19,6 +19,7 @@ received by a real AgentClient. Measured, all on this host's wall clock:
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from streams.bench.workload import (CHILDREN, LIVE_POLICY, POLICY, TraceWriter, 
                                     loop_trace, tool)
 from streams.client import AgentClient
 from streams.settings import Settings
-from streams.worker import WorkerInfo, running_worker
+from streams.worker import NEVER, WorkerInfo, running_worker
 
 METRICS_TIMEOUT_S = 30.0  # a worker busy with a large batch answers late: that is not a failure
 STALL_S = 180.0
@@ -67,6 +68,7 @@ class PipelineResult:
     killswitch_s: list[float] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)  # (since live start, bytes)
     live_rate: float = 0.0
+    live_rate_asked: bool = False  # --live-rate, not half the measured rate
     live_loops: int = 0
     live_alerts: int = 0
     live_halts: int = 0
@@ -78,6 +80,11 @@ class PipelineResult:
 def _metric(text: str, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """The sum of a metric's series, whatever their labels."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def _rss(pid: int) -> int:
@@ -198,13 +205,13 @@ def _labelled(text: str, name: str, label: str) -> dict[str, float]:
 async def _throughput(w: Worker, alerts: AlertLog, wl: Workload, res: PipelineResult) -> float:
     last_text: list[str] = []
 
-    async def detected() -> float | None:
+    async def detected() -> tuple[float, float] | None:
         w.check()
         text = await w.metrics()
         if text is None:
             return None
         last_text[:] = [text]
-        return _metric(text, "agentwatch_events_detected_total")
+        return _metric_sum(text, "agentwatch_events_in_total"), _metric(text, "agentwatch_events_detected_total")
 
     seconds = await _timed(detected, wl.spans + wl.audit_records, "agentwatch pipeline", w.home,
                            lambda: f"{sum(alerts.counts().values())} alerts")
@@ -213,33 +220,44 @@ async def _throughput(w: Worker, alerts: AlertLog, wl: Workload, res: PipelineRe
     return seconds
 
 
-async def _timed(detected: Callable[[], Awaitable[float | None]], target: int, label: str, home: Path,
-                 status: Callable[[], str] = lambda: "") -> float:
-    """Seconds the detect stages take for ``target`` events, from polls of ``detected()``
-    (the events detected so far; None when a worker did not answer in time)."""
-    ready = time.perf_counter()
-    first_t: float | None = None
-    first_n = n = 0.0
+# how often the throughput phase polls /metrics: its figure is exact to about this much
+POLL_S = 0.1
+
+
+async def _timed(counts: Callable[[], Awaitable[tuple[float, float] | None]], target: int, label: str,
+                 home: Path, status: Callable[[], str] = lambda: "") -> float:
+    """Seconds from the worker's first input to ``target`` events through the detect stages,
+    from polls of ``counts()``: (events decoded at ingest, events through detect) so far,
+    None when a worker did not answer in time.
+
+    The clock starts between the last poll that saw nothing decoded and the first that saw
+    something: the whole pipeline's time, not the detect stage's alone (the last of three
+    stages, it reports its first events when the stages before it are well into the input,
+    which counted from then made the rate up to twice what the worker does). When the first
+    answer already shows input decoded, the clock starts when the worker came up."""
+    ready = idle_t = time.perf_counter()
+    start_t: float | None = None
+    n = 0.0
     last_progress = time.monotonic()
     while n < target:
-        await asyncio.sleep(0.5)
-        m = await detected()
+        await asyncio.sleep(POLL_S)
+        got = await counts()
         now = time.perf_counter()
-        if m is not None and m > n:
-            last_progress = time.monotonic()
-            if first_t is None:
-                first_t, first_n = now, m
-            n = m
+        if got is not None:
+            decoded, m = got
+            if start_t is None:
+                if decoded > 0:
+                    start_t = ready if idle_t == ready else (idle_t + now) / 2
+                else:
+                    idle_t = now
+            if m > n:
+                last_progress = time.monotonic()
+                n = m
         if time.monotonic() - last_progress > STALL_S:
             raise AgentwatchError(f"{label} stalled at {n:,.0f}/{target:,} events; see the logs in {home}")
         progress(f"{label}: {n:,.0f}/{target:,} events {status()}")
     progress_done(f"{label}: {target:,} events")
-    done = time.perf_counter()
-    assert first_t is not None
-    if first_n <= target / 2:
-        # the first poll that saw events already counted first_n of them: the rate over the rest
-        return max(done - first_t, 1e-6) * target / (target - first_n)
-    return done - ready  # an input this small is gone in one batch: count the worker's start-up too
+    return time.perf_counter() - (start_t if start_t is not None else ready)
 
 
 async def _live_policy(w: Worker) -> None:
@@ -377,7 +395,24 @@ async def _live(w: Worker, alerts: AlertLog, bootstrap: str, spans_topic: str, r
 
 
 async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, wl: Workload,
-                       duration_s: float, security: Mapping[str, Any]) -> PipelineResult:
+                       duration_s: float, security: Mapping[str, Any], *,
+                       live_rate: float | None = None) -> PipelineResult:
+    # the bench times alerts as it reads them: its own process must not stop for a second
+    # to walk the input it holds (the worker's GC settings, streams/worker.py)
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, NEVER)
+    try:
+        return await _run_pipeline(settings, bootstrap, spans_topic, audit_topic, wl, duration_s, security,
+                                   live_rate=live_rate)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
+async def _run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, audit_topic: str, wl: Workload,
+                        duration_s: float, security: Mapping[str, Any], *,
+                        live_rate: float | None) -> PipelineResult:
     w = Worker(settings, bootstrap, spans_topic, audit_topic)
     res = PipelineResult(home=w.home)
     progress("agentwatch pipeline: starting a worker")
@@ -399,7 +434,8 @@ async def run_pipeline(settings: Settings, bootstrap: str, spans_topic: str, aud
             res.alerts = alerts.counts()
             if duration_s > 0:
                 await _live_policy(w)
-                rate = (wl.spans / res.seconds) / 2
+                res.live_rate_asked = live_rate is not None
+                rate = live_rate or (wl.spans / res.seconds) / 2
                 await _live(w, alerts, bootstrap, spans_topic, rate, duration_s, res, security)
         finally:
             reader.cancel()
@@ -450,22 +486,26 @@ class WorkerGroup:
                 continue
         return out
 
-    async def detected(self) -> float | None:
-        """Events through the detect stages of every worker (None until all of them answer)."""
+    async def detected(self) -> tuple[float, float] | None:
+        """Events decoded at ingest and through the detect stages, summed over every worker
+        (None until all of them answer)."""
         self.check()
         urls = self.urls()
         if len(urls) < self.workers:
             return None
 
-        def get(url: str) -> float | None:
+        def get(url: str) -> tuple[float, float] | None:
             try:
                 with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT_S) as r:
-                    return _metric(r.read().decode(), "agentwatch_events_detected_total")
+                    text = r.read().decode()
             except (urllib.error.URLError, TimeoutError, ConnectionError):
                 return None
+            return _metric_sum(text, "agentwatch_events_in_total"), _metric(text, "agentwatch_events_detected_total")
 
         counts = await asyncio.gather(*(asyncio.to_thread(get, u) for u in urls))
-        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+        if any(c is None for c in counts):
+            return None
+        return sum(c[0] for c in counts if c), sum(c[1] for c in counts if c)
 
     def stop(self) -> None:
         for p in self.procs:

@@ -130,7 +130,8 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
     lat = [x for _, x in pipe.latency_s]
     print("\nlatency and memory:", file=out)
     if pipe.live_loops:
-        print(f"  live phase: {pipe.live_rate:,.0f} spans/s (half the pipeline's rate) for "
+        asked = "as asked, --live-rate" if pipe.live_rate_asked else "half the pipeline's rate"
+        print(f"  live phase: {pipe.live_rate:,.0f} spans/s ({asked}) for "
               f"{pipe.rss[-1][0] if pipe.rss else 0:.0f}s, {pipe.live_loops} looping agents, "
               f"{pipe.live_alerts} alerted, {pipe.live_halts} halted", file=out)
         print(f"  detection latency, agent span in the same message ({len(lat)} loops; produce of the deciding "
@@ -189,8 +190,9 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
     for name, value, met in checks:
         print(f"  {name:<36} {value:8.3f}x  {_verdict(met)}", file=out)
     if lat:
-        print(f"  {'detection latency p99 <= 250 ms':<36} {_pct(lat, 99) * 1000:7,.0f}ms  "
-              f"{_verdict(_pct(lat, 99) <= LATENCY_P99_S)}", file=out)
+        # the target is at half the measured rate: at another rate the figure is shown, not judged
+        verdict = "(at --live-rate: not judged)" if pipe.live_rate_asked else _verdict(_pct(lat, 99) <= LATENCY_P99_S)
+        print(f"  {'detection latency p99 <= 250 ms':<36} {_pct(lat, 99) * 1000:7,.0f}ms  {verdict}", file=out)
     if pipe.killswitch_s:
         ks = _pct(pipe.killswitch_s, 99)
         print(f"  {'kill switch p99 <= 1 s':<36} {ks * 1000:7,.0f}ms  {_verdict(ks <= KILLSWITCH_P99_S)}", file=out)
@@ -202,7 +204,8 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
 
 def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: float = 20.0,
               peer_names: tuple[str, ...] = PEERS, peer_timeout_s: float = 1800.0, state_agents: int = 2000,
-              restore_agents: tuple[int, ...] = RESTORE_AGENTS, scale_out: int = 2) -> int:
+              restore_agents: tuple[int, ...] = RESTORE_AGENTS, scale_out: int = 2,
+              live_rate: float | None = None) -> int:
     from deploy import broker
     from streams.kafka import ensure_topics
     from streams.kafka_security import kafka_options
@@ -235,7 +238,8 @@ def run_bench(settings: Settings, *, events: int, per_message: int, duration_s: 
                               ("plain-loop ceiling", peers.ceiling(bootstrap, spans_topic, n, security))):
             r = asyncio.run(measure)
             rows.append(Row(name, r.seconds, r.loops))
-        pipe = asyncio.run(run_pipeline(settings, bootstrap, spans_topic, audit_topic, wl, duration_s, security))
+        pipe = asyncio.run(run_pipeline(settings, bootstrap, spans_topic, audit_topic, wl, duration_s, security,
+                                        live_rate=live_rate))
         rows.append(Row("agentwatch pipeline", pipe.seconds, None, "all detectors, join, store"))
         if scale_out:
             # the same input on topics of scale_out partitions, for that many detection workers
