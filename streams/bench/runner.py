@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from aiokafka import AIOKafkaProducer
 
@@ -85,6 +85,39 @@ def redaction_cost(agents: int = 500) -> tuple[float, float]:
             DEFAULT.events(batch[i:i + 100])
         out.append((time.perf_counter() - t) / len(batch) * 1e6)
     return out[0], out[1]
+
+
+# a live phase at least this long also gets its memory and latency over time
+OVER_TIME_MIN_S = 120.0
+_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _bar(value: float, top: float) -> str:
+    return _BARS[min(len(_BARS) - 1, round(value / top * (len(_BARS) - 1)))] if top > 0 else _BARS[0]
+
+
+def _over_time(pipe: PipelineResult, out: TextIO) -> None:
+    """Worker RSS and detection latency in ten slices of a long live phase: flat or not."""
+    if not pipe.rss or pipe.rss[-1][0] < OVER_TIME_MIN_S:
+        return
+    length = pipe.rss[-1][0]
+    step = length / 10
+    rows = []
+    for k in range(10):
+        lo, hi = k * step, (k + 1) * step
+        rss = [b for t, b in pipe.rss if lo <= t < hi] or [0]
+        lat = [x for t, x in pipe.latency_s if lo <= t < hi]
+        rows.append((lo, hi, max(rss) / 2**20, lat))
+    top_rss = max(r[2] for r in rows)
+    top_lat = max((max(r[3]) for r in rows if r[3]), default=0.0)
+    print("\n  over time (live phase in ten slices; bars scaled to the largest value):", file=out)
+    print("  | seconds | worker RSS peak | | loops | latency p50 | latency max | |", file=out)
+    print("  |---|---:|---|---:|---:|---:|---|", file=out)
+    for lo, hi, rss_mib, lat in rows:
+        p50 = f"{_pct(lat, 50) * 1000:,.0f} ms" if lat else "-"
+        worst = f"{max(lat) * 1000:,.0f} ms" if lat else "-"
+        print(f"  | {lo:,.0f}-{hi:,.0f} | {rss_mib:,.0f} MiB | {_bar(rss_mib, top_rss)} | {len(lat)} | {p50} | {worst} | "
+              f"{_bar(max(lat), top_lat) if lat else ''} |", file=out)
 
 
 def _verdict(ok: bool) -> str:
@@ -157,6 +190,7 @@ def report(wl: Workload, rows: list[Row], pipe: PipelineResult, state: tuple[flo
                   f"{max(b for _, b in pipe.rss) / 2**20:,.0f} MiB peak, {pipe.rss[-1][1] / 2**20:,.0f} MiB at the end",
                   file=out)
         ok &= pipe.live_alerts == pipe.live_loops
+        _over_time(pipe, out)
     print(f"  detector state per active agent (in-process engine, tracemalloc): {state[0]:,.0f} B with its "
           f"windows open, {state[1]:,.0f} B after they close", file=out)
 
