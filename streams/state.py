@@ -113,6 +113,10 @@ SNAPSHOT_COST_RATIO = 20.0
 # A minute of traffic at 6,800 spans/s made 91 MB of correlate and 95 MB of detect state whose
 # snapshots held the event loop 1.0 and 2.1 s; a fork of a 1.5 GB process takes about 30 ms.
 FORK_ABOVE_S = 0.05
+# A child still running this long after its fork (and ten times what the partition's last
+# snapshot took) is stopped: a child that hangs (a lock some other thread of the parent held
+# at the fork) must not end the partition's snapshots for good.
+CHILD_TIMEOUT_S = 120.0
 
 # compaction keeps the latest snapshot per key; small segments so it actually runs
 STATE_TOPIC_CONFIG = {
@@ -476,7 +480,7 @@ class _Background:
         self.data: bytes | None = None
         self.seconds = 0.0  # the child's own time for the snapshot
         self.error = ""
-        started = time.perf_counter()
+        self.started = started = time.perf_counter()
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: nothing here may return into the parent's code
@@ -703,8 +707,14 @@ class PartitionedState:
     def _finished(self) -> list[StateRecord]:
         """The messages of a child's snapshot, once it is done."""
         bg = self._background
-        if bg is None or not bg.done:
+        if bg is None:
             return []
+        if not bg.done:
+            limit = max(CHILD_TIMEOUT_S, 10 * self._cost.get(bg.partition, 0.0))
+            if time.perf_counter() - bg.started < limit:
+                return []
+            bg.cancel()
+            bg.error = f"snapshot child stopped after {limit:.0f}s"
         self._background = None
         p = bg.partition
         if p not in self.states:  # dropped meanwhile (revoked): its new owner snapshots it

@@ -309,6 +309,29 @@ def test_a_revoke_stops_the_child_and_takes_its_final_snapshot_in_the_stage(monk
     assert ps._background is None and ps.due() == []
 
 
+def test_a_child_that_hangs_is_stopped_and_the_next_snapshot_is_taken_in_the_stage(monkeypatch, caplog):
+    import os
+    import time
+
+    import streams.state as state_mod
+
+    ps, state = _forking(monkeypatch, cost=0.06)
+    state.cost = 30.0  # the child sleeps far past its time limit
+    monkeypatch.setattr(state_mod, "CHILD_TIMEOUT_S", 0.5)
+    ps.advanced(0, 9)
+    assert ps.due() == []
+    child = ps._background.pid
+    state.cost, state.value = 0.0, "after"  # the parent's state; the child hangs on its image
+    time.sleep(0.8)
+    # the hung child is stopped and reaped, nothing of it written; the snapshot is taken again
+    # at once, in the stage
+    (rec,) = ps.due()
+    assert orjson.loads(rec.value) == {"value": "after"}
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child, os.WNOHANG)
+    assert any(str(getattr(r, "error", "")).startswith("snapshot child stopped after") for r in caplog.records)
+
+
 def test_a_failing_child_writes_nothing_and_the_next_snapshot_is_taken_in_the_stage(monkeypatch, caplog):
     ps, state = _forking(monkeypatch, cost=0.1)
     state.fail = True
