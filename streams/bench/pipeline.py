@@ -78,13 +78,13 @@ class PipelineResult:
 
 
 def _metric(text: str, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def _metric_sum(text: str, name: str) -> float:
-    """The sum of a metric's series, whatever their labels."""
+    """The sum of a metric's series, whatever their labels (its one value when it has none)."""
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def _counts(text: str) -> tuple[float, float]:
+    """(events decoded at ingest, events through detect) in one /metrics text."""
+    return _metric(text, "agentwatch_events_in_total"), _metric(text, "agentwatch_events_detected_total")
 
 
 def _rss(pid: int) -> int:
@@ -211,7 +211,7 @@ async def _throughput(w: Worker, alerts: AlertLog, wl: Workload, res: PipelineRe
         if text is None:
             return None
         last_text[:] = [text]
-        return _metric_sum(text, "agentwatch_events_in_total"), _metric(text, "agentwatch_events_detected_total")
+        return _counts(text)
 
     seconds = await _timed(detected, wl.spans + wl.audit_records, "agentwatch pipeline", w.home,
                            lambda: f"{sum(alerts.counts().values())} alerts")
@@ -500,7 +500,7 @@ class WorkerGroup:
                     text = r.read().decode()
             except (urllib.error.URLError, TimeoutError, ConnectionError):
                 return None
-            return _metric_sum(text, "agentwatch_events_in_total"), _metric(text, "agentwatch_events_detected_total")
+            return _counts(text)
 
         counts = await asyncio.gather(*(asyncio.to_thread(get, u) for u in urls))
         if any(c is None for c in counts):
